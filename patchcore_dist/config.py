@@ -1,0 +1,190 @@
+"""Job configuration: YAML files with typed validation and dotted command-line overrides.
+
+One pydantic model per config section; unknown keys, wrong types and impossible values
+raise :class:`ConfigError` before any work starts.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class BackboneConfig(_Section):
+    name: str = "tf_efficientnet_lite0"
+    # Levels (module names) whose feature maps make the patch features. None: the registry's default.
+    layers: Optional[list[str]] = None
+    # Weights source: "default" (the registry's offline source, if it has one), a path / URI to a
+    # state-dict file, or "random" (tests and speed benchmarks only).
+    weights: str = "default"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if v is not None and len(v) == 0:
+            raise ValueError("backbone.layers must name at least one level")
+        return v
+
+
+class ImageConfig(_Section):
+    resize: int = Field(256, gt=0, description="shorter side after resizing, pixels")
+    crop: int = Field(224, gt=0, description="side of the centre crop fed to the backbone")
+    max_pixels: int = Field(100_000_000, gt=0, description="larger images are refused (decompression bombs)")
+    min_side: int = Field(16, gt=0, description="smaller images are refused")
+
+    @model_validator(mode="after")
+    def _crop_fits(self):
+        if self.crop > self.resize:
+            raise ValueError(f"image.crop ({self.crop}) must not exceed image.resize ({self.resize})")
+        return self
+
+
+class EmbeddingConfig(_Section):
+    patch_size: int = Field(3, gt=0, description="local neighbourhood aggregated into each patch feature")
+    pretrain_dim: int = Field(1024, gt=0)
+    target_dim: int = Field(1024, gt=0)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _odd(cls, v):
+        if v % 2 != 1:
+            raise ValueError("embedding.patch_size must be odd (the neighbourhood is centred)")
+        return v
+
+
+class CoresetConfig(_Section):
+    ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of patches kept in the memory bank")
+    size: Optional[int] = Field(None, gt=0, description="absolute memory-bank size; overrides ratio")
+    projection_dim: int = Field(128, gt=0, description="Johnson-Lindenstrauss dimension for the selection")
+    num_starting_points: int = Field(10, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ScoringConfig(_Section):
+    num_neighbors: int = Field(1, gt=0, description="patch score = mean distance to the k nearest")
+    reweight: bool = Field(False, description="the paper's softmax re-weighting of the image score")
+    reweight_neighbors: int = Field(3, gt=1)
+    sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map, pixels")
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, gt=0, description="images per backbone batch")
+    num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
+    actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ray_num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
+
+
+class OutputConfig(_Section):
+    heatmaps: bool = True
+    overlay: bool = True
+    # Colour scale of heatmaps: scores in [0, heatmap_max] map onto the colour map. None: the
+    # model's own scale (2 x the 99th percentile of training patch scores), fixed per model.
+    heatmap_max: Optional[float] = Field(None, gt=0.0)
+    patch_scores: bool = Field(False, description="store the patch-score grid in the score table")
+
+
+class StorageConfig(_Section):
+    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    region: Optional[str] = None
+
+
+class Config(_Section):
+    backbone: BackboneConfig = BackboneConfig()
+    image: ImageConfig = ImageConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    coreset: CoresetConfig = CoresetConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    output: OutputConfig = OutputConfig()
+    storage: StorageConfig = StorageConfig()
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def feature_dict(self) -> dict:
+        """The part of the config that determines patch features (for reuse and compatibility)."""
+        d = self.to_dict()
+        return {"backbone": d["backbone"], "image": {k: d["image"][k] for k in ("resize", "crop")},
+                "embedding": d["embedding"]}
+
+    def feature_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.feature_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _apply(tree: dict, path: list[str], value: Any, item: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Load a YAML config (default: configs/default.yaml), apply ``key=value`` overrides, validate."""
+    if base is not None:
+        tree = copy.deepcopy(base)
+        source = "model config"
+    else:
+        p = Path(path) if path else DEFAULT_CONFIG
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        source = str(p)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _apply(tree, key, value, item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source + (" + overrides" if overrides else ""))) from None

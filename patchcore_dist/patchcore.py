@@ -1,0 +1,129 @@
+"""PatchCore as a plain in-process object: embed, fit (coreset + memory bank), predict.
+
+Pure torch/numpy/faiss: no Ray, no storage. The distributed job (:mod:`patchcore_dist.fit`,
+:mod:`patchcore_dist.score`) wraps the same pieces.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import coreset as coreset_mod
+from .backbones import build_backbone
+from .config import Config
+from .embedding import patch_features
+from .memory_bank import MemoryBank
+from .preprocessing import normalize
+from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no GPU is visible")
+    return torch.device(device)
+
+
+@dataclass
+class Prediction:
+    image_scores: np.ndarray        # [B]
+    patch_scores: np.ndarray        # [B, h, w]
+    anomaly_maps: np.ndarray | None  # [B, crop, crop], when asked for
+
+
+class Embedder:
+    """Backbone + locally aware patch features for batches of preprocessed uint8 crops."""
+
+    def __init__(self, config: Config, device: str | None = None):
+        self.config = config
+        self.device = pick_device(device or config.runtime.device)
+        b = config.backbone
+        self.backbone = build_backbone(b.name, b.layers, b.weights, storage_options(config)).to(self.device)
+        if self.device.type == "cuda":
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        prec = config.runtime.precision
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+
+    def _autocast(self):
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._dtype)
+
+    @torch.inference_mode()
+    def __call__(self, crops_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, crop, crop, 3] uint8 -> patch features [B*h*w, target_dim] (float32, on the device), grid."""
+        x = torch.as_tensor(crops_uint8).to(self.device, non_blocking=True)
+        x = normalize(x)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            feats = self.backbone(x)
+        e = self.config.embedding
+        return patch_features([f.float() for f in feats], e.patch_size, e.pretrain_dim, e.target_dim)
+
+
+def storage_options(config: Config) -> dict:
+    return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
+
+
+class PatchCore:
+    """The scorer: memory bank + nearest-neighbour search + maps; feature extraction via :class:`Embedder`."""
+
+    def __init__(self, config: Config, bank: np.ndarray | None = None, embedder: Embedder | None = None,
+                 device: str | None = None):
+        self.config = config
+        self.embedder = embedder or Embedder(config, device)
+        self.device = self.embedder.device
+        self.bank = MemoryBank(bank, str(self.device)) if bank is not None else None
+
+    # -- fitting in one process (tests, benchmarks, small data) ------------------------------
+    def embed(self, crops_uint8, batch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        bs = batch_size or self.config.runtime.batch_size
+        out, grid = [], None
+        for s in range(0, len(crops_uint8), bs):
+            f, grid = self.embedder(crops_uint8[s:s + bs])
+            out.append(f.cpu())
+        return torch.cat(out), grid
+
+    def fit(self, crops_uint8) -> "PatchCore":
+        feats, _ = self.embed(crops_uint8)
+        self.bank = MemoryBank(select_memory_bank(feats, self.config), str(self.device))
+        return self
+
+    # -- prediction -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_features(self, feats: torch.Tensor, grid: tuple[int, int], num_images: int,
+                         maps: bool = True) -> Prediction:
+        if self.bank is None:
+            raise RuntimeError("PatchCore has no memory bank: fit or load a model first")
+        s = self.config.scoring
+        scores, nearest = patch_scores(self.bank, feats, s.num_neighbors)
+        if s.reweight:
+            img = reweighted_image_scores(self.bank, feats, scores, nearest, num_images, s.reweight_neighbors)
+        else:
+            img, _ = image_scores(scores, num_images)
+        grid_scores = scores.reshape(num_images, *grid)
+        amap = None
+        if maps:
+            amap = anomaly_maps(scores.to(self.device), grid, self.config.image.crop, s.sigma).cpu().numpy()
+        return Prediction(img.cpu().numpy(), grid_scores.cpu().numpy(), amap)
+
+    def predict(self, crops_uint8, maps: bool = True) -> Prediction:
+        feats, grid = self.embedder(crops_uint8)
+        return self.predict_features(feats, grid, len(crops_uint8), maps)
+
+
+def select_memory_bank(feats: torch.Tensor, config: Config) -> np.ndarray:
+    """Coreset-reduce in-memory patch features [N, D] to the memory bank [K, D] (float32)."""
+    c = config.coreset
+    k = coreset_mod.coreset_size(len(feats), c.ratio, c.size)
+    if k >= len(feats):
+        return feats.float().numpy()
+    matrix = coreset_mod.projection_matrix(feats.shape[1], c.projection_dim, config.seed)
+    projected = coreset_mod.project(feats, matrix)
+    idx = coreset_mod.greedy_coreset(projected, k, config.seed, c.num_starting_points, c.device)
+    return feats[idx].float().numpy()

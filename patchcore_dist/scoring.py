@@ -1,0 +1,82 @@
+"""Patch scores, image score and anomaly map (PatchCore section 3.3)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .memory_bank import MemoryBank
+
+
+def patch_scores(bank: MemoryBank, features: torch.Tensor, num_neighbors: int = 1):
+    """Patch score = Euclidean distance to the nearest memory-bank feature (mean over k when k > 1).
+
+    Returns (scores [N], nearest bank index [N]).
+    """
+    d, idx = bank.search(features, num_neighbors)
+    return d.mean(1), idx[:, 0]
+
+
+def image_scores(scores: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """s* per image: the maximum patch score, and the position of that patch within the image."""
+    s = scores.reshape(num_images, -1)
+    best, pos = s.max(1)
+    return best, pos
+
+
+def reweighted_image_scores(bank: MemoryBank, features: torch.Tensor, scores: torch.Tensor,
+                            nearest: torch.Tensor, num_images: int, num_neighbors: int = 3) -> torch.Tensor:
+    """The paper's re-weighting: s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) s*.
+
+    N_b(m*) are the b nearest memory-bank features of m* (m* itself included); the weight is one
+    minus the softmax weight of m* among them, so an m* in a sparse region of the bank counts more.
+    """
+    s_star, pos = image_scores(scores, num_images)
+    per_image = features.shape[0] // num_images
+    rows = torch.arange(num_images, device=pos.device) * per_image + pos
+    m_test = features[rows.to(features.device)].float()
+    m_star_idx = nearest[rows.to(nearest.device)].cpu().numpy()
+    m_star = torch.from_numpy(bank.bank[m_star_idx])
+    _, support = bank.search(m_star, num_neighbors)  # [B, b], m* first
+    support_feats = torch.from_numpy(bank.bank[support.cpu().numpy()])  # [B, b, D]
+    d = torch.linalg.norm(m_test.cpu()[:, None, :] - support_feats, dim=-1)  # [B, b]
+    weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
+    return weight.to(s_star.device) * s_star
+
+
+def _symmetric_indices(n: int, pad: int) -> np.ndarray:
+    """Indices for scipy.ndimage's 'reflect' boundary (d c b a | a b c d | d c b a)."""
+    i = np.arange(-pad, n + pad) % (2 * n)
+    return np.where(i >= n, 2 * n - 1 - i, i)
+
+
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian smoothing of [B, H, W], equal to scipy.ndimage.gaussian_filter(sigma, mode='reflect')."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel(sigma).to(maps.device)
+    r = (len(k) - 1) // 2
+    b, h, w = maps.shape
+    x = maps.float()
+    iy = torch.as_tensor(_symmetric_indices(h, r), device=maps.device)
+    x = F.conv2d(x.index_select(1, iy)[:, None], k.view(1, 1, -1, 1))[:, 0]
+    ix = torch.as_tensor(_symmetric_indices(w, r), device=maps.device)
+    x = F.conv2d(x.index_select(2, ix)[:, None], k.view(1, 1, 1, -1))[:, 0]
+    return x
+
+
+def anomaly_maps(scores: torch.Tensor, grid: tuple[int, int], size: int, sigma: float = 4.0) -> torch.Tensor:
+    """Patch scores [B*h*w] -> anomaly maps [B, size, size]: bilinear upsampling, then Gaussian smoothing."""
+    h, w = grid
+    m = scores.reshape(-1, 1, h, w).float()
+    m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(m, sigma)

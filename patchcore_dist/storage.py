@@ -1,0 +1,178 @@
+"""URIs and filesystems: local paths, ``file://`` and ``s3://bucket/prefix``, all through pyarrow.fs.
+
+Writes are atomic for readers: local files are written under a temporary name and renamed; an S3
+object becomes visible only when its upload completes. Credentials come from the standard AWS
+environment / config files and are never logged.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import uuid
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """An input or output location that cannot be used (missing, no permission, bad URI)."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@lru_cache(maxsize=16)
+def _s3(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint_url:
+        u = urlparse(endpoint_url)
+        kwargs["endpoint_override"] = u.netloc or u.path
+        kwargs["scheme"] = u.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path within it)."""
+    if not uri:
+        raise StorageError("empty URI")
+    if is_s3(uri):
+        u = urlparse(uri)
+        if not u.netloc:
+            raise StorageError(f"{uri}: no bucket")
+        return _s3(endpoint_url, region), (u.netloc + u.path).rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    elif "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+    if base.startswith("file://"):
+        return "file://" + os.path.join(base[len("file://"):], *parts)
+    return os.path.join(base, *parts)
+
+
+def _wrap(uri: str, e: Exception) -> Exception:
+    msg = str(e)
+    if isinstance(e, FileNotFoundError) or "NoSuchBucket" in msg or "NoSuchKey" in msg or "Path does not exist" in msg:
+        return FileNotFoundError(f"not found: {uri}")
+    if isinstance(e, PermissionError) or "AccessDenied" in msg or "Forbidden" in msg or "403" in msg:
+        return StorageError(f"no permission for {uri}: {msg.splitlines()[0]}")
+    return StorageError(f"{uri}: {msg.splitlines()[0] if msg else type(e).__name__}")
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bytes:
+    fs, path = resolve(uri, endpoint_url, region)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except Exception as e:  # pyarrow raises OSError subclasses with the backend's message
+        raise _wrap(uri, e) from None
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Write atomically: readers see the old object / no object, or the whole new one."""
+    fs, path = resolve(uri, endpoint_url, region)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except Exception as e:
+        raise _wrap(uri, e) from None
+
+
+def exists(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bool:
+    fs, path = resolve(uri, endpoint_url, region)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except Exception as e:
+        raise _wrap(uri, e) from None
+
+
+def is_dir(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bool:
+    fs, path = resolve(uri, endpoint_url, region)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+    except Exception as e:
+        raise _wrap(uri, e) from None
+
+
+def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
+               region: str | None = None) -> list[tuple[str, str]]:
+    """All files under ``uri`` (recursive), sorted, as (full URI, path relative to ``uri``).
+
+    Temporary files of interrupted writes are skipped. Raises FileNotFoundError when ``uri`` does
+    not exist.
+    """
+    fs, root = resolve(uri, endpoint_url, region)
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"not found: {uri}")
+        if info.type == pafs.FileType.File:
+            infos = [info]
+            root = posixpath.dirname(root)
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise _wrap(uri, e) from None
+    base = uri.rstrip("/")
+    out = []
+    for fi in infos:
+        if fi.type != pafs.FileType.File or ".tmp-" in fi.base_name:
+            continue
+        if extensions and not fi.base_name.lower().endswith(extensions):
+            continue
+        rel = os.path.relpath(fi.path, root) if not is_s3(uri) else fi.path[len(root):].lstrip("/")
+        full = join(base, rel) if info.type != pafs.FileType.File else uri
+        out.append((full, rel))
+    return sorted(out)
+
+
+def delete(uri: str, endpoint_url: str | None = None, region: str | None = None) -> None:
+    fs, path = resolve(uri, endpoint_url, region)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        if "NoSuchKey" not in str(e):
+            raise _wrap(uri, e) from None
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_relpath(rel: str, max_part: int = 120) -> str:
+    """A relative output key derived from an input name that cannot escape its prefix.
+
+    ``..``, ``.``, empty and absolute components are dropped, odd characters replaced, long
+    components shortened (with a hash to stay unique).
+    """
+    import hashlib
+    parts = []
+    for p in rel.replace("\\", "/").split("/"):
+        if p in ("", ".", ".."):
+            continue
+        clean = _SAFE.sub("_", p).lstrip(".") or "_"
+        if len(clean) > max_part:
+            clean = clean[: max_part - 17] + "-" + hashlib.sha256(p.encode()).hexdigest()[:16]
+        parts.append(clean)
+    return "/".join(parts) or "_"

@@ -1,0 +1,117 @@
+"""Validation categories in the MVTec AD layout from normal images, with injected defects.
+
+    <output>/train/good/*.png                 normal images to fit on
+    <output>/test/good/*.png                  held-out normal images
+    <output>/test/<kind>/*.png                held-out images with one injected defect
+    <output>/ground_truth/<kind>/<name>_mask.png
+
+Also the demo's source of normal images: variations of real photographs shipped with
+scikit-image (random crops of textures; small shifts and lighting changes of objects).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+from . import storage
+from .defects import DEFECT_KINDS, inject
+
+log = logging.getLogger(__name__)
+
+TEXTURES = ("brick", "gravel", "grass")
+OBJECTS = ("coffee", "chelsea", "astronaut", "rocket", "coins", "camera")
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+    img = getattr(skimage.data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def photo_variants(name: str, n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` normal variations (size x size RGB) of one scikit-image photograph."""
+    rng = np.random.default_rng(seed)
+    img = _photo(name)
+    h, w = img.shape[:2]
+    out = []
+    for _ in range(n):
+        if name in TEXTURES:
+            side = int(min(h, w) * rng.uniform(0.45, 0.55))
+        else:
+            side = int(min(h, w) * rng.uniform(0.9, 0.97))
+        y = rng.integers(0, h - side + 1)
+        x = rng.integers(0, w - side + 1)
+        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+        arr = np.asarray(crop).astype(np.float32)
+        if name in TEXTURES and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        arr = arr * rng.uniform(0.93, 1.07) + rng.uniform(-6, 6)
+        out.append(np.clip(arr, 0, 255).astype(np.uint8))
+    return out
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_category(normal: list[np.ndarray], output: str, kinds: Iterable[str] = DEFECT_KINDS,
+                  test_fraction: float = 0.3, defects_per_kind: int | None = None, seed: int = 0,
+                  foreign_sources: list[np.ndarray] | None = None, names: list[str] | None = None,
+                  storage_options: dict | None = None) -> dict:
+    """Split normal images into train/test and write an MVTec-layout category with injected defects."""
+    if len(normal) < 3:
+        raise ValueError(f"need at least 3 normal images to build a category, got {len(normal)}")
+    kinds = list(kinds)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(normal))
+    n_test = max(1, int(round(len(normal) * test_fraction)))
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    names = names or [f"{i:04d}" for i in range(len(normal))]
+    opts = storage_options or {}
+    counts = {"train": 0, "test_good": 0}
+    for i in train_idx:
+        storage.write_bytes(storage.join(output, "train", "good", f"{names[i]}.png"), encode_png(normal[i]), **opts)
+        counts["train"] += 1
+    for i in test_idx:
+        storage.write_bytes(storage.join(output, "test", "good", f"{names[i]}.png"), encode_png(normal[i]), **opts)
+        counts["test_good"] += 1
+    per_kind = defects_per_kind or max(1, len(test_idx) // max(1, len(kinds)) + 1)
+    for kind in kinds:
+        counts[kind] = 0
+        for j in range(per_kind):
+            i = test_idx[j % len(test_idx)]
+            src = None
+            if foreign_sources:
+                src = foreign_sources[rng.integers(len(foreign_sources))]
+            img, mask = inject(normal[i], kind, rng, source=src)
+            if not mask.any():
+                continue
+            name = f"{names[i]}_{j:03d}"
+            storage.write_bytes(storage.join(output, "test", kind, f"{name}.png"), encode_png(img), **opts)
+            storage.write_bytes(storage.join(output, "ground_truth", kind, f"{name}_mask.png"),
+                                encode_png((mask * 255).astype(np.uint8)), **opts)
+            counts[kind] += 1
+    log.info("synthesized category %s: %s", output, counts)
+    return counts
+
+
+def make_demo_benchmark(output: str, categories: Iterable[str] = ("brick", "gravel", "coffee"),
+                        n_images: int = 24, size: int = 256, kinds: Iterable[str] = DEFECT_KINDS,
+                        seed: int = 0, storage_options: dict | None = None) -> dict:
+    """One MVTec-layout category per scikit-image photograph under ``output/<name>``."""
+    result = {}
+    others = {c: photo_variants(c, 2, size, seed + 99) for c in ("astronaut", "coffee", "rocket", "grass")}
+    for k, name in enumerate(categories):
+        normal = photo_variants(name, n_images, size, seed + k)
+        sources = [v for c, vs in others.items() if c != name for v in vs]
+        result[name] = make_category(normal, storage.join(output, name), kinds, seed=seed + k,
+                                     foreign_sources=sources, storage_options=storage_options)
+    return result
