@@ -88,14 +88,16 @@ class RuntimeConfig(_Section):
     num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
     actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    torch_threads: Optional[int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
     ray_num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
 
 
 class OutputConfig(_Section):
     heatmaps: bool = True
     overlay: bool = True
-    # Colour scale of heatmaps: scores in [0, heatmap_max] map onto the colour map. None: the
-    # model's own scale (2 x the 99th percentile of training patch scores), fixed per model.
+    # Colour scale of heatmaps: scores in [heatmap_min, heatmap_max] map onto the colour map. None:
+    # the model's own scale (median .. 2 x the 99th percentile of training patch scores), fixed per model.
+    heatmap_min: Optional[float] = Field(None, ge=0.0)
     heatmap_max: Optional[float] = Field(None, gt=0.0)
     patch_scores: bool = Field(False, description="store the patch-score grid in the score table")
 

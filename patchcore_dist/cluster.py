@@ -1,0 +1,44 @@
+"""Ray: join a cluster (RAY_ADDRESS) or start a local instance; size the actor pools."""
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(config: Config):
+    import ray
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A local instance. Leave room for the decode tasks beside the actors: with every CPU
+        # held by actors the read/decode tasks starve (seen on 2 cores).
+        num_cpus = config.runtime.ray_num_cpus or max(2, (os.cpu_count() or 2) + 1)
+        log.info("starting a local Ray instance (%d logical CPUs)", num_cpus)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return ray
+
+
+def actor_pool(config: Config) -> dict:
+    """map_batches arguments for the backbone actors: one per GPU when the cluster has GPUs."""
+    import ray
+    from ray.data import ActorPoolStrategy
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    rt = config.runtime
+    if gpus > 0 and rt.device != "cpu":
+        size = rt.num_actors or gpus
+        log.info("actor pool: %d GPU actor(s), batch size %d", size, rt.batch_size)
+        return {"compute": ActorPoolStrategy(size=size), "num_gpus": 1, "num_cpus": 1}
+    if rt.device == "cuda":
+        raise RuntimeError("runtime.device=cuda but the Ray cluster has no GPUs")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = rt.num_actors or max(1, int((cpus - 1) // rt.actor_cpus) if cpus > 2 else 1)
+    log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_size)
+    return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus}

@@ -1,0 +1,171 @@
+"""The model artifact: a directory written once, with ``manifest.json`` written last as the commit marker.
+
+    <model>/memory_bank.npy   [K, D] float32 (numpy format, loaded with allow_pickle=False)
+    <model>/index.faiss       faiss's own serialisation of the flat L2 index over the bank
+    <model>/config.yaml       the resolved config
+    <model>/images.parquet    one row per training image: uri, digest, feature shard and row, or error
+    <model>/errors.parquet    training images that could not be used, with the reason
+    <model>/features/*.parquet  patch-feature shards (float16)
+    <model>/manifest.json     versions, digests, bank shape, sha256 of every file: the commit marker
+
+No pickles: JSON/YAML, .npy without objects, faiss's format, Parquet.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import platform
+from dataclasses import dataclass, field
+
+import numpy as np
+import yaml
+
+from . import __version__, storage
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+REQUIRED = ("memory_bank.npy", "index.faiss", "config.yaml")
+
+
+class ModelError(RuntimeError):
+    """A model directory that cannot be used: missing, uncommitted, corrupt or incompatible."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def dependency_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "torchvision", "timm", "faiss", "numpy", "pyarrow", "ray"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return out
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass
+class ModelWriter:
+    """Collects a model's files; :meth:`commit` writes the manifest last."""
+    uri: str
+    storage_options: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+    def put(self, name: str, data: bytes) -> None:
+        storage.write_bytes(storage.join(self.uri, name), data, **self.storage_options)
+        self.files[name] = {"sha256": sha256(data), "bytes": len(data)}
+
+    def record(self, name: str, sha: str, nbytes: int) -> None:
+        """A file written elsewhere (a feature shard written by a worker)."""
+        self.files[name] = {"sha256": sha, "bytes": nbytes}
+
+    def commit(self, config: Config, bank_shape: tuple[int, int], training: dict, stats: dict) -> dict:
+        body = {
+            "format_version": FORMAT_VERSION,
+            "library": {"name": "patchcore-dist", "version": __version__},
+            "dependencies": dependency_versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config_digest": sha256(json.dumps(config.to_dict(), sort_keys=True).encode())[:16],
+            "feature_digest": config.feature_digest(),
+            "bank": {"rows": int(bank_shape[0]), "dim": int(bank_shape[1])},
+            "training": training,
+            "stats": stats,
+            "files": dict(sorted(self.files.items())),
+        }
+        core = {k: body[k] for k in ("config_digest", "bank", "files")}
+        core["files"] = {k: v for k, v in body["files"].items() if k in REQUIRED}
+        body["model_digest"] = sha256(json.dumps(core, sort_keys=True).encode())[:16]
+        storage.write_bytes(storage.join(self.uri, MANIFEST), json.dumps(body, indent=2).encode(),
+                            **self.storage_options)
+        return body
+
+
+def config_yaml(config: Config) -> bytes:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
+
+
+@dataclass
+class LoadedModel:
+    uri: str
+    manifest: dict
+    config: Config
+    bank: np.ndarray
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["model_digest"]
+
+    @property
+    def heatmap_range(self) -> tuple[float, float]:
+        st = self.manifest["stats"]
+        return float(st["heatmap_min"]), float(st["heatmap_max"])
+
+
+def read_manifest(uri: str, storage_options: dict | None = None) -> dict:
+    opts = storage_options or {}
+    try:
+        raw = storage.read_bytes(storage.join(uri, MANIFEST), **opts)
+    except FileNotFoundError:
+        if storage.exists(uri, **opts):
+            raise ModelError(f"{uri} has no {MANIFEST}: the model was never committed (an interrupted fit?) "
+                             "and cannot be loaded") from None
+        raise ModelError(f"model not found: {uri}") from None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{uri}/{MANIFEST} is not valid JSON: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{uri}: model format {manifest.get('format_version')} is not supported "
+                         f"(this library reads format {FORMAT_VERSION})")
+    return manifest
+
+
+def read_verified(uri: str, manifest: dict, name: str, storage_options: dict | None = None) -> bytes:
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise ModelError(f"{uri}: {name} is not listed in the manifest")
+    try:
+        data = storage.read_bytes(storage.join(uri, name), **(storage_options or {}))
+    except FileNotFoundError:
+        raise ModelError(f"{uri}: {name} is missing") from None
+    if sha256(data) != entry["sha256"]:
+        raise ModelError(f"{uri}: {name} does not match its sha256 in the manifest (corrupt or changed)")
+    return data
+
+
+def load_model(uri: str, storage_options: dict | None = None) -> LoadedModel:
+    """Read and verify a committed model: every required file against its sha256, shapes against config."""
+    manifest = read_manifest(uri, storage_options)
+    try:
+        config = load_config(base=yaml.safe_load(read_verified(uri, manifest, "config.yaml", storage_options)))
+    except ConfigError as e:
+        raise ModelError(f"{uri}: config.yaml is not a valid config: {e}") from None
+    bank = load_npy(read_verified(uri, manifest, "memory_bank.npy", storage_options))
+    index_bytes = read_verified(uri, manifest, "index.faiss", storage_options)
+    rows, dim = manifest["bank"]["rows"], manifest["bank"]["dim"]
+    if bank.dtype != np.float32 or bank.shape != (rows, dim):
+        raise ModelError(f"{uri}: memory bank is {bank.dtype} {bank.shape}, manifest says float32 ({rows}, {dim})")
+    if dim != config.embedding.target_dim:
+        raise ModelError(f"{uri}: memory bank dimension {dim} != embedding.target_dim {config.embedding.target_dim}")
+    import faiss
+    index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+    if index.ntotal != rows or index.d != dim:
+        raise ModelError(f"{uri}: index.faiss holds {index.ntotal} x {index.d}, bank is {rows} x {dim}")
+    return LoadedModel(uri, manifest, config, bank)

@@ -1,0 +1,222 @@
+"""Ray Data stages: decode (tasks), extract / score (actor pools holding the backbone), render (tasks).
+
+Every stage passes a row through for every input row; a failure on one image sets that row's
+``error`` and never fails the block. Patch features never leave the actor that computed them:
+fit's extractor writes them to Parquet shards itself, the scorer returns only scores.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+import uuid
+
+import numpy as np
+
+from . import storage
+from .config import Config
+from .preprocessing import ImageError, decode_image, geometry, resize_crop, to_original
+
+log = logging.getLogger(__name__)
+
+
+def _err(e: Exception) -> str:
+    msg = str(e) or type(e).__name__
+    return msg if isinstance(e, (ImageError, FileNotFoundError)) else f"{type(e).__name__}: {msg}"
+
+
+class Decode:
+    """uri -> digest, original size, the model's uint8 crop; or an error."""
+
+    def __init__(self, config: dict):
+        self.cfg = Config.model_validate(config)
+        self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+
+    def __call__(self, batch: dict) -> dict:
+        c = self.cfg.image.crop
+        n = len(batch["uri"])
+        crops = np.zeros((n, c, c, 3), np.uint8)
+        digest, height, width, error, ms = [], [], [], [], []
+        for i, uri in enumerate(batch["uri"]):
+            t0 = time.perf_counter()
+            h = w = 0
+            d = err = ""
+            try:
+                data = storage.read_bytes(str(uri), **self.opts)
+                d = hashlib.sha256(data).hexdigest()
+                rgb = decode_image(data, self.cfg.image.max_pixels, self.cfg.image.min_side)
+                h, w = rgb.shape[:2]
+                crops[i] = resize_crop(rgb, self.cfg.image.resize, c)
+            except Exception as e:  # one bad file is one error row
+                err = _err(e)
+            digest.append(d)
+            height.append(h)
+            width.append(w)
+            error.append(err)
+            ms.append((time.perf_counter() - t0) * 1e3)
+        out = dict(batch)
+        out.update(digest=np.array(digest, object), height=np.array(height, np.int32),
+                   width=np.array(width, np.int32), error=np.array(error, object), crop=crops,
+                   decode_ms=np.array(ms, np.float32))
+        return out
+
+
+def decode_batch(batch: dict, config: dict) -> dict:
+    """The decode stage as a plain Ray task function."""
+    return Decode(config)(batch)
+
+
+def _threads(config: Config) -> None:
+    import torch
+    n = config.runtime.torch_threads or max(1, int(round(config.runtime.actor_cpus)))
+    torch.set_num_threads(n)
+
+
+class Extract:
+    """Fit's actor: backbone + patch features, written to a Parquet shard per batch."""
+
+    def __init__(self, config: dict, features_uri: str):
+        from .patchcore import Embedder
+        self.cfg = Config.model_validate(config)
+        _threads(self.cfg)
+        self.embedder = Embedder(self.cfg)
+        self.features_uri = features_uri
+        self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+
+    def __call__(self, batch: dict) -> dict:
+        from .features import write_shard
+        n = len(batch["uri"])
+        ok = np.array([not e for e in batch["error"]], bool)
+        shard = np.array([""] * n, object)
+        row = np.full(n, -1, np.int32)
+        sha = np.array([""] * n, object)
+        nbytes = np.zeros(n, np.int64)
+        errors = np.array(batch["error"], object)
+        t0 = time.perf_counter()
+        if ok.any():
+            idx = np.nonzero(ok)[0]
+            try:
+                feats, grid = self.embedder(batch["crop"][idx])
+                feats = feats.reshape(len(idx), grid[0] * grid[1], -1).cpu().numpy()
+                name = f"part-{uuid.uuid4().hex}.parquet"
+                info = write_shard(storage.join(self.features_uri, name), batch["digest"][idx], batch["uri"][idx],
+                                   feats, grid, self.opts)
+                shard[idx] = name
+                row[idx] = np.arange(len(idx))
+                sha[idx] = info["sha256"]
+                nbytes[idx] = info["bytes"]
+            except Exception as e:
+                log.exception("feature extraction failed for a batch")
+                errors[idx] = f"feature extraction failed: {_err(e)}"
+        out = {k: v for k, v in batch.items() if k != "crop"}
+        out.update(shard=shard, row=row, shard_sha256=sha, shard_bytes=nbytes, error=errors,
+                   extract_ms=np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32))
+        return out
+
+
+class Score:
+    """Score's actor: backbone + memory bank; returns image scores and patch-score grids."""
+
+    def __init__(self, model_uri: str, config: dict):
+        from .model import load_model
+        from .patchcore import PatchCore
+        self.cfg = Config.model_validate(config)
+        _threads(self.cfg)
+        model = load_model(model_uri, {"endpoint_url": self.cfg.storage.endpoint_url,
+                                       "region": self.cfg.storage.region})
+        self.pc = PatchCore(self.cfg, model.bank)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["uri"])
+        ok = np.array([not e for e in batch["error"]], bool)
+        score = np.full(n, np.nan, np.float64)
+        grids = np.zeros((n, 1), np.float32)
+        gh = np.zeros(n, np.int32)
+        gw = np.zeros(n, np.int32)
+        errors = np.array(batch["error"], object)
+        t0 = time.perf_counter()
+        if ok.any():
+            idx = np.nonzero(ok)[0]
+            try:
+                pred = self.pc.predict(batch["crop"][idx], maps=False)
+                score[idx] = pred.image_scores
+                h, w = pred.patch_scores.shape[1:]
+                grids = np.zeros((n, h * w), np.float32)
+                grids[idx] = pred.patch_scores.reshape(len(idx), -1)
+                gh[idx], gw[idx] = h, w
+            except Exception as e:
+                log.exception("scoring failed for a batch")
+                errors[idx] = f"scoring failed: {_err(e)}"
+        out = {k: v for k, v in batch.items() if k != "crop"}
+        out.update(score=score, patch_scores=grids, grid_h=gh, grid_w=gw, error=errors,
+                   score_ms=np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32))
+        return out
+
+
+def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
+    """Anomaly map -> RGB uint8 with the 'jet' colour map on the fixed scale [lo, hi]."""
+    from matplotlib import colormaps
+    lut = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    level = heat_level(amap, vrange)
+    return lut[np.rint(level * 255).astype(np.int32)]
+
+
+def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
+    lo, hi = vrange
+    return np.clip((amap - lo) / (hi - lo), 0, 1)
+
+
+class Render:
+    """Anomaly map at the original resolution -> heatmap PNG (and an overlay) under <output>/heatmaps/."""
+
+    def __init__(self, config: dict, output_uri: str, vrange: tuple[float, float]):
+        self.cfg = Config.model_validate(config)
+        self.output_uri = output_uri
+        self.vrange = tuple(vrange)
+        self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        from PIL import Image
+        from .scoring import anomaly_maps
+        n = len(batch["uri"])
+        heatmap = np.array([None] * n, object)
+        errors = np.array(batch["error"], object)
+        for i in range(n):
+            if errors[i] or not self.cfg.output.heatmaps:
+                continue
+            try:
+                h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
+                grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
+                amap = anomaly_maps(grid, (h, w), self.cfg.image.crop, self.cfg.scoring.sigma)[0].numpy()
+                g = geometry(int(batch["height"][i]), int(batch["width"][i]), self.cfg.image.resize,
+                             self.cfg.image.crop)
+                full = to_original(amap, g)
+                rgb = colorize(full, self.vrange)
+                rel = storage.safe_relpath(str(batch["rel"][i]))
+                base = storage.join(self.output_uri, "heatmaps", os.path.splitext(rel)[0])
+                buf = io.BytesIO()
+                Image.fromarray(rgb).save(buf, format="PNG")
+                storage.write_bytes(base + ".png", buf.getvalue(), **self.opts)
+                heatmap[i] = base + ".png"
+                if self.cfg.output.overlay:
+                    orig = decode_image(storage.read_bytes(str(batch["uri"][i]), **self.opts),
+                                        self.cfg.image.max_pixels, self.cfg.image.min_side)
+                    alpha = (0.25 + 0.5 * heat_level(full, self.vrange))[..., None]
+                    over = (orig * (1 - alpha) + rgb * alpha).astype(np.uint8)
+                    buf = io.BytesIO()
+                    Image.fromarray(over).save(buf, format="JPEG", quality=90)
+                    storage.write_bytes(base + "_overlay.jpg", buf.getvalue(), **self.opts)
+            except Exception as e:
+                log.exception("heatmap failed for %s", batch["uri"][i])
+                errors[i] = f"heatmap failed: {_err(e)}"
+        out = dict(batch)
+        out.update(heatmap=heatmap, error=errors)
+        return out
+
+
+def render_batch(batch: dict, config: dict, output_uri: str, vrange: tuple[float, float]) -> dict:
+    """The render stage as a plain Ray task function."""
+    return Render(config, output_uri, vrange)(batch)
