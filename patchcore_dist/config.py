@@ -87,7 +87,8 @@ class RuntimeConfig(_Section):
     batch_size: int = Field(8, gt=0, description="images per backbone batch")
     num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
     actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="backbone autocast dtype (GPU)")
+    search_precision: Literal["fp32", "tf32"] = Field("fp32", description="GPU nearest-neighbour matmul")
     torch_threads: Optional[int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
     ray_num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
 

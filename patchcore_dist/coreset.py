@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+GRAPH_STEPS = 256
 
 
 def coreset_size(n: int, ratio: float = 0.1, size: int | None = None) -> int:
@@ -68,20 +69,58 @@ def greedy_coreset(projected: torch.Tensor, k: int, seed: int = 0, num_starting_
     del d2
     selected = torch.empty(k, dtype=torch.long, device=dev)
     new = torch.empty(n, device=dev)
+    if dev.type == "cpu":
+        # The matrix transposed to [d, N]: the vector-matrix product streams it contiguously, about
+        # 3.5x faster than a matrix-vector product over [N, d] on CPU BLAS; and squared distances
+        # (same order, no square roots) to save passes over N.
+        xt = x.T.contiguous()
+        del x
+        min_dist.square_()
+        row = new.view(1, n)
+
+        def step(slot: torch.Tensor) -> None:
+            idx = int(torch.argmax(min_dist))
+            slot.fill_(idx)
+            torch.mm(xt[:, idx].view(1, -1), xt, out=row)
+            torch.add(sq, new, alpha=-2.0, out=new).add_(sq[idx])
+            torch.minimum(min_dist, new, out=min_dist)
+    else:
+        def step(slot: torch.Tensor) -> None:
+            idx = torch.argmax(min_dist)  # stays on the device: no host synchronisation
+            slot.copy_(idx)
+            c = x.index_select(0, idx.view(1))
+            torch.addmv(sq, x, c[0], beta=1.0, alpha=-2.0, out=new)
+            new.add_(sq.index_select(0, idx.view(1))).clamp_min_(0).sqrt_()
+            torch.minimum(min_dist, new, out=min_dist)
+
     t0 = last = time.time()
-    for i in range(k):
-        idx = torch.argmax(min_dist)
-        selected[i] = idx
-        c = x.index_select(0, idx.view(1))  # [1, d], stays on the device
-        torch.addmv(sq, x, c[0], beta=1.0, alpha=-2.0, out=new)
-        new.add_(sq.index_select(0, idx.view(1))).clamp_min_(0).sqrt_()
-        torch.minimum(min_dist, new, out=min_dist)
+    i = 0
+    if dev.type == "cuda" and k >= 4 * GRAPH_STEPS:
+        # Replay GRAPH_STEPS steps per CUDA graph launch: the loop is launch-bound otherwise.
+        block = torch.empty(GRAPH_STEPS, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # eager warm-up steps (real selections)
+                step(selected[i])
+                i += 1
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for j in range(GRAPH_STEPS):
+                step(block[j])
+        while i + GRAPH_STEPS <= k:
+            graph.replay()
+            selected[i:i + GRAPH_STEPS].copy_(block)
+            i += GRAPH_STEPS
+    for i in range(i, k):
+        step(selected[i])
         if progress_every and dev.type == "cpu" and time.time() - last > progress_every:
             last = time.time()
             log.info("coreset: %d / %d selected (%.0f%%), %.1f s", i + 1, k, 100.0 * (i + 1) / k, last - t0)
     out = selected.cpu()
     if return_distances:
-        return out, min_dist.cpu()
+        return out, (min_dist.clamp_min(0).sqrt() if dev.type == "cpu" else min_dist).cpu()
     return out
 
 

@@ -19,18 +19,18 @@ import torch
 import torch.nn.functional as F
 
 
-def _pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Adaptive average pooling over the last axis: [..., C] -> [..., dim]."""
-    shape = x.shape
-    return F.adaptive_avg_pool1d(x.reshape(-1, 1, shape[-1]), dim).reshape(*shape[:-1], dim)
+def _pool_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adaptive average pooling over axis 1 of [B, C, L] -> [B, dim, L], without a transposed copy."""
+    if x.shape[1] == dim:
+        return x
+    return F.adaptive_avg_pool2d(x.unsqueeze(1), (dim, x.shape[2])).squeeze(1)
 
 
 def _level_features(fmap: torch.Tensor, patch_size: int, pretrain_dim: int) -> torch.Tensor:
     """[B, C, h, w] -> [B, pretrain_dim, h, w]: p x p neighbourhoods, pooled to pretrain_dim values."""
     b, c, h, w = fmap.shape
     cols = F.unfold(fmap, kernel_size=patch_size, padding=patch_size // 2)  # [B, C*p*p, h*w], (c, i, j) order
-    pooled = _pool_channels(cols.transpose(1, 2), pretrain_dim)  # [B, h*w, pretrain_dim]
-    return pooled.transpose(1, 2).reshape(b, pretrain_dim, h, w)
+    return _pool_rows(cols, pretrain_dim).reshape(b, pretrain_dim, h, w)
 
 
 def patch_features(features: list[torch.Tensor], patch_size: int = 3, pretrain_dim: int = 1024,
@@ -47,9 +47,9 @@ def patch_features(features: list[torch.Tensor], patch_size: int = 3, pretrain_d
             lvl = F.interpolate(lvl, size=(h0, w0), mode="bilinear", align_corners=False)
         levels.append(lvl)
     b = features[0].shape[0]
-    stacked = torch.stack(levels, dim=2)  # [B, pretrain_dim, L, h0, w0]
-    stacked = stacked.permute(0, 3, 4, 2, 1).reshape(b * h0 * w0, len(levels) * pretrain_dim)
-    return _pool_channels(stacked, target_dim), (int(h0), int(w0))
+    stacked = torch.cat(levels, dim=1).reshape(b, len(levels) * pretrain_dim, h0 * w0)  # level-major
+    out = _pool_rows(stacked, target_dim)  # [B, target_dim, h0*w0]
+    return out.transpose(1, 2).reshape(b * h0 * w0, target_dim), (int(h0), int(w0))
 
 
 def patch_features_reference(features: list[torch.Tensor], patch_size: int = 3, pretrain_dim: int = 1024,

@@ -21,20 +21,25 @@ def _faiss():
 
 
 def faiss_gpus() -> int:
-    faiss = _faiss()
+    try:
+        faiss = _faiss()
+    except ImportError:
+        return 0
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 class MemoryBank:
     """Exact nearest-neighbour search over the memory bank."""
 
-    def __init__(self, bank: np.ndarray, device: str = "cpu"):
+    def __init__(self, bank: np.ndarray, device: str = "cpu", precision: str = "fp32"):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         if self.bank.ndim != 2 or len(self.bank) == 0:
             raise ValueError(f"memory bank must be a non-empty [K, D] matrix, got {self.bank.shape}")
         self.device = torch.device(device)
         self._index = None
         self._bank_t = None
+        # GPU torch search only: "fp32" exact, "tf32" tensor-core matmul (see benchmarks/).
+        self.precision = precision
         if self.device.type == "cuda" and faiss_gpus() == 0:
             self._bank_t = torch.from_numpy(self.bank).to(self.device)
             self._bank_sq = (self._bank_t * self._bank_t).sum(1)
@@ -69,15 +74,26 @@ class MemoryBank:
         d2, idx = self._index.search(np.ascontiguousarray(q), k)
         return torch.from_numpy(np.sqrt(np.maximum(d2, 0))), torch.from_numpy(idx)
 
-    def _torch_search(self, q: torch.Tensor, k: int, chunk: int = 8192):
+    def _torch_search(self, q: torch.Tensor, k: int):
+        """||a - b||^2 = ||a||^2 + (||b||^2 - 2 a.b): one GEMM with the bank norms as its bias, the
+        minimum over the bank, then ||a||^2 added to the k winners only (it does not change the order)."""
         dists, idxs = [], []
-        for s in range(0, len(q), chunk):
-            a = q[s:s + chunk]
-            d2 = torch.addmm(self._bank_sq[None, :], a, self._bank_t.T, beta=1.0, alpha=-2.0)
-            d2.add_((a * a).sum(1, keepdim=True))
-            v, i = torch.topk(d2, k, dim=1, largest=False)
-            dists.append(v.clamp_min_(0).sqrt_())
-            idxs.append(i)
+        chunk = max(256, (1 << 28) // len(self.bank))  # about 1 GiB of float32 distances per chunk
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+        try:
+            for s in range(0, len(q), chunk):
+                a = q[s:s + chunk]
+                d2 = torch.addmm(self._bank_sq[None, :], a, self._bank_t.T, beta=1.0, alpha=-2.0)
+                if k == 1:
+                    v, i = d2.min(1, keepdim=True)
+                else:
+                    v, i = torch.topk(d2, k, dim=1, largest=False)
+                v = v.add_((a * a).sum(1, keepdim=True))
+                dists.append(v.clamp_min_(0).sqrt_())
+                idxs.append(i)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
         return torch.cat(dists), torch.cat(idxs)
 
     def serialize(self) -> bytes:

@@ -78,7 +78,10 @@ class PatchCore:
         self.config = config
         self.embedder = embedder or Embedder(config, device)
         self.device = self.embedder.device
-        self.bank = MemoryBank(bank, str(self.device)) if bank is not None else None
+        self.bank = self._bank(bank) if bank is not None else None
+
+    def _bank(self, bank: np.ndarray) -> MemoryBank:
+        return MemoryBank(bank, str(self.device), self.config.runtime.search_precision)
 
     # -- fitting in one process (tests, benchmarks, small data) ------------------------------
     def embed(self, crops_uint8, batch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -91,7 +94,7 @@ class PatchCore:
 
     def fit(self, crops_uint8) -> "PatchCore":
         feats, _ = self.embed(crops_uint8)
-        self.bank = MemoryBank(select_memory_bank(feats, self.config), str(self.device))
+        self.bank = self._bank(select_memory_bank(feats, self.config))
         return self
 
     # -- prediction -----------------------------------------------------------------------
