@@ -1,0 +1,108 @@
+"""Locally aware patch features: the seed's shapes, and equality with the literal original formulation."""
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from patchcore_dist.backbones import BackboneError, build_backbone
+from patchcore_dist.embedding import patch_features, patch_features_reference
+from patchcore_dist.preprocessing import normalize, resize_crop
+
+
+def _photos(n=2, size=224):
+    names = ["chelsea", "coffee", "astronaut", "rocket"][:n]
+    return np.stack([resize_crop(getattr(skimage.data, k)(), 256, size) for k in names])
+
+
+@pytest.fixture(scope="module")
+def wrn50():
+    torch.manual_seed(0)
+    return build_backbone("wide_resnet50_2", weights="random")
+
+
+def test_wrn50_shapes_match_the_seed(wrn50):
+    x = normalize(torch.from_numpy(_photos(2)))
+    with torch.inference_mode():
+        l2, l3 = wrn50(x)
+    assert l2.shape == (2, 512, 28, 28)
+    assert l3.shape == (2, 1024, 14, 14)
+    feats, grid = patch_features([l2, l3], 3, 1024, 1024)
+    assert feats.shape == (1568, 1024)
+    assert grid == (28, 28)
+
+
+def test_wrn50_embedding_equals_original_formulation(wrn50):
+    x = normalize(torch.from_numpy(_photos(2)))
+    with torch.inference_mode():
+        levels = wrn50(x)
+        ours, _ = patch_features(levels, 3, 1024, 1024)
+        ref, _ = patch_features_reference(levels, 3, 1024, 1024)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("dims", [(1024, 1024), (384, 256), (512, 1024)])
+def test_lite0_embedding_equals_original_formulation(lite0, dims):
+    x = normalize(torch.from_numpy(_photos(3)))
+    with torch.inference_mode():
+        levels = lite0(x)
+        assert [tuple(l.shape) for l in levels] == [(3, 40, 28, 28), (3, 112, 14, 14)]
+        ours, grid = patch_features(levels, 3, *dims)
+        ref, _ = patch_features_reference(levels, 3, *dims)
+    assert ours.shape == (3 * 784, dims[1]) and grid == (28, 28)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+
+
+def test_patch_size_5_equals_original():
+    g = torch.Generator().manual_seed(1)
+    levels = [torch.rand(2, 16, 12, 10, generator=g), torch.rand(2, 24, 6, 5, generator=g)]
+    ours, _ = patch_features(levels, 5, 200, 96)
+    ref, _ = patch_features_reference(levels, 5, 200, 96)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_forward_stops_after_the_deepest_level(wrn50):
+    ran = []
+    h = wrn50.model.layer4.register_forward_hook(lambda *a: ran.append("layer4"))
+    try:
+        with torch.inference_mode():
+            wrn50(torch.zeros(1, 3, 64, 64))
+    finally:
+        h.remove()
+    assert ran == []
+
+
+def test_lite0_weights_are_real_imagenet(lite0):
+    x = normalize(torch.from_numpy(_photos(2)))  # chelsea (a cat), coffee (espresso)
+    with torch.inference_mode():
+        logits = lite0.model(x)
+    assert logits.argmax(1).tolist() == [285, 967]
+
+
+def test_wrn50_without_weights_stops_with_a_clear_message():
+    with pytest.raises(BackboneError, match="backbone.weights"):
+        build_backbone("wide_resnet50_2")
+
+
+def test_weights_from_a_file(tmp_path):
+    torch.manual_seed(3)
+    src = build_backbone("resnet18", weights="random")
+    path = tmp_path / "r18.pth"
+    torch.save(src.model.state_dict(), path)
+    loaded = build_backbone("resnet18", weights=str(path))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        for a, b in zip(src(x), loaded(x)):
+            assert torch.equal(a, b)
+
+
+def test_wrong_weights_file_and_unknown_level(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"foo": torch.zeros(3)}, path)
+    with pytest.raises(BackboneError, match="do not fit"):
+        build_backbone("resnet18", weights=str(path))
+    with pytest.raises(BackboneError, match="not found"):
+        build_backbone("resnet18", layers=["layer9"], weights="random")
+    with pytest.raises(BackboneError, match="weights not found"):
+        build_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        build_backbone("no_such_net", layers=["a"], weights="random")
