@@ -115,3 +115,28 @@ def make_demo_benchmark(output: str, categories: Iterable[str] = ("brick", "grav
         result[name] = make_category(normal, storage.join(output, name), kinds, seed=seed + k,
                                      foreign_sources=sources, storage_options=storage_options)
     return result
+
+
+def synthesize_folder(normal: str, output: str, kinds: Iterable[str] = DEFECT_KINDS, test_fraction: float = 0.3,
+                      defects_per_kind: int | None = None, seed: int = 0, storage_options: dict | None = None,
+                      max_pixels: int = 100_000_000) -> dict:
+    """A folder of normal images (local or s3) -> an MVTec-layout category under ``output``."""
+    from .fit import JobError, list_images
+    from .preprocessing import ImageError, decode_image
+    opts = storage_options or {}
+    files = list_images(normal, opts, "normal images")
+    images, names, skipped = [], [], []
+    for uri, rel in files:
+        try:
+            images.append(decode_image(storage.read_bytes(uri, **opts), max_pixels))
+            names.append(storage.safe_relpath(rel).replace("/", "__").rsplit(".", 1)[0])
+        except ImageError as e:
+            skipped.append(f"{rel}: {e}")
+    for s in skipped:
+        log.warning("skipped (not usable): %s", s)
+    if len(images) < 3:
+        raise JobError(f"need at least 3 usable normal images under {normal}, found {len(images)}")
+    counts = make_category(images, output, kinds, test_fraction, defects_per_kind, seed,
+                           names=names, storage_options=opts)
+    counts["skipped"] = len(skipped)
+    return counts

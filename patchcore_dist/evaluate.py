@@ -1,0 +1,149 @@
+"""evaluate: model + labelled test set (MVTec AD layout) -> metrics.json and report.html.
+
+The test split is scored by :func:`patchcore_dist.score.run_score` (the same Ray stages as `score`),
+with the patch-score grids kept in the score table; anomaly maps are rebuilt from them at the
+masks' resolution for the pixel metrics.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import storage
+from .config import load_config
+from .fit import JobError
+from .metrics import f1_threshold, image_auroc, pixel_auroc, pro_score
+from .model import load_model
+from .preprocessing import geometry, to_original
+from .score import read_scores, run_score
+from .scoring import anomaly_maps
+
+log = logging.getLogger(__name__)
+
+
+def mask_uri(dataset: str, defect: str, name: str) -> str:
+    return storage.join(dataset, "ground_truth", defect, f"{os.path.splitext(name)[0]}_mask.png")
+
+
+def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
+    """The anomaly map of a score-table row at ``size`` (H, W) of its ground-truth mask."""
+    grid = torch.tensor(row["patch_scores"], dtype=torch.float32)
+    amap = anomaly_maps(grid, (row["grid_h"], row["grid_w"]), config.image.crop, config.scoring.sigma)[0].numpy()
+    full = to_original(amap, geometry(row["height"], row["width"], config.image.resize, config.image.crop))
+    if full.shape != size:
+        full = np.asarray(Image.fromarray(full).resize((size[1], size[0]), Image.BILINEAR))
+    return full
+
+
+def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | None = None,
+                 overrides: list[str] | None = None) -> dict:
+    pre = load_config(config_file, overrides)
+    opts = {"endpoint_url": pre.storage.endpoint_url, "region": pre.storage.region}
+    test = storage.join(dataset, "test")
+    if not storage.is_dir(test, **opts):
+        raise JobError(f"{dataset} is not an MVTec AD category: no test/ folder")
+    model = load_model(model_uri, opts)
+    run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"])
+    config = model.config
+    table = read_scores(output, opts).to_pylist()
+    table = [r for r in table if r["model"] == model.digest]
+    # The newest row per image (re-runs of evaluate into the same output).
+    latest = {}
+    for r in sorted(table, key=lambda r: r["scored_at"]):
+        latest[r["image"]] = r
+    rows, errors, warnings = [], [], []
+    masks, maps = [], []
+    per_defect = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": []})
+    for r in sorted(latest.values(), key=lambda r: r["image"]):
+        rel = r["image"][len(test.rstrip("/")) + 1:]
+        defect, name = rel.split("/", 1) if "/" in rel else ("good", rel)
+        if r["error"]:
+            errors.append({"image": r["image"], "error": r["error"]})
+            continue
+        label = 0 if defect == "good" else 1
+        amap = None
+        if label == 0:
+            amap = full_map(r, config, (r["height"], r["width"]))
+            mask = np.zeros(amap.shape, bool)
+        else:
+            try:
+                m = Image.open(io.BytesIO(storage.read_bytes(mask_uri(dataset, defect, name), **opts)))
+                mask = np.asarray(m.convert("L")) > 127
+                amap = full_map(r, config, mask.shape)
+            except FileNotFoundError:
+                warnings.append(f"no ground-truth mask for {r['image']}: left out of the pixel metrics")
+                mask = None
+        rows.append({"image": r["image"], "defect": defect, "label": label, "score": r["score"],
+                     "heatmap": r["heatmap"]})
+        for key in ("all", defect):
+            d = per_defect[key]
+            d["labels"].append(label)
+            d["scores"].append(r["score"])
+            if mask is not None:
+                d["masks"].append(mask)
+                d["maps"].append(amap)
+    if not rows:
+        raise JobError(f"no test image of {dataset} could be scored")
+    labels = np.array([r["label"] for r in rows])
+    scores = np.array([r["score"] for r in rows])
+    allm = per_defect["all"]
+    metrics = {
+        "model": model.digest, "dataset": dataset, "images": len(latest), "scored": len(rows),
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(allm["masks"], allm["maps"]),
+        "pro": _pro(allm["masks"], allm["maps"]),
+    }
+    if labels.min() != labels.max():
+        metrics["threshold"], metrics["f1"] = f1_threshold(labels, scores)
+    else:
+        metrics["threshold"], metrics["f1"] = None, None
+    good = per_defect.get("good")
+    breakdown = {}
+    for defect, d in sorted(per_defect.items()):
+        if defect in ("all", "good"):
+            continue
+        lab = np.r_[good["labels"], d["labels"]] if good else np.array(d["labels"])
+        sc = np.r_[good["scores"], d["scores"]] if good else np.array(d["scores"])
+        mk = (good["masks"] if good else []) + d["masks"]
+        mp = (good["maps"] if good else []) + d["maps"]
+        breakdown[defect] = {"images": len(d["labels"]), "image_auroc": image_auroc(lab, sc),
+                             "pixel_auroc": pixel_auroc(mk, mp), "pro": _pro(mk, mp)}
+    metrics["per_defect"] = breakdown
+    metrics["errors"] = errors
+    metrics["warnings"] = warnings
+    order = np.argsort(-scores)
+    metrics["top"] = [{"image": rows[i]["image"], "score": float(scores[i]), "label": int(labels[i])}
+                      for i in order[:10]]
+    storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(_clean(metrics), indent=2).encode(),
+                        **opts)
+    from .report import render_report
+    html = render_report(metrics, rows, dataset, config, opts)
+    storage.write_bytes(storage.join(output, "report.html"), html.encode(), **opts)
+    log.info("evaluate: image AUROC %.3f, pixel AUROC %.3f, PRO %.3f, threshold %s; report %s",
+             metrics["image_auroc"], metrics["pixel_auroc"], metrics["pro"], metrics["threshold"],
+             storage.join(output, "report.html"))
+    return metrics
+
+
+def _pro(masks, maps) -> float:
+    if not masks or not any(m.any() for m in masks) or all(m.all() for m in masks):
+        return float("nan")
+    return pro_score(masks, maps)
+
+
+def _clean(x):
+    """NaN (a metric undefined for this data, e.g. no normal test images) -> JSON null."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and np.isnan(x):
+        return None
+    return x
