@@ -103,6 +103,14 @@ class OutputConfig(_Section):
     patch_scores: bool = Field(False, description="store the patch-score grid in the score table")
 
 
+class FitConfig(_Section):
+    # Normal images held out of the memory bank to calibrate the decision threshold (when no
+    # --validation folder is given); 0 disables calibration.
+    holdout_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    # Threshold = the image score that at most this fraction of the validation images exceed.
+    target_fpr: float = Field(0.01, ge=0.0, lt=1.0)
+
+
 class StorageConfig(_Section):
     endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     region: Optional[str] = None
@@ -116,6 +124,7 @@ class Config(_Section):
     scoring: ScoringConfig = ScoringConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
+    fit: FitConfig = FitConfig()
     storage: StorageConfig = StorageConfig()
     seed: int = 0
 

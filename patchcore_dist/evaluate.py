@@ -50,14 +50,11 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
     if not storage.is_dir(test, **opts):
         raise JobError(f"{dataset} is not an MVTec AD category: no test/ folder")
     model = load_model(model_uri, opts)
-    run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"])
+    # Every test image is scored again: the score table must hold this model's patch-score grids.
+    run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"],
+              rescore="all")
     config = model.config
-    table = read_scores(output, opts).to_pylist()
-    table = [r for r in table if r["model"] == model.digest]
-    # The newest row per image (re-runs of evaluate into the same output).
-    latest = {}
-    for r in sorted(table, key=lambda r: r["scored_at"]):
-        latest[r["image"]] = r
+    latest = {r["image"]: r for r in read_scores(output, opts, model.digest).to_pylist()}
     rows, errors, warnings = [], [], []
     masks, maps = [], []
     per_defect = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": []})

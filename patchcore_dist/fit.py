@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import time
 
@@ -65,26 +64,77 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def run_fit(train: str, model: str, config: Config) -> dict:
+def _clean_uncommitted(model: str, opts: dict) -> None:
+    """A model directory without a manifest is an interrupted fit: its files are never used; remove them."""
+    try:
+        leftovers = storage.list_files(model, None, **opts)
+    except FileNotFoundError:
+        return
+    if leftovers:
+        log.warning("%s holds %d files of an interrupted fit (no manifest): removing them", model, len(leftovers))
+        for uri, _ in leftovers:
+            storage.delete(uri, **opts)
+
+
+def _reusable(old: str, config: Config, opts: dict) -> dict:
+    """digest -> (feature shard URI, row) of every usable image of a committed model with the same features."""
+    from .model import ModelError, read_manifest, read_verified
+    try:
+        manifest = read_manifest(old, opts)
+    except ModelError as e:
+        raise JobError(f"--reuse: {e}") from None
+    if manifest.get("feature_digest") != config.feature_digest():
+        raise JobError(f"--reuse: {old} was extracted with other feature settings (backbone, image or embedding); "
+                       "its features cannot be reused")
+    images = pq.read_table(io.BytesIO(read_verified(old, manifest, "images.parquet", opts))).to_pylist()
+    out = {}
+    for r in images:
+        if not r["error"] and r["shard"]:
+            out[r["digest"]] = (storage.join(old, r.get("split") or "features", r["shard"]), int(r["row"]))
+    return out
+
+
+def _holdout(entries: list[tuple[str, str]], fraction: float, seed: int) -> set[str]:
+    """A deterministic held-out subset (by a seeded hash of the URI, so it is stable as data grows)."""
+    if fraction <= 0:
+        return set()
+    keyed = sorted(entries, key=lambda e: hashlib.sha256(f"{seed}:{e[0]}".encode()).hexdigest())
+    n = max(1, int(round(len(entries) * fraction)))
+    if n >= len(entries):
+        raise JobError(f"fit.holdout_fraction={fraction} leaves no training images of {len(entries)}")
+    return {u for u, _ in keyed[:n]}
+
+
+def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
     t_start = time.time()
     opts = {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
     if storage.exists(storage.join(model, MANIFEST), **opts):
         raise JobError(f"{model} already holds a committed model; models are never changed in place: "
                        "write the new model to a new URI")
+    if reuse and reuse.rstrip("/") == model.rstrip("/"):
+        raise JobError("--reuse must name another (committed) model than --model")
     root = resolve_train_root(train, opts)
     files = list_images(root, opts, "training images")
-    log.info("fit: %d training images under %s -> model %s", len(files), root, model)
+    held = _holdout(files, config.fit.holdout_fraction, config.seed) if not validation else set()
+    items = [{"uri": u, "rel": r, "split": "validation" if u in held else "features"} for u, r in files]
+    if validation:
+        items += [{"uri": u, "rel": r, "split": "validation"} for u, r in list_images(validation, opts,
+                                                                                     "validation images")]
+    reusable = _reusable(reuse, config, opts) if reuse else {}
+    _clean_uncommitted(model, opts)
+    log.info("fit: %d training images under %s%s -> model %s", len(files) - len(held), root,
+             f", {len(items) - len(files) + len(held)} validation images" if len(items) > len(files) - len(held) else "",
+             model)
 
     ray = init_ray(config)
     cfg = config.to_dict()
-    features_uri = storage.join(model, "features")
-    ds = ray.data.from_items([{"uri": u, "rel": r} for u, r in files],
-                             override_num_blocks=max(1, min(len(files), 64)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg}, batch_size=config.runtime.batch_size,
-                        num_cpus=0.5)
-    ds = ds.map_batches(Extract, fn_constructor_args=(cfg, features_uri), batch_size=config.runtime.batch_size,
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(reusable)},
+                        batch_size=config.runtime.batch_size, num_cpus=0.5)
+    ds = ds.map_batches(Extract, fn_constructor_args=(cfg, model), batch_size=config.runtime.batch_size,
                         **actor_pool(config))
-    cols = ["uri", "rel", "digest", "height", "width", "error", "shard", "row", "shard_sha256", "shard_bytes"]
+    cols = ["uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row",
+            "shard_sha256", "shard_bytes"]
     rows = {c: [] for c in cols}
     done = errors = 0
     last = time.time()
@@ -95,44 +145,90 @@ def run_fit(train: str, model: str, config: Config) -> dict:
         errors += sum(1 for e in batch["error"] if e)
         if time.time() - last > 5:
             last = time.time()
-            log.info("extracting: %d / %d images (%d errors), %.1f images/s", done, len(files), errors,
+            log.info("extracting: %d / %d images (%d errors), %.1f images/s", done, len(items), errors,
                      done / (last - t_start))
     t_extract = time.time() - t_start
-    images = _table({c: rows[c] for c in cols})
-    ok = [not e for e in rows["error"]]
-    n_ok = int(sum(ok))
     writer = ModelWriter(model, opts)
-    if n_ok == 0:
+    if reusable:
+        _copy_reused(rows, reusable, model, writer, opts)
+    ok = [not e for e in rows["error"]]
+    train_ok = [o and s == "features" for o, s in zip(ok, rows["split"])]
+    if not any(train_ok):
         raise JobError(f"none of the {len(files)} training images could be used; first errors: "
                        + "; ".join(f"{r}: {e}" for r, e in zip(rows["rel"], rows["error"]) if e)[:800]
                        + " (no model was written)")
     if errors:
-        log.warning("%d of %d training images could not be used (listed in %s/errors.parquet)", errors,
-                    len(files), model)
-    # Coreset on the projected features, streamed shard by shard.
-    shards = sorted({s for s, o in zip(rows["shard"], ok) if o})
-    for name in shards:
-        i = rows["shard"].index(name)
-        writer.record(f"features/{name}", rows["shard_sha256"][i], int(rows["shard_bytes"][i]))
-    bank, stats = build_memory_bank([storage.join(features_uri, s) for s in shards], config, opts)
+        log.warning("%d of %d images could not be used (listed in %s/errors.parquet)", errors, len(items), model)
+    for o, split, name, sha, nb in zip(ok, rows["split"], rows["shard"], rows["shard_sha256"], rows["shard_bytes"]):
+        if o:
+            writer.record(f"{split}/{name}", sha, int(nb))
+    shards = sorted({n for n, t in zip(rows["shard"], train_ok) if t})
+    bank, stats = build_memory_bank([storage.join(model, "features", s) for s in shards], config, opts)
+    val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
+    if val_shards:
+        stats.update(calibrate([storage.join(model, "validation", s) for s in val_shards], bank, config, opts))
     # Write the model; the manifest goes last.
     writer.put("memory_bank.npy", npy_bytes(bank))
     writer.put("index.faiss", MemoryBank(bank).serialize())
     writer.put("config.yaml", config_yaml(config))
+    images = pa.table({c: rows[c] for c in cols if c not in ("shard_sha256", "shard_bytes")})
     writer.put("images.parquet", _parquet_bytes(images))
     err_idx = [i for i, o in enumerate(ok) if not o]
     writer.put("errors.parquet", _parquet_bytes(pa.table({
         "image": [rows["uri"][i] for i in err_idx], "error": [rows["error"][i] for i in err_idx]},
         schema=pa.schema([("image", pa.string()), ("error", pa.string())]))))
-    digest = hashlib.sha256("\n".join(sorted(d for d, o in zip(rows["digest"], ok) if o)).encode()).hexdigest()
-    training = {"uri": root, "images": len(files), "used": n_ok, "errors": errors, "digest": digest[:16],
-                "patches": stats.pop("patches")}
+    digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], train_ok) if t)).encode()).hexdigest()
+    training = {"uri": root, "images": len(files) - len(held), "used": int(sum(train_ok)), "errors": errors,
+                "reused": int(sum(rows["unchanged"])), "digest": digest[:16], "patches": stats.pop("patches"),
+                "reuse_from": reuse, "validation": validation or (f"{len(held)} held out" if held else None)}
     manifest = writer.commit(config, bank.shape, training, stats)
     elapsed = time.time() - t_start
-    log.info("fit done: %d images (%d errors), %d patches -> memory bank %d x %d, extraction %.1f s, "
-             "total %.1f s; model %s (digest %s)", len(files), errors, training["patches"], bank.shape[0],
-             bank.shape[1], t_extract, elapsed, model, manifest["model_digest"])
+    log.info("fit done: %d images (%d errors, %d reused), %d patches -> memory bank %d x %d, extraction %.1f s, "
+             "total %.1f s; model %s (digest %s)", len(items), errors, training["reused"], training["patches"],
+             bank.shape[0], bank.shape[1], t_extract, elapsed, model, manifest["model_digest"])
     return manifest
+
+
+def _copy_reused(rows: dict, reusable: dict, model: str, writer: ModelWriter, opts: dict) -> None:
+    """Copy the feature rows of unchanged images from the old model's shards into new shards."""
+    from .features import read_shard, write_shard
+    by_shard: dict[tuple[str, str], list[int]] = {}
+    for i, (unchanged, digest, split) in enumerate(zip(rows["unchanged"], rows["digest"], rows["split"])):
+        if unchanged:
+            by_shard.setdefault((reusable[digest][0], split), []).append(i)
+    for (old_shard, split), idx in sorted(by_shard.items()):
+        want = [reusable[rows["digest"][i]][1] for i in idx]
+        meta, feats = read_shard(old_shard, opts, rows=want)
+        grid = (meta["grid_h"][0].as_py(), meta["grid_w"][0].as_py())
+        name = f"part-reused-{hashlib.sha256((old_shard + split).encode()).hexdigest()[:16]}.parquet"
+        info = write_shard(storage.join(model, split, name), [rows["digest"][i] for i in idx],
+                           [rows["uri"][i] for i in idx], feats, grid, opts)
+        for j, i in enumerate(idx):
+            rows["shard"][i], rows["row"][i] = name, j
+            rows["shard_sha256"][i], rows["shard_bytes"][i] = info["sha256"], info["bytes"]
+    log.info("reused the features of %d unchanged images from %d shards", sum(len(v) for v in by_shard.values()),
+             len(by_shard))
+
+
+def calibrate(shard_uris: list[str], bank: np.ndarray, config: Config, opts: dict) -> dict:
+    """Decision threshold from normal validation images: at most ``fit.target_fpr`` of them score above it."""
+    from .features import read_shard
+    from .patchcore import PatchCore
+    pc = PatchCore(config, bank, device="cpu")
+    scores = []
+    for uri in shard_uris:
+        meta, feats = read_shard(uri, opts)
+        grid = (meta["grid_h"][0].as_py(), meta["grid_w"][0].as_py())
+        pred = pc.predict_features(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32)), grid,
+                                   len(feats), maps=False)
+        scores.extend(pred.image_scores.tolist())
+    v = np.sort(np.asarray(scores))
+    allowed = int(np.floor(config.fit.target_fpr * len(v)))
+    threshold = float(v[len(v) - allowed - 1])
+    log.info("threshold %.4f from %d normal validation images (target FPR %.3f: %d above it)", threshold, len(v),
+             config.fit.target_fpr, allowed)
+    return {"threshold": threshold, "target_fpr": config.fit.target_fpr, "validation_images": len(v),
+            "validation_scores": {"min": float(v[0]), "median": float(np.median(v)), "max": float(v[-1])}}
 
 
 def build_memory_bank(shard_uris: list[str], config: Config, opts: dict) -> tuple[np.ndarray, dict]:

@@ -76,9 +76,16 @@ class PatchCore:
     def __init__(self, config: Config, bank: np.ndarray | None = None, embedder: Embedder | None = None,
                  device: str | None = None):
         self.config = config
-        self.embedder = embedder or Embedder(config, device)
-        self.device = self.embedder.device
+        self._embedder = embedder
+        self.device = embedder.device if embedder else pick_device(device or config.runtime.device)
         self.bank = self._bank(bank) if bank is not None else None
+
+    @property
+    def embedder(self) -> Embedder:
+        """Built on first use: scoring pre-extracted features needs no backbone."""
+        if self._embedder is None:
+            self._embedder = Embedder(self.config, str(self.device))
+        return self._embedder
 
     def _bank(self, bank: np.ndarray) -> MemoryBank:
         return MemoryBank(bank, str(self.device), self.config.runtime.search_precision)

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from . import storage
 from .cluster import actor_pool, init_ray
 from .config import Config, load_config
-from .fit import JobError, list_images
+from .fit import JobError
+from .preprocessing import IMAGE_EXTENSIONS
 from .model import ModelError, load_model
 from .stages import Score, decode_batch, render_batch
 
@@ -28,12 +29,15 @@ log = logging.getLogger(__name__)
 SCORE_SCHEMA = pa.schema([
     ("image", pa.string()),          # input URI
     ("score", pa.float64()),         # image score s* (null when error is set)
+    ("is_anomaly", pa.bool_()),      # score > the model's calibrated threshold (null without one)
     ("heatmap", pa.string()),        # heatmap PNG URI (null when none was written)
     ("height", pa.int32()),          # original image size (0 when it could not be decoded)
     ("width", pa.int32()),
     ("model", pa.string()),          # the model's digest
     ("error", pa.string()),          # null, or why the image could not be scored
     ("digest", pa.string()),         # sha256 of the image file
+    ("size", pa.int64()),            # file size and modification time (seconds) when scored
+    ("mtime", pa.float64()),
     ("decode_ms", pa.float32()),
     ("score_ms", pa.float32()),
     ("scored_at", pa.timestamp("s", tz="UTC")),
@@ -65,17 +69,61 @@ def _incompatible(model: Config, user: Config) -> str:
     return "incompatible config: the model's features were built with other settings (" + "; ".join(diffs) + ")"
 
 
-def _write_part(output: str, run: str, seq: int, rows: list[dict], schema: pa.Schema, opts: dict) -> str:
+def _write_part(output: str, model: str, run: str, seq: int, rows: list[dict], schema: pa.Schema,
+                opts: dict) -> str:
     table = pa.Table.from_pylist(rows, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    uri = storage.join(output, "scores", f"part-{run}-{seq:05d}.parquet")
+    uri = storage.join(output, "scores", model, f"part-{run}-{seq:05d}.parquet")
     storage.write_bytes(uri, buf.getvalue(), **opts)
     return uri
 
 
+def _read_parts(output: str, model: str, opts: dict) -> list[tuple[str, pa.Table]]:
+    try:
+        files = storage.list_files(storage.join(output, "scores", model), (".parquet",), **opts)
+    except FileNotFoundError:
+        return []
+    return [(u, pq.read_table(io.BytesIO(storage.read_bytes(u, **opts)))) for u, _ in files]
+
+
+def compact(output: str, model: str, opts: dict) -> int:
+    """Keep one row per image in a model's score partition: the newest (parts are named by run time).
+
+    A re-scored image's older row is dropped by rewriting its part (atomically) or deleting an
+    emptied part. Runs at the start (cleaning up after an interrupted run) and end of every score.
+    Returns the number of rows dropped.
+    """
+    parts = _read_parts(output, model, opts)
+    newest = {}
+    for pi, (uri, t) in enumerate(parts):  # sorted by name = by run
+        for ri, img in enumerate(t.column("image").to_pylist()):
+            newest[img] = (pi, ri)
+    dropped = 0
+    for pi, (uri, t) in enumerate(parts):
+        keep = [ri for ri, img in enumerate(t.column("image").to_pylist()) if newest[img] == (pi, ri)]
+        if len(keep) == t.num_rows:
+            continue
+        dropped += t.num_rows - len(keep)
+        if keep:
+            buf = io.BytesIO()
+            pq.write_table(t.take(pa.array(keep, pa.int64())), buf, compression="zstd")
+            storage.write_bytes(uri, buf.getvalue(), **opts)
+        else:
+            storage.delete(uri, **opts)
+    return dropped
+
+
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
-              overrides: list[str] | None = None, part_rows: int = 50000) -> dict:
+              overrides: list[str] | None = None, rescore: str = "changed", part_rows: int = 50000) -> dict:
+    """Score every image under ``images``; incremental unless ``rescore == "all"``.
+
+    An image is skipped when this model already has a successful row for it with the same size and
+    modification time, or (checked after reading it) the same content digest. Failed images are
+    retried. One row per image and model, always.
+    """
+    if rescore not in ("changed", "all"):
+        raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
     t_start = time.time()
     pre = load_config(config_file, overrides)  # validates the user's settings before any work
     opts = {"endpoint_url": pre.storage.endpoint_url, "region": pre.storage.region}
@@ -84,71 +132,119 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     except ModelError as e:
         raise JobError(f"cannot score: {e}") from None
     config = score_config(model.config, config_file, overrides or [])
-    files = list_images(images, opts, "images")
-    log.info("score: %d images under %s with model %s (digest %s, bank %d x %d) -> %s", len(files), images,
-             model_uri, model.digest, *model.bank.shape, output)
+    try:
+        entries = storage.list_entries(images, IMAGE_EXTENSIONS, **opts)
+    except FileNotFoundError:
+        raise JobError(f"images not found: {images}") from None
+    except storage.StorageError as e:
+        raise JobError(f"cannot list images {images}: {e}") from None
+    if not entries:
+        raise JobError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under images {images}")
+    digest = model.digest
+    dropped = compact(output, digest, opts)
+    if dropped:
+        log.info("removed %d superseded rows left by an interrupted run", dropped)
+    previous = {}
+    if rescore == "changed":
+        for _, t in _read_parts(output, digest, opts):
+            for r in t.select(["image", "error", "digest", "size", "mtime"]).to_pylist():
+                if r["error"] is None:
+                    previous[r["image"]] = r
+    todo = [e for e in entries if not (e["uri"] in previous and previous[e["uri"]]["size"] == e["size"]
+                                       and previous[e["uri"]]["mtime"] == e["mtime"])]
+    log.info("score: %d images under %s with model %s (digest %s, bank %d x %d) -> %s", len(entries), images,
+             model_uri, digest, *model.bank.shape, output)
+    if not todo:
+        log.info("score: all %d images already have rows for model %s in %s: nothing to do (no backbone work; "
+                 "--rescore all forces it)", len(entries), digest, storage.join(output, "scores", digest))
+        return {"images": len(entries), "scored": 0, "skipped": len(entries), "errors": 0, "rows": 0,
+                "seconds": round(time.time() - t_start, 2), "images_per_s": 0.0, "model": digest,
+                "scores": storage.join(output, "scores"), "parts": []}
+    if len(todo) < len(entries):
+        log.info("incremental: %d of %d images already scored by this model; scoring %d new or changed",
+                 len(entries) - len(todo), len(entries), len(todo))
+    known = {e["uri"]: previous[e["uri"]]["digest"] for e in todo if e["uri"] in previous}
     lo, hi = model.heatmap_range
     vrange = (config.output.heatmap_min if config.output.heatmap_min is not None else lo,
               config.output.heatmap_max or hi)
     if vrange[1] <= vrange[0]:
         raise JobError(f"heatmap scale [{vrange[0]}, {vrange[1]}] is empty: set output.heatmap_max above heatmap_min")
+    threshold = model.manifest["stats"].get("threshold")
     ray = init_ray(config)
     cfg = config.to_dict()
     bs = config.runtime.batch_size
-    ds = ray.data.from_items([{"uri": u, "rel": r} for u, r in files], override_num_blocks=max(1, min(len(files), 64)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg}, batch_size=bs, num_cpus=0.5)
+    meta = {e["uri"]: e for e in todo}
+    ds = ray.data.from_items([{"uri": e["uri"], "rel": e["rel"]} for e in todo],
+                             override_num_blocks=max(1, min(len(todo), 200)))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known}, batch_size=bs, num_cpus=0.5)
     ds = ds.map_batches(Score, fn_constructor_args=(model_uri, cfg), batch_size=bs, **actor_pool(config))
-    ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "output_uri": output, "vrange": vrange},
-                        batch_size=bs, num_cpus=0.5)
+    ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "heatmaps_uri": storage.join(output, "heatmaps", digest),
+                                                 "vrange": vrange}, batch_size=bs, num_cpus=0.5)
     schema = SCORE_SCHEMA
     if config.output.patch_scores:
         schema = pa.schema(list(SCORE_SCHEMA) + [pa.field(n, t) for n, t in GRID_FIELDS])
     run = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    pending, parts = [], []
-    done = errors = 0
+    pending, parts, seen = {}, [], set()
+    done = errors = unchanged = 0
     last = time.time()
     now = _dt.datetime.now(_dt.timezone.utc)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["uri"])):
+            uri = str(batch["uri"][i])
+            done += 1
+            if batch["unchanged"][i]:  # same content as the previous successful row: keep that row
+                unchanged += 1
+                continue
             err = batch["error"][i] or None
+            score = float(batch["score"][i]) if np.isfinite(batch["score"][i]) and not err else None
             row = {
-                "image": str(batch["uri"][i]),
-                "score": None if (err and not np.isfinite(batch["score"][i])) else float(batch["score"][i]),
+                "image": uri, "score": score,
+                "is_anomaly": None if (score is None or threshold is None) else bool(score > threshold),
                 "heatmap": batch["heatmap"][i], "height": int(batch["height"][i]),
-                "width": int(batch["width"][i]), "model": model.digest, "error": err,
-                "digest": batch["digest"][i] or None, "decode_ms": float(batch["decode_ms"][i]),
-                "score_ms": float(batch["score_ms"][i]), "scored_at": now,
+                "width": int(batch["width"][i]), "model": digest, "error": err,
+                "digest": batch["digest"][i] or None, "size": meta[uri]["size"], "mtime": meta[uri]["mtime"],
+                "decode_ms": float(batch["decode_ms"][i]), "score_ms": float(batch["score_ms"][i]), "scored_at": now,
             }
             if config.output.patch_scores:
                 h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
                 row.update(grid_h=h, grid_w=w, patch_scores=batch["patch_scores"][i][: h * w].tolist() if h else None)
-            pending.append(row)
+            if uri in seen:  # a retried task's output: keep one row per image
+                continue
+            pending[uri] = row
             errors += bool(err)
-        done += len(batch["uri"])
         if len(pending) >= part_rows:
-            parts.append(_write_part(output, run, len(parts), pending, schema, opts))
-            pending = []
+            parts.append(_write_part(output, digest, run, len(parts), list(pending.values()), schema, opts))
+            seen.update(pending)
+            pending = {}
         if time.time() - last > 5:
             last = time.time()
-            log.info("scoring: %d / %d images (%d errors), %.1f images/s", done, len(files), errors,
+            log.info("scoring: %d / %d images (%d errors), %.1f images/s", done, len(todo), errors,
                      done / (last - t_start))
-    if pending or not parts:
-        parts.append(_write_part(output, run, len(parts), pending, schema, opts))
+    if pending:
+        parts.append(_write_part(output, digest, run, len(parts), list(pending.values()), schema, opts))
+        seen.update(pending)
+    if done != len(todo):
+        raise JobError(f"internal error: {done} results for {len(todo)} images; rows written so far are kept")
+    compact(output, digest, opts)
     elapsed = time.time() - t_start
-    summary = {"images": len(files), "rows": done, "errors": errors, "seconds": round(elapsed, 2),
-               "images_per_s": round(done / elapsed, 2), "scores": storage.join(output, "scores"),
-               "heatmaps": storage.join(output, "heatmaps") if config.output.heatmaps else None,
-               "model": model.digest, "parts": parts}
-    if done != len(files):
-        raise JobError(f"internal error: {done} rows for {len(files)} images")
-    log.info("score done: %d images, %d errors, %.1f images/s; scores in %s%s", len(files), errors,
-             summary["images_per_s"], summary["scores"],
+    summary = {"images": len(entries), "scored": len(seen), "skipped": len(entries) - len(todo) + unchanged,
+               "rows": len(seen), "errors": errors, "seconds": round(elapsed, 2),
+               "images_per_s": round(len(todo) / elapsed, 2), "scores": storage.join(output, "scores", digest),
+               "heatmaps": storage.join(output, "heatmaps", digest) if config.output.heatmaps else None,
+               "model": digest, "parts": parts}
+    log.info("score done: %d images (%d scored, %d skipped as unchanged), %d errors, %.1f images/s; scores in %s%s",
+             len(entries), summary["scored"], summary["skipped"], errors, summary["images_per_s"], summary["scores"],
              f", heatmaps in {summary['heatmaps']}" if summary["heatmaps"] else "")
     return summary
 
 
-def read_scores(output: str, opts: dict | None = None) -> pa.Table:
-    """The whole score table under <output>/scores/."""
-    files = storage.list_files(storage.join(output, "scores"), (".parquet",), **(opts or {}))
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, **(opts or {})))) for u, _ in files]
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.Table.from_pylist([], SCORE_SCHEMA)
+def read_scores(output: str, opts: dict | None = None, model: str | None = None) -> pa.Table:
+    """The score table under <output>/scores/ (all models, or one model's digest)."""
+    opts = opts or {}
+    root = storage.join(output, "scores", model) if model else storage.join(output, "scores")
+    try:
+        files = storage.list_files(root, (".parquet",), **opts)
+    except FileNotFoundError:
+        files = []
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, **opts))) for u, _ in files]
+    return pa.concat_tables(tables, promote_options="default") if tables else SCORE_SCHEMA.empty_table()

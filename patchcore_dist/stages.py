@@ -27,18 +27,27 @@ def _err(e: Exception) -> str:
     return msg if isinstance(e, (ImageError, FileNotFoundError)) else f"{type(e).__name__}: {msg}"
 
 
+class _Skip(Exception):
+    pass
+
+
 class Decode:
     """uri -> digest, original size, the model's uint8 crop; or an error."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, known_uris: dict | None = None, known_digests: set | None = None):
         self.cfg = Config.model_validate(config)
         self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+        # Already processed, so not decoded again (``unchanged``): score's uri -> digest of the
+        # previous successful row; fit's digests whose features are reused.
+        self.known_uris = known_uris or {}
+        self.known_digests = known_digests or set()
 
     def __call__(self, batch: dict) -> dict:
         c = self.cfg.image.crop
         n = len(batch["uri"])
         crops = np.zeros((n, c, c, 3), np.uint8)
         digest, height, width, error, ms = [], [], [], [], []
+        unchanged = np.zeros(n, bool)
         for i, uri in enumerate(batch["uri"]):
             t0 = time.perf_counter()
             h = w = 0
@@ -46,9 +55,14 @@ class Decode:
             try:
                 data = storage.read_bytes(str(uri), **self.opts)
                 d = hashlib.sha256(data).hexdigest()
+                if self.known_uris.get(str(uri)) == d or d in self.known_digests:
+                    unchanged[i] = True
+                    raise _Skip
                 rgb = decode_image(data, self.cfg.image.max_pixels, self.cfg.image.min_side)
                 h, w = rgb.shape[:2]
                 crops[i] = resize_crop(rgb, self.cfg.image.resize, c)
+            except _Skip:
+                pass
             except Exception as e:  # one bad file is one error row
                 err = _err(e)
             digest.append(d)
@@ -59,13 +73,14 @@ class Decode:
         out = dict(batch)
         out.update(digest=np.array(digest, object), height=np.array(height, np.int32),
                    width=np.array(width, np.int32), error=np.array(error, object), crop=crops,
-                   decode_ms=np.array(ms, np.float32))
+                   decode_ms=np.array(ms, np.float32), unchanged=unchanged)
         return out
 
 
-def decode_batch(batch: dict, config: dict) -> dict:
+def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
+                 known_digests: set | None = None) -> dict:
     """The decode stage as a plain Ray task function."""
-    return Decode(config)(batch)
+    return Decode(config, known_uris, known_digests)(batch)
 
 
 def _threads(config: Config) -> None:
@@ -77,18 +92,18 @@ def _threads(config: Config) -> None:
 class Extract:
     """Fit's actor: backbone + patch features, written to a Parquet shard per batch."""
 
-    def __init__(self, config: dict, features_uri: str):
+    def __init__(self, config: dict, model_uri: str):
         from .patchcore import Embedder
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
         self.embedder = Embedder(self.cfg)
-        self.features_uri = features_uri
+        self.model_uri = model_uri
         self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
 
     def __call__(self, batch: dict) -> dict:
         from .features import write_shard
         n = len(batch["uri"])
-        ok = np.array([not e for e in batch["error"]], bool)
+        ok = np.array([not e for e in batch["error"]], bool) & ~np.asarray(batch["unchanged"], bool)
         shard = np.array([""] * n, object)
         row = np.full(n, -1, np.int32)
         sha = np.array([""] * n, object)
@@ -100,13 +115,16 @@ class Extract:
             try:
                 feats, grid = self.embedder(batch["crop"][idx])
                 feats = feats.reshape(len(idx), grid[0] * grid[1], -1).cpu().numpy()
-                name = f"part-{uuid.uuid4().hex}.parquet"
-                info = write_shard(storage.join(self.features_uri, name), batch["digest"][idx], batch["uri"][idx],
-                                   feats, grid, self.opts)
-                shard[idx] = name
-                row[idx] = np.arange(len(idx))
-                sha[idx] = info["sha256"]
-                nbytes[idx] = info["bytes"]
+                splits = np.asarray(batch["split"])[idx]
+                for split in sorted(set(splits)):  # one shard per split: training features, validation
+                    sel = np.nonzero(splits == split)[0]
+                    name = f"part-{uuid.uuid4().hex}.parquet"
+                    info = write_shard(storage.join(self.model_uri, split, name), batch["digest"][idx[sel]],
+                                       batch["uri"][idx[sel]], feats[sel], grid, self.opts)
+                    shard[idx[sel]] = name
+                    row[idx[sel]] = np.arange(len(sel))
+                    sha[idx[sel]] = info["sha256"]
+                    nbytes[idx[sel]] = info["bytes"]
             except Exception as e:
                 log.exception("feature extraction failed for a batch")
                 errors[idx] = f"feature extraction failed: {_err(e)}"
@@ -130,7 +148,7 @@ class Score:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uri"])
-        ok = np.array([not e for e in batch["error"]], bool)
+        ok = np.array([not e for e in batch["error"]], bool) & ~np.asarray(batch["unchanged"], bool)
         score = np.full(n, np.nan, np.float64)
         grids = np.zeros((n, 1), np.float32)
         gh = np.zeros(n, np.int32)
@@ -169,11 +187,12 @@ def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
 
 
 class Render:
-    """Anomaly map at the original resolution -> heatmap PNG (and an overlay) under <output>/heatmaps/."""
+    """Anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under ``heatmaps_uri``,
+    mirroring each input's relative path."""
 
-    def __init__(self, config: dict, output_uri: str, vrange: tuple[float, float]):
+    def __init__(self, config: dict, heatmaps_uri: str, vrange: tuple[float, float]):
         self.cfg = Config.model_validate(config)
-        self.output_uri = output_uri
+        self.heatmaps_uri = heatmaps_uri
         self.vrange = tuple(vrange)
         self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
 
@@ -185,7 +204,7 @@ class Render:
         heatmap = np.array([None] * n, object)
         errors = np.array(batch["error"], object)
         for i in range(n):
-            if errors[i] or not self.cfg.output.heatmaps:
+            if errors[i] or batch["unchanged"][i] or not self.cfg.output.heatmaps:
                 continue
             try:
                 h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
@@ -196,7 +215,7 @@ class Render:
                 full = to_original(amap, g)
                 rgb = colorize(full, self.vrange)
                 rel = storage.safe_relpath(str(batch["rel"][i]))
-                base = storage.join(self.output_uri, "heatmaps", os.path.splitext(rel)[0])
+                base = storage.join(self.heatmaps_uri, os.path.splitext(rel)[0])
                 buf = io.BytesIO()
                 Image.fromarray(rgb).save(buf, format="PNG")
                 storage.write_bytes(base + ".png", buf.getvalue(), **self.opts)
@@ -217,6 +236,6 @@ class Render:
         return out
 
 
-def render_batch(batch: dict, config: dict, output_uri: str, vrange: tuple[float, float]) -> dict:
+def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float]) -> dict:
     """The render stage as a plain Ray task function."""
-    return Render(config, output_uri, vrange)(batch)
+    return Render(config, heatmaps_uri, vrange)(batch)

@@ -83,7 +83,8 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None, region: 
     try:
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            # Hidden temporary name: Parquet dataset readers and our listings skip dot-files.
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -114,10 +115,16 @@ def is_dir(uri: str, endpoint_url: str | None = None, region: str | None = None)
 
 def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
                region: str | None = None) -> list[tuple[str, str]]:
-    """All files under ``uri`` (recursive), sorted, as (full URI, path relative to ``uri``).
+    """All files under ``uri`` (recursive), sorted, as (full URI, path relative to ``uri``)."""
+    return [(e["uri"], e["rel"]) for e in list_entries(uri, extensions, endpoint_url, region)]
 
-    Temporary files of interrupted writes are skipped. Raises FileNotFoundError when ``uri`` does
-    not exist.
+
+def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
+                 region: str | None = None) -> list[dict]:
+    """All files under ``uri`` (recursive), sorted, as dicts: uri, rel (relative path), size, mtime.
+
+    Hidden files (temporary files of interrupted writes start with '.') are skipped. Raises
+    FileNotFoundError when ``uri`` does not exist.
     """
     fs, root = resolve(uri, endpoint_url, region)
     try:
@@ -136,14 +143,15 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url
     base = uri.rstrip("/")
     out = []
     for fi in infos:
-        if fi.type != pafs.FileType.File or ".tmp-" in fi.base_name:
+        if fi.type != pafs.FileType.File or fi.base_name.startswith("."):
             continue
         if extensions and not fi.base_name.lower().endswith(extensions):
             continue
         rel = os.path.relpath(fi.path, root) if not is_s3(uri) else fi.path[len(root):].lstrip("/")
         full = join(base, rel) if info.type != pafs.FileType.File else uri
-        out.append((full, rel))
-    return sorted(out)
+        mtime = fi.mtime.timestamp() if fi.mtime is not None else None
+        out.append({"uri": full, "rel": rel, "size": fi.size, "mtime": mtime})
+    return sorted(out, key=lambda e: e["uri"])
 
 
 def delete(uri: str, endpoint_url: str | None = None, region: str | None = None) -> None:

@@ -68,7 +68,8 @@ def test_score_local_folders(local_model, category, tmp_path):
     assert set(table.column("model").to_pylist()) == {manifest["model_digest"]}
     assert _check_scores(table, n) >= 0.9
     # heatmaps mirror the input's relative paths, with an overlay beside each
-    assert os.path.exists(os.path.join(out, "heatmaps", "good", sorted(os.listdir(f"{category}/test/good"))[0][:-4] + "_overlay.jpg"))
+    first = sorted(os.listdir(f"{category}/test/good"))[0][:-4]
+    assert os.path.exists(os.path.join(out, "heatmaps", manifest["model_digest"], "good", first + "_overlay.jpg"))
 
 
 def test_bad_files_become_error_rows(local_model, category, tmp_path):
@@ -146,7 +147,7 @@ def test_fit_and_score_on_s3(ray_local, category, s3, bucket):
     table = read_scores(f"s3://{bucket}/out", opts)
     assert summary["errors"] == 0
     assert _check_scores(table, n, opts) >= 0.9
-    assert all(r["heatmap"].startswith(f"s3://{bucket}/out/heatmaps/") for r in table.to_pylist())
+    assert all(r["heatmap"].startswith(f"s3://{bucket}/out/heatmaps/{m.digest}/") for r in table.to_pylist())
 
 
 def test_missing_bucket_is_a_clear_error(ray_local, s3, tmp_path):
