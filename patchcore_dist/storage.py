@@ -123,8 +123,8 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
                  region: str | None = None) -> list[dict]:
     """All files under ``uri`` (recursive), sorted, as dicts: uri, rel (relative path), size, mtime.
 
-    Hidden files (temporary files of interrupted writes start with '.') are skipped. Raises
-    FileNotFoundError when ``uri`` does not exist.
+    Temporary files of our own interrupted writes (``.<name>.tmp-<hex>``) are skipped, nothing else.
+    Raises FileNotFoundError when ``uri`` does not exist.
     """
     fs, root = resolve(uri, endpoint_url, region)
     try:
@@ -143,7 +143,7 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
     base = uri.rstrip("/")
     out = []
     for fi in infos:
-        if fi.type != pafs.FileType.File or fi.base_name.startswith("."):
+        if fi.type != pafs.FileType.File or _TMP.match(fi.base_name):
             continue
         if extensions and not fi.base_name.lower().endswith(extensions):
             continue
@@ -165,6 +165,7 @@ def delete(uri: str, endpoint_url: str | None = None, region: str | None = None)
             raise _wrap(uri, e) from None
 
 
+_TMP = re.compile(r"^\..*\.tmp-[0-9a-f]{8}$")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -181,6 +182,8 @@ def safe_relpath(rel: str, max_part: int = 120) -> str:
             continue
         clean = _SAFE.sub("_", p).lstrip(".") or "_"
         if len(clean) > max_part:
-            clean = clean[: max_part - 17] + "-" + hashlib.sha256(p.encode()).hexdigest()[:16]
+            stem, ext = os.path.splitext(clean)
+            ext = ext if len(ext) <= 10 else ""
+            clean = stem[: max_part - 17 - len(ext)] + "-" + hashlib.sha256(p.encode()).hexdigest()[:16] + ext
         parts.append(clean)
     return "/".join(parts) or "_"
