@@ -15,14 +15,36 @@ literal formulation, kept as the test oracle and the benchmark baseline.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
+@functools.lru_cache(maxsize=32)
+def _bins(c: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Adaptive pooling's bins [start, end) for c -> dim, and the largest bin size."""
+    i = torch.arange(dim)
+    start = (i * c) // dim
+    end = ((i + 1) * c + dim - 1) // dim
+    return start, end - 1, int((end - start).max())
+
+
 def _pool_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Adaptive average pooling over axis 1 of [B, C, L] -> [B, dim, L], without a transposed copy."""
-    if x.shape[1] == dim:
+    """Adaptive average pooling over axis 1 of [B, C, L] -> [B, dim, L], without a transposed copy.
+
+    The same bins and the same arithmetic as adaptive_avg_pool1d; two cheap special cases:
+    C a multiple of dim (a reshape and mean) and bins of at most two values (C < 2 dim: a gather).
+    """
+    c = x.shape[1]
+    if c == dim:
         return x
+    if c % dim == 0:
+        return x.view(x.shape[0], dim, c // dim, x.shape[2]).mean(2)
+    start, last, widest = _bins(c, dim)
+    if widest <= 2:
+        start, last = start.to(x.device), last.to(x.device)
+        return (x.index_select(1, start) + x.index_select(1, last)) * 0.5
     return F.adaptive_avg_pool2d(x.unsqueeze(1), (dim, x.shape[2])).squeeze(1)
 
 
@@ -44,7 +66,9 @@ def patch_features(features: list[torch.Tensor], patch_size: int = 3, pretrain_d
     for i, fmap in enumerate(features):
         lvl = _level_features(fmap.float(), patch_size, pretrain_dim)
         if i > 0 and lvl.shape[-2:] != (h0, w0):
-            lvl = F.interpolate(lvl, size=(h0, w0), mode="bilinear", align_corners=False)
+            # channels-last: torch's vectorised CPU kernel (about 10x faster here); same numbers
+            lvl = F.interpolate(lvl.contiguous(memory_format=torch.channels_last), size=(h0, w0),
+                                mode="bilinear", align_corners=False).contiguous()
         levels.append(lvl)
     b = features[0].shape[0]
     stacked = torch.cat(levels, dim=1).reshape(b, len(levels) * pretrain_dim, h0 * w0)  # level-major

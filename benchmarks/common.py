@@ -1,0 +1,47 @@
+"""Shared pieces of the benchmarks: real demo images, timing, peak memory."""
+from __future__ import annotations
+
+import glob
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def demo_data(n_images: int = 24) -> str:
+    """The demo benchmark (scikit-image photographs with injected defects), built once."""
+    if not os.path.isdir(os.path.join(DATA, "brick")):
+        from patchcore_dist.synthesize import make_demo_benchmark
+        make_demo_benchmark(DATA, n_images=n_images, size=256)
+    return DATA
+
+
+def image_files(pattern: str = "*/*/*/*.png") -> list[str]:
+    return sorted(glob.glob(os.path.join(demo_data(), pattern)))
+
+
+def crops(paths, size: int = 224) -> np.ndarray:
+    from PIL import Image
+    from patchcore_dist.preprocessing import resize_crop
+    return np.stack([resize_crop(np.asarray(Image.open(p).convert("RGB")), 256, size) for p in paths])
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,79 @@
+"""CPU scoring throughput: ours vs the literal original formulation, side by side, same inputs.
+
+    python benchmarks/scoring.py [--banks 3000,16000,160000] [--images 16]
+
+Ours: fast patch features (pool before resampling) + faiss flat L2. Baseline: the original
+unfold -> resample every patch component -> pool, and a float32 brute-force search (torch.cdist + min).
+Both from pre-decoded tensors and end to end from PNG files (decode + resize + crop included).
+Prints images/s, the ratio, and the rank correlation of the image scores.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from common import best_of, crops, image_files
+
+from patchcore_dist.config import load_config
+from patchcore_dist.embedding import patch_features_reference
+from patchcore_dist.memory_bank import MemoryBank
+from patchcore_dist.patchcore import PatchCore
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--banks", default="3000,16000,160000")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = load_config()
+    files = image_files("brick/test/*/*.png")[: a.images]
+    x = crops(files)
+    pc = PatchCore(cfg)
+    train = crops(image_files("brick/train/good/*.png"))
+    feats, grid = pc.embed(train)
+    rng = np.random.default_rng(0)
+    results = {}
+    for m in [int(b) for b in a.banks.split(",")]:
+        idx = rng.choice(len(feats), size=min(m, len(feats)), replace=False)
+        bank = feats[idx].numpy()
+        if m > len(feats):  # bigger banks: real features plus small perturbations
+            extra = feats[rng.integers(0, len(feats), m - len(feats))].numpy()
+            bank = np.concatenate([bank, extra + rng.normal(0, 0.05, extra.shape).astype(np.float32)])
+        ours = PatchCore(cfg, bank, embedder=pc.embedder)
+        bank_t = torch.from_numpy(bank)
+
+        def run_ours(imgs=x):
+            return ours.predict(imgs, maps=False).image_scores
+
+        def run_base(imgs=x):
+            with torch.inference_mode():
+                from patchcore_dist.preprocessing import normalize
+                levels = pc.embedder.backbone(normalize(torch.as_tensor(imgs)))
+                f, _ = patch_features_reference(levels, 3, 1024, 1024)
+                d = torch.cat([torch.cdist(f[s:s + 784], bank_t).min(1).values for s in range(0, len(f), 784)])
+                return d.reshape(len(imgs), -1).max(1).values.numpy()
+
+        def from_files(fn):
+            return lambda: fn(crops(files))
+
+        t_ours, t_base = best_of(run_ours, 2), best_of(run_base, 1)
+        f_ours, f_base = best_of(from_files(run_ours), 1), best_of(from_files(run_base), 1)
+        rho = spearmanr(run_ours(), run_base())[0]
+        n = len(x)
+        results[m] = {"tensors_ours": n / t_ours, "tensors_base": n / t_base, "ratio": t_base / t_ours,
+                      "files_ours": n / f_ours, "files_base": n / f_base, "files_ratio": f_base / f_ours,
+                      "spearman": rho, "search": ours.bank.backend}
+        print(f"bank {m:>7}: from tensors ours {n / t_ours:6.2f} img/s, original {n / t_base:6.2f} img/s, "
+              f"x{t_base / t_ours:.2f} | from files ours {n / f_ours:6.2f}, original {n / f_base:6.2f}, "
+              f"x{f_base / f_ours:.2f} | rank corr {rho:.4f}", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
