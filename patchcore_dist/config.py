@@ -73,6 +73,12 @@ class CoresetConfig(_Section):
     projection_dim: int = Field(128, gt=0, description="Johnson-Lindenstrauss dimension for the selection")
     num_starting_points: int = Field(10, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # single: one greedy pass on the driver; two_round: greedy per part in parallel Ray tasks, then
+    # greedy over the union (composable coreset); auto: two_round from two_round_min_patches patches.
+    method: Literal["auto", "single", "two_round"] = "auto"
+    two_round_min_patches: int = Field(5_000_000, gt=0)
+    parts: Optional[int] = Field(None, gt=0, description="two_round: number of parts; None: CPUs of the cluster")
+    oversample: float = Field(2.0, gt=0.0, description="two_round: each part keeps oversample x its share of k")
 
 
 class ScoringConfig(_Section):
@@ -80,6 +86,19 @@ class ScoringConfig(_Section):
     reweight: bool = Field(False, description="the paper's softmax re-weighting of the image score")
     reweight_neighbors: int = Field(3, gt=1)
     sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map, pixels")
+
+
+class IndexConfig(_Section):
+    """Nearest-neighbour index over the memory bank (faiss). flat is exact; the others approximate."""
+    type: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
+    auto_flat_max: int = Field(100_000, gt=0, description="auto: flat up to this bank size, else hnsw")
+    nlist: Optional[int] = Field(None, gt=0, description="IVF lists; None: 4 x sqrt(bank rows)")
+    nprobe: int = Field(16, gt=0, description="IVF lists visited per query (search time)")
+    pq_m: int = Field(64, gt=0, description="IVF-PQ sub-quantisers (must divide the dimension)")
+    pq_bits: int = Field(8, gt=0, le=16)
+    hnsw_m: int = Field(32, gt=1)
+    ef_construction: int = Field(200, gt=0)
+    ef_search: int = Field(128, gt=0, description="HNSW candidate list per query (search time)")
 
 
 class RuntimeConfig(_Section):
@@ -122,6 +141,7 @@ class Config(_Section):
     embedding: EmbeddingConfig = EmbeddingConfig()
     coreset: CoresetConfig = CoresetConfig()
     scoring: ScoringConfig = ScoringConfig()
+    index: IndexConfig = IndexConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     fit: FitConfig = FitConfig()

@@ -157,3 +157,29 @@ def covering_radius(features: torch.Tensor, selected: torch.Tensor, chunk: int =
         d2 = (a * a).sum(1, keepdim=True) - 2 * a @ c.T + cc[None]
         worst = max(worst, float(d2.min(1).values.clamp_min(0).sqrt().max()))
     return worst
+
+
+def part_size(k: int, n_part: int, n_total: int, oversample: float) -> int:
+    """Centres a part keeps in the first round: its share of k, times ``oversample``."""
+    return max(1, min(n_part, int(math.ceil(oversample * k * n_part / n_total))))
+
+
+def two_round_coreset(parts: list[torch.Tensor], k: int, seed: int = 0, oversample: float = 2.0,
+                      num_starting_points: int = 10, device: str | torch.device = "auto") -> torch.Tensor:
+    """Composable greedy k-center: greedy on each part, then greedy over the union of the part coresets.
+
+    In-process reference of what the distributed fit runs as one Ray task per part. With every part
+    keeping k centres (oversample >= number of parts) the result is a 4-approximation of the optimal
+    k-center radius (2 from each greedy round); smaller oversampling trades that bound for speed, and
+    benchmarks/distributed_coreset.py measures the radius actually reached. Returns global indices.
+    """
+    n = sum(len(p) for p in parts)
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    chosen = []
+    for j, p in enumerate(parts):
+        local = greedy_coreset(p, part_size(k, len(p), n, oversample), seed + j, num_starting_points, device)
+        chosen.append(local + int(offsets[j]))
+    union = torch.cat(chosen)
+    pool = torch.cat([p[c - int(offsets[j])] for j, (p, c) in enumerate(zip(parts, chosen))])
+    final = greedy_coreset(pool, min(k, len(pool)), seed, num_starting_points, device)
+    return union[final]

@@ -21,7 +21,7 @@ from . import storage
 from .cluster import actor_pool, init_ray
 from .config import Config
 from .features import gather_rows, project_shards
-from .memory_bank import MemoryBank
+from .memory_bank import MemoryBank, build_index, serialize_index
 from .model import MANIFEST, ModelWriter, config_yaml, npy_bytes
 from .preprocessing import IMAGE_EXTENSIONS
 from .stages import Extract, decode_batch
@@ -169,7 +169,9 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
         stats.update(calibrate([storage.join(model, "validation", s) for s in val_shards], bank, config, opts))
     # Write the model; the manifest goes last.
     writer.put("memory_bank.npy", npy_bytes(bank))
-    writer.put("index.faiss", MemoryBank(bank).serialize())
+    index = build_index(bank, config.index, config.seed)
+    stats["index"] = type(index).__name__
+    writer.put("index.faiss", serialize_index(index))
     writer.put("config.yaml", config_yaml(config))
     images = pa.table({c: rows[c] for c in cols if c not in ("shard_sha256", "shard_bytes")})
     writer.put("images.parquet", _parquet_bytes(images))
@@ -231,23 +233,72 @@ def calibrate(shard_uris: list[str], bank: np.ndarray, config: Config, opts: dic
             "validation_scores": {"min": float(v[0]), "median": float(np.median(v)), "max": float(v[-1])}}
 
 
-def build_memory_bank(shard_uris: list[str], config: Config, opts: dict) -> tuple[np.ndarray, dict]:
-    """Stream shards -> projected matrix -> greedy coreset -> full-dimension memory bank + score stats."""
+def _part_coreset(shard_uris: list[str], matrix, k_part: int, seed: int, num_starting_points: int, device: str,
+                  opts: dict):
+    """First round of the two-round coreset, one Ray task per part: project its shards, greedy k-center."""
+    proj, layout = project_shards(shard_uris, None if matrix is None else torch.from_numpy(matrix), opts)
+    local = coreset_mod.greedy_coreset(proj, min(k_part, len(proj)), seed, num_starting_points, device)
+    return local.numpy(), proj[local].numpy(), layout
+
+
+def select_coreset(shard_uris: list[str], config: Config, opts: dict) -> tuple[np.ndarray, list, dict]:
+    """Global indices of the memory bank's patches, the shard layout, and timing facts."""
+    from .features import shard_patches
     c = config.coreset
     t0 = time.time()
     matrix = coreset_mod.projection_matrix(config.embedding.target_dim, c.projection_dim, config.seed)
-    projected, layout = project_shards(shard_uris, matrix, opts)
-    n = len(projected)
+    counts = [shard_patches(u, opts) for u in shard_uris]
+    n = int(sum(counts))
     k = coreset_mod.coreset_size(n, c.ratio, c.size)
-    log.info("coreset: %d patches projected to %d dims in %.1f s; selecting %d (%.2f%%)", n,
-             projected.shape[1], time.time() - t0, k, 100.0 * k / n)
-    t1 = time.time()
+    method = c.method if c.method != "auto" else ("two_round" if n >= c.two_round_min_patches else "single")
     if k >= n:
-        selected = np.arange(n)
+        method = "all"
+    info = {"patches": n, "method": method, "k": k}
+    if method == "two_round":
+        import ray
+        parts = min(len(shard_uris), c.parts or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        groups = [list(g) for g in np.array_split(np.arange(len(shard_uris)), parts) if len(g)]
+        task = ray.remote(num_cpus=1)(_part_coreset)
+        mat = None if matrix is None else matrix.numpy()
+        refs = []
+        for j, g in enumerate(groups):
+            n_part = int(sum(counts[i] for i in g))
+            k_part = coreset_mod.part_size(k, n_part, n, c.oversample)
+            refs.append(task.remote([shard_uris[i] for i in g], mat, k_part, config.seed + j,
+                                    c.num_starting_points, c.device, opts))
+        log.info("coreset (two rounds): %d patches in %d parts on Ray, keeping %.1fx their share of k=%d",
+                 n, len(groups), c.oversample, k)
+        results = ray.get(refs)
+        layout, union, pool, offset = [], [], [], 0
+        for local, rows, part_layout in results:
+            union.append(local + offset)
+            pool.append(rows)
+            layout.extend(part_layout)
+            offset += sum(ni * l for _, ni, l in part_layout)
+        union = np.concatenate(union)
+        t1 = time.time()
+        final = coreset_mod.greedy_coreset(torch.from_numpy(np.concatenate(pool)), min(k, len(union)), config.seed,
+                                           c.num_starting_points, c.device).numpy()
+        selected = union[final]
+        info.update(parts=len(groups), union=int(len(union)), first_round_s=round(t1 - t0, 3),
+                    second_round_s=round(time.time() - t1, 3))
     else:
-        selected = coreset_mod.greedy_coreset(projected, k, config.seed, c.num_starting_points, c.device).numpy()
-    t_coreset = time.time() - t1
-    del projected
+        projected, layout = project_shards(shard_uris, matrix, opts)
+        log.info("coreset: %d patches projected to %d dims in %.1f s; selecting %d (%.2f%%)", n,
+                 projected.shape[1], time.time() - t0, k, 100.0 * k / n)
+        if method == "all":
+            selected = np.arange(n)
+        else:
+            selected = coreset_mod.greedy_coreset(projected, k, config.seed, c.num_starting_points, c.device).numpy()
+        del projected
+    info["coreset_seconds"] = round(time.time() - t0, 3)
+    return selected, layout, info
+
+
+def build_memory_bank(shard_uris: list[str], config: Config, opts: dict) -> tuple[np.ndarray, dict]:
+    """Shards -> coreset (streamed, projected) -> full-dimension memory bank + score statistics."""
+    selected, layout, info = select_coreset(shard_uris, config, opts)
+    n = info["patches"]
     # A sample of training patches, scored against the bank, fixes the model's score scale.
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(n, size=min(n, 20000), replace=False)
@@ -259,8 +310,9 @@ def build_memory_bank(shard_uris: list[str], config: Config, opts: dict) -> tupl
     # 99th percentile of normal patch scores at the hot end.
     heatmap_min = q["p50"]
     heatmap_max = max(2.0 * q["p99"], heatmap_min + 1e-6)
-    stats = {"patches": int(n), "coreset_seconds": round(t_coreset, 3), "train_patch_score": q,
-             "heatmap_min": heatmap_min, "heatmap_max": heatmap_max}
-    log.info("coreset done in %.1f s; training patch scores p50 %.3f p99 %.3f; heatmap scale [%.3f, %.3f]",
-             t_coreset, q["p50"], q["p99"], heatmap_min, heatmap_max)
+    stats = {"patches": int(n), "coreset": {k: v for k, v in info.items() if k != "patches"},
+             "train_patch_score": q, "heatmap_min": heatmap_min, "heatmap_max": heatmap_max}
+    log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.3f p99 %.3f; "
+             "heatmap scale [%.3f, %.3f]", info["method"], info["coreset_seconds"], len(selected), n, q["p50"],
+             q["p99"], heatmap_min, heatmap_max)
     return bank, stats

@@ -28,10 +28,64 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-class MemoryBank:
-    """Exact nearest-neighbour search over the memory bank."""
+def index_type(rows: int, config) -> str:
+    """The configured index type; "auto" picks flat (exact) for banks up to index.auto_flat_max rows."""
+    t = config.type
+    if t == "auto":
+        t = "flat" if rows <= config.auto_flat_max else "hnsw"
+    return t
 
-    def __init__(self, bank: np.ndarray, device: str = "cpu", precision: str = "fp32"):
+
+def build_index(bank: np.ndarray, config, seed: int = 0):
+    """A faiss CPU index over the bank, of the configured type (the approximate ones trained on the bank)."""
+    faiss = _faiss()
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    k, d = bank.shape
+    t = index_type(k, config)
+    if t == "flat":
+        index = faiss.IndexFlatL2(d)
+    elif t in ("ivf_flat", "ivf_pq"):
+        nlist = config.nlist or max(1, int(4 * np.sqrt(k)))
+        nlist = min(nlist, max(1, k // 39))  # faiss wants ~39 training points per list
+        quantizer = faiss.IndexFlatL2(d)
+        if t == "ivf_flat":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        else:
+            if d % config.pq_m:
+                raise ValueError(f"index.pq_m={config.pq_m} must divide the feature dimension {d}")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, config.pq_m, config.pq_bits)
+        index.cp.seed = seed
+        index.train(bank)
+    elif t == "hnsw":
+        index = faiss.IndexHNSWFlat(d, config.hnsw_m)
+        index.hnsw.efConstruction = config.ef_construction
+    else:
+        raise ValueError(f"unknown index type {t!r}")
+    index.add(bank)
+    set_search_params(index, config)
+    return index
+
+
+def set_search_params(index, config) -> None:
+    faiss = _faiss()
+    if hasattr(index, "nprobe"):
+        index.nprobe = config.nprobe
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = config.ef_search
+
+
+def serialize_index(index) -> bytes:
+    return _faiss().serialize_index(index).tobytes()
+
+
+def deserialize_index(data: bytes):
+    return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+class MemoryBank:
+    """Nearest-neighbour search over the memory bank: exact, or through an approximate faiss index."""
+
+    def __init__(self, bank: np.ndarray, device: str = "cpu", precision: str = "fp32", index=None):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         if self.bank.ndim != 2 or len(self.bank) == 0:
             raise ValueError(f"memory bank must be a non-empty [K, D] matrix, got {self.bank.shape}")
@@ -40,7 +94,11 @@ class MemoryBank:
         self._bank_t = None
         # GPU torch search only: "fp32" exact, "tf32" tensor-core matmul (see benchmarks/).
         self.precision = precision
-        if self.device.type == "cuda" and faiss_gpus() == 0:
+        faiss = _faiss() if index is not None else None
+        if index is not None and not isinstance(index, faiss.IndexFlat):
+            self._index = index  # approximate search on the CPU, whatever the device
+            self.backend = f"faiss-cpu-{type(index).__name__}"
+        elif self.device.type == "cuda" and faiss_gpus() == 0:
             self._bank_t = torch.from_numpy(self.bank).to(self.device)
             self._bank_sq = (self._bank_t * self._bank_t).sum(1)
             self.backend = "torch-cuda"
@@ -97,17 +155,13 @@ class MemoryBank:
         return torch.cat(dists), torch.cat(idxs)
 
     def serialize(self) -> bytes:
-        """The index in faiss's own format (a CPU flat index over the bank)."""
+        """The index in faiss's own format (the approximate index if any, else a flat one)."""
         faiss = _faiss()
-        index = faiss.IndexFlatL2(self.dim)
-        index.add(self.bank)
+        index = self._index if self._index is not None and self.backend.startswith("faiss-cpu-") else None
+        if index is None:
+            index = faiss.IndexFlatL2(self.dim)
+            index.add(self.bank)
         return faiss.serialize_index(index).tobytes()
-
-    @staticmethod
-    def deserialize_bank(data: bytes) -> np.ndarray:
-        faiss = _faiss()
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        return index.reconstruct_n(0, index.ntotal)
 
 
 def search_reference(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

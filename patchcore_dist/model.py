@@ -107,6 +107,7 @@ class LoadedModel:
     manifest: dict
     config: Config
     bank: np.ndarray
+    index: object = None  # the faiss index (search parameters from the config)
 
     @property
     def digest(self) -> str:
@@ -164,8 +165,9 @@ def load_model(uri: str, storage_options: dict | None = None) -> LoadedModel:
         raise ModelError(f"{uri}: memory bank is {bank.dtype} {bank.shape}, manifest says float32 ({rows}, {dim})")
     if dim != config.embedding.target_dim:
         raise ModelError(f"{uri}: memory bank dimension {dim} != embedding.target_dim {config.embedding.target_dim}")
-    import faiss
-    index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+    from .memory_bank import deserialize_index, set_search_params
+    index = deserialize_index(index_bytes)
     if index.ntotal != rows or index.d != dim:
         raise ModelError(f"{uri}: index.faiss holds {index.ntotal} x {index.d}, bank is {rows} x {dim}")
-    return LoadedModel(uri, manifest, config, bank)
+    set_search_params(index, config.index)
+    return LoadedModel(uri, manifest, config, bank, index)

@@ -74,8 +74,9 @@ class PatchCore:
     """The scorer: memory bank + nearest-neighbour search + maps; feature extraction via :class:`Embedder`."""
 
     def __init__(self, config: Config, bank: np.ndarray | None = None, embedder: Embedder | None = None,
-                 device: str | None = None):
+                 device: str | None = None, index=None):
         self.config = config
+        self._index = index
         self._embedder = embedder
         self.device = embedder.device if embedder else pick_device(device or config.runtime.device)
         self.bank = self._bank(bank) if bank is not None else None
@@ -88,7 +89,7 @@ class PatchCore:
         return self._embedder
 
     def _bank(self, bank: np.ndarray) -> MemoryBank:
-        return MemoryBank(bank, str(self.device), self.config.runtime.search_precision)
+        return MemoryBank(bank, str(self.device), self.config.runtime.search_precision, self._index)
 
     # -- fitting in one process (tests, benchmarks, small data) ------------------------------
     def embed(self, crops_uint8, batch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:

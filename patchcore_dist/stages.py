@@ -144,7 +144,9 @@ class Score:
         _threads(self.cfg)
         model = load_model(model_uri, {"endpoint_url": self.cfg.storage.endpoint_url,
                                        "region": self.cfg.storage.region})
-        self.pc = PatchCore(self.cfg, model.bank)
+        from .memory_bank import set_search_params
+        set_search_params(model.index, self.cfg.index)  # search-time settings of this run
+        self.pc = PatchCore(self.cfg, model.bank, index=model.index)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uri"])
