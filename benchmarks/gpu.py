@@ -56,7 +56,7 @@ def wrn_config(precision="fp32", search="fp32", bs=256):
 def bench_extraction(bs=BS):
     x = torch.randint(0, 256, (bs, 224, 224, 3), dtype=torch.uint8, device=DEV)
     out = {}
-    for prec in ("fp32", "bf16"):
+    for prec in ("fp32", "bf16", "fp16"):
         emb = Embedder(wrn_config(prec, bs=bs))
         t = timed(lambda: emb(x), 5)
         out[prec] = bs / t
@@ -85,7 +85,7 @@ def bench_scoring(bs=BS):
         idx = torch.randint(0, len(feats), (m,), device=DEV)
         bank = (feats[idx] + 0.05 * torch.randn(m, feats.shape[1], device=DEV)).cpu().numpy()
         row = {}
-        for search in ("fp32", "tf32", "bf16"):
+        for search in ("fp32", "tf32"):
             pc = PatchCore(wrn_config("bf16", search, bs), bank, embedder=emb)
             t_search = timed(lambda: pc.predict_features(feats, grid, bs, maps=False), 3)
             t_e2e = timed(lambda: pc.predict(x, maps=False), 3)
@@ -94,9 +94,8 @@ def bench_scoring(bs=BS):
                   f"search alone {bs / t_search:,.0f} images/s", flush=True)
         # Precision of the fast searches against fp32 on these features.
         ref = MemoryBank(bank, DEV.type, "fp32").search(feats[:50000])[0][:, 0]
-        for search in ("tf32", "bf16"):
-            d = MemoryBank(bank, DEV.type, search).search(feats[:50000])[0][:, 0]
-            row[search]["max_rel_err"] = float(((d - ref).abs() / ref.clamp_min(1e-6)).max())
+        d = MemoryBank(bank, DEV.type, "tf32").search(feats[:50000])[0][:, 0]
+        row["tf32"]["max_abs_err_over_median"] = float((d - ref).abs().max() / ref.median())
         out[str(m)] = row
     RESULTS["scoring"] = out
 
@@ -120,7 +119,7 @@ def bench_coreset(n=20_000 if SMOKE else 1_000_000, d=1024, ratio=0.01):
     cs_ref = cs.greedy_coreset_reference(proj, steps)
     sync()
     t_ref_step = (time.perf_counter() - t) / steps
-    same = bool(torch.equal(cs_ref, cs.greedy_coreset(proj, steps, 0, device=DEV)))
+    same = set(sel[:steps].tolist()) == set(cs_ref.tolist())  # the CUDA-graph run vs the original loop
     RESULTS["coreset_1M_1pct"] = {"projection_s": t_proj, "selection_s": t_sel, "selected": len(sel),
                                   "ours_ms_per_step": t_sel / k * 1e3, "original_ms_per_step": t_ref_step * 1e3,
                                   "speedup": t_ref_step / (t_sel / k), "same_first_200": same,
@@ -145,7 +144,8 @@ def bench_precision(data="benchmarks/data"):
         test = np.stack([load(p) for p in tests])
         row = {}
         ref_scores = None
-        for prec, search in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "tf32"), ("bf16", "bf16")):
+        for prec, search in (("fp32", "fp32"), ("fp32", "tf32"), ("fp16", "fp32"), ("fp16", "tf32"),
+                             ("bf16", "fp32"), ("bf16", "tf32")):
             cfg = load_config(None, [f"runtime.precision={prec}", f"runtime.search_precision={search}",
                                      f"runtime.device={DEV.type}"])
             pc = PatchCore(cfg).fit(train) if prec == "fp32" else PatchCore(cfg, bank_fp32)

@@ -114,6 +114,11 @@ def compact(output: str, model: str, opts: dict) -> int:
     return dropped
 
 
+def _text(v) -> str | None:
+    """A string cell from a Ray batch; all-null columns come back as NaN floats."""
+    return v if isinstance(v, str) and v else None
+
+
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
               overrides: list[str] | None = None, rescore: str = "changed", part_rows: int = 50000) -> dict:
     """Score every image under ``images``; incremental unless ``rescore == "all"``.
@@ -195,14 +200,14 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
             if batch["unchanged"][i]:  # same content as the previous successful row: keep that row
                 unchanged += 1
                 continue
-            err = batch["error"][i] or None
+            err = _text(batch["error"][i])
             score = float(batch["score"][i]) if np.isfinite(batch["score"][i]) and not err else None
             row = {
                 "image": uri, "score": score,
                 "is_anomaly": None if (score is None or threshold is None) else bool(score > threshold),
-                "heatmap": batch["heatmap"][i], "height": int(batch["height"][i]),
+                "heatmap": _text(batch["heatmap"][i]), "height": int(batch["height"][i]),
                 "width": int(batch["width"][i]), "model": digest, "error": err,
-                "digest": batch["digest"][i] or None, "size": meta[uri]["size"], "mtime": meta[uri]["mtime"],
+                "digest": _text(batch["digest"][i]), "size": meta[uri]["size"], "mtime": meta[uri]["mtime"],
                 "decode_ms": float(batch["decode_ms"][i]), "score_ms": float(batch["score_ms"][i]), "scored_at": now,
             }
             if config.output.patch_scores:

@@ -163,3 +163,12 @@ def test_jobs_cli_exit_codes(tmp_path):
     r = subprocess.run([sys.executable, "jobs/score.py", "--model", str(tmp_path / "none"), "--images", str(tmp_path),
                         "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "model not found" in r.stderr
+
+
+def test_score_without_heatmaps(local_model, category, tmp_path):
+    model, _ = local_model
+    out = str(tmp_path / "out")
+    run_score(model, f"{category}/test/good", out, overrides=SMALL + ["output.heatmaps=false"])
+    rows = read_scores(out).to_pylist()
+    assert rows and all(r["heatmap"] is None and r["error"] is None and r["score"] > 0 for r in rows)
+    assert not os.path.exists(os.path.join(out, "heatmaps"))
