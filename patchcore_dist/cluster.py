@@ -9,8 +9,17 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 
+def _quiet_data_progress() -> None:
+    """Our jobs log their own progress (images done, errors, images/s); Ray Data's per-operator
+    progress blocks every few seconds would drown it in non-interactive logs."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+
+
 def init_ray(config: Config):
     import ray
+    _quiet_data_progress()
     if ray.is_initialized():
         return ray
     address = os.environ.get("RAY_ADDRESS")

@@ -42,9 +42,10 @@ def resolve_train_root(uri: str, opts: dict) -> str:
     return uri
 
 
-def list_images(uri: str, opts: dict, what: str) -> list[tuple[str, str]]:
+def list_images(uri: str, opts: dict, what: str) -> list[dict]:
+    """Image files under ``uri`` (entries: uri, rel, size, mtime); a clear JobError when there are none."""
     try:
-        files = storage.list_files(uri, IMAGE_EXTENSIONS, **opts)
+        files = storage.list_entries(uri, IMAGE_EXTENSIONS, **opts)
     except FileNotFoundError:
         raise JobError(f"{what} not found: {uri}") from None
     except storage.StorageError as e:
@@ -114,12 +115,12 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     if reuse and reuse.rstrip("/") == model.rstrip("/"):
         raise JobError("--reuse must name another (committed) model than --model")
     root = resolve_train_root(train, opts)
-    files = list_images(root, opts, "training images")
+    files = [(e["uri"], e["rel"]) for e in list_images(root, opts, "training images")]
     held = _holdout(files, config.fit.holdout_fraction, config.seed) if not validation else set()
     items = [{"uri": u, "rel": r, "split": "validation" if u in held else "features"} for u, r in files]
     if validation:
-        items += [{"uri": u, "rel": r, "split": "validation"} for u, r in list_images(validation, opts,
-                                                                                     "validation images")]
+        items += [{"uri": e["uri"], "rel": e["rel"], "split": "validation"}
+                  for e in list_images(validation, opts, "validation images")]
     reusable = _reusable(reuse, config, opts) if reuse else {}
     _clean_uncommitted(model, opts)
     log.info("fit: %d training images under %s%s -> model %s", len(files) - len(held), root,

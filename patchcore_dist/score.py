@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .cluster import actor_pool, init_ray
 from .config import Config, load_config
-from .fit import JobError
-from .preprocessing import IMAGE_EXTENSIONS
+from .fit import JobError, list_images
 from .model import ModelError, load_model
 from .stages import Score, decode_batch, render_batch
 
@@ -137,14 +136,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     except ModelError as e:
         raise JobError(f"cannot score: {e}") from None
     config = score_config(model.config, config_file, overrides or [])
-    try:
-        entries = storage.list_entries(images, IMAGE_EXTENSIONS, **opts)
-    except FileNotFoundError:
-        raise JobError(f"images not found: {images}") from None
-    except storage.StorageError as e:
-        raise JobError(f"cannot list images {images}: {e}") from None
-    if not entries:
-        raise JobError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under images {images}")
+    entries = list_images(images, opts, "images")
     digest = model.digest
     dropped = compact(output, digest, opts)
     if dropped:

@@ -83,6 +83,17 @@ def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
     return Decode(config, known_uris, known_digests)(batch)
 
 
+def _without_crop(batch: dict, **columns) -> dict:
+    """The batch's columns but the decoded crops (they stay in the actor), plus ``columns``."""
+    out = {k: v for k, v in batch.items() if k != "crop"}
+    out.update(columns)
+    return out
+
+
+def _per_image_ms(t0: float, n: int) -> np.ndarray:
+    return np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32)
+
+
 def _threads(config: Config) -> None:
     import torch
     n = config.runtime.torch_threads or max(1, int(round(config.runtime.actor_cpus)))
@@ -128,10 +139,8 @@ class Extract:
             except Exception as e:
                 log.exception("feature extraction failed for a batch")
                 errors[idx] = f"feature extraction failed: {_err(e)}"
-        out = {k: v for k, v in batch.items() if k != "crop"}
-        out.update(shard=shard, row=row, shard_sha256=sha, shard_bytes=nbytes, error=errors,
-                   extract_ms=np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32))
-        return out
+        return _without_crop(batch, shard=shard, row=row, shard_sha256=sha, shard_bytes=nbytes, error=errors,
+                             extract_ms=_per_image_ms(t0, n))
 
 
 class Score:
@@ -169,10 +178,8 @@ class Score:
             except Exception as e:
                 log.exception("scoring failed for a batch")
                 errors[idx] = f"scoring failed: {_err(e)}"
-        out = {k: v for k, v in batch.items() if k != "crop"}
-        out.update(score=score, patch_scores=grids, grid_h=gh, grid_w=gw, error=errors,
-                   score_ms=np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32))
-        return out
+        return _without_crop(batch, score=score, patch_scores=grids, grid_h=gh, grid_w=gw, error=errors,
+                             score_ms=_per_image_ms(t0, n))
 
 
 def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:

@@ -126,7 +126,7 @@ def synthesize_folder(normal: str, output: str, kinds: Iterable[str] = DEFECT_KI
     opts = storage_options or {}
     files = list_images(normal, opts, "normal images")
     images, names, skipped = [], [], []
-    for uri, rel in files:
+    for uri, rel in ((e["uri"], e["rel"]) for e in files):
         try:
             images.append(decode_image(storage.read_bytes(uri, **opts), max_pixels))
             names.append(storage.safe_relpath(rel).replace("/", "__").rsplit(".", 1)[0])
