@@ -3,6 +3,7 @@
     python benchmarks/quality.py                                  # offline EfficientNet-Lite0 (default config)
     python benchmarks/quality.py --wrn50-weights /models/wide_resnet50_2-95faca4d.pth   # plus the WRN50 config
     python benchmarks/quality.py --data /datasets/mvtec            # any folder of MVTec-layout categories
+    python benchmarks/quality.py coreset.method=two_round coreset.parts=4   # any config overrides
 
 Prints image AUROC, pixel AUROC and PRO per category and their means.
 """
@@ -44,14 +45,17 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=None, help="folder of MVTec-layout categories (default: the demo benchmark)")
     p.add_argument("--wrn50-weights", default=None)
+    p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. coreset.method=two_round")
     a = p.parse_args()
     setup_logging()
     data = a.data or demo_data()
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        results["default (EfficientNet-Lite0)"] = evaluate_all(data, None, [], os.path.join(work, "lite0"))
+        name = "default (EfficientNet-Lite0)" + (" " + " ".join(a.overrides) if a.overrides else "")
+        results[name] = evaluate_all(data, None, a.overrides, os.path.join(work, "lite0"))
         if a.wrn50_weights:
-            results["wrn50"] = evaluate_all(data, "configs/wrn50.yaml", [f"backbone.weights={a.wrn50_weights}"],
+            results["wrn50"] = evaluate_all(data, "configs/wrn50.yaml",
+                                            [f"backbone.weights={a.wrn50_weights}"] + a.overrides,
                                             os.path.join(work, "wrn50"))
     for name, res in results.items():
         print("\n" + table(name, res))

@@ -45,18 +45,23 @@ GRID_FIELDS = [("grid_h", pa.int32()), ("grid_w", pa.int32()), ("patch_scores", 
 
 
 def score_config(model_config: Config, config_file: str | None, overrides: list[str]) -> Config:
-    """The model's config, with the user's scoring, runtime, output and storage settings.
+    """The config a scoring run uses.
 
-    Keys that define the patch features (backbone, image geometry, embedding) must equal the model's.
+    Feature-defining keys (backbone, image geometry, embedding) come from the model and must not
+    be changed; scoring and index search settings come from the model unless the user's config file
+    or overrides set them; runtime, output and storage are this run's (the user's config file, or the
+    default config, plus overrides), never the settings the model happened to be fitted with.
     """
+    user = load_config(config_file, overrides)
     merged = model_config.to_dict()
+    for section in ("runtime", "output", "storage"):
+        merged[section] = user.to_dict()[section]
     if config_file:
-        user = load_config(config_file)
         if user.feature_digest() != model_config.feature_digest():
             raise JobError(_incompatible(model_config, user))
-        for section in ("scoring", "runtime", "output", "storage"):
-            merged[section] = user.to_dict()[section]
-    cfg = load_config(base=merged, overrides=overrides)
+        merged["scoring"] = user.to_dict()["scoring"]
+    cfg = load_config(base=merged, overrides=[o for o in overrides
+                                              if o.split("=", 1)[0].split(".")[0] not in ("runtime", "output", "storage")])
     if cfg.feature_digest() != model_config.feature_digest():
         raise JobError(_incompatible(model_config, cfg))
     return cfg
