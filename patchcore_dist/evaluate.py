@@ -54,7 +54,9 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
     run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"],
               rescore="all")
     config = model.config
-    latest = {r["image"]: r for r in read_scores(output, opts, model.digest).to_pylist()}
+    prefix = test.rstrip("/") + "/"  # rows of other score runs into the same output are not ours
+    latest = {r["image"]: r for r in read_scores(output, opts, model.digest).to_pylist()
+              if r["image"].startswith(prefix)}
     rows, errors, warnings = [], [], []
     masks, maps = [], []
     per_defect = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": []})

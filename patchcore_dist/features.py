@@ -10,6 +10,7 @@ Shard schema, one row per image:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -49,10 +50,17 @@ def write_shard(uri: str, image_ids, uris, feats, grid, storage_options: dict | 
     return {"sha256": sha256(data), "bytes": len(data)}
 
 
-def read_shard(uri: str, storage_options: dict | None = None, rows: list[int] | None = None
-               ) -> tuple[pa.Table, np.ndarray]:
-    """-> (metadata table without features, features [rows, h*w, D] float16)."""
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri, **(storage_options or {}))))
+class ShardError(RuntimeError):
+    """A feature shard that does not match its recorded sha256."""
+
+
+def read_shard(uri: str, storage_options: dict | None = None, rows: list[int] | None = None,
+               sha256: str | None = None) -> tuple[pa.Table, np.ndarray]:
+    """-> (metadata table without features, features [rows, h*w, D] float16); verified if sha256 is given."""
+    data = storage.read_bytes(uri, **(storage_options or {}))
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardError(f"{uri} does not match its sha256 in the manifest (corrupt or changed)")
+    table = pq.read_table(io.BytesIO(data))
     if rows is not None:
         table = table.take(pa.array(rows, pa.int64()))
     d = table["dim"][0].as_py() if len(table) else 0

@@ -65,12 +65,23 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+MODEL_FILES = ("memory_bank.npy", "index.faiss", "config.yaml", "images.parquet", "errors.parquet")
+
+
 def _clean_uncommitted(model: str, opts: dict) -> None:
-    """A model directory without a manifest is an interrupted fit: its files are never used; remove them."""
+    """A model directory without a manifest is an interrupted fit: its files are never used; remove them.
+
+    Only files of the model layout are removed; a folder holding anything else is refused.
+    """
     try:
         leftovers = storage.list_files(model, None, **opts)
     except FileNotFoundError:
         return
+    foreign = [r for _, r in leftovers if not (r in MODEL_FILES or (
+        r.split("/")[0] in ("features", "validation") and r.endswith(".parquet") and r.count("/") == 1))]
+    if foreign:
+        raise JobError(f"{model} is not empty and not an interrupted model (it holds e.g. {foreign[0]}): "
+                       "write the model to a new, empty URI")
     if leftovers:
         log.warning("%s holds %d files of an interrupted fit (no manifest): removing them", model, len(leftovers))
         for uri, _ in leftovers:
@@ -78,7 +89,8 @@ def _clean_uncommitted(model: str, opts: dict) -> None:
 
 
 def _reusable(old: str, config: Config, opts: dict) -> dict:
-    """digest -> (feature shard URI, row) of every usable image of a committed model with the same features."""
+    """digest -> (feature shard URI, row, sha256) of every usable image of a committed model with the same
+    features (the sha256 from the old manifest: a reused shard is verified before it is copied)."""
     from .model import ModelError, read_manifest, read_verified
     try:
         manifest = read_manifest(old, opts)
@@ -91,7 +103,11 @@ def _reusable(old: str, config: Config, opts: dict) -> dict:
     out = {}
     for r in images:
         if not r["error"] and r["shard"]:
-            out[r["digest"]] = (storage.join(old, r.get("split") or "features", r["shard"]), int(r["row"]))
+            name = f"{r.get('split') or 'features'}/{r['shard']}"
+            entry = manifest["files"].get(name)
+            if entry is None:
+                raise JobError(f"--reuse: {old}/{name} is not listed in its manifest")
+            out[r["digest"]] = (storage.join(old, name), int(r["row"]), entry["sha256"])
     return out
 
 
@@ -112,8 +128,8 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     if storage.exists(storage.join(model, MANIFEST), **opts):
         raise JobError(f"{model} already holds a committed model; models are never changed in place: "
                        "write the new model to a new URI")
-    if reuse and reuse.rstrip("/") == model.rstrip("/"):
-        raise JobError("--reuse must name another (committed) model than --model")
+    if reuse and (reuse.rstrip("/") == model.rstrip("/") or reuse.rstrip("/").startswith(model.rstrip("/") + "/")):
+        raise JobError("--reuse must name another (committed) model than --model, outside it")
     root = resolve_train_root(train, opts)
     files = [(e["uri"], e["rel"]) for e in list_images(root, opts, "training images")]
     held = _holdout(files, config.fit.holdout_fraction, config.seed) if not validation else set()
@@ -194,14 +210,17 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
 
 def _copy_reused(rows: dict, reusable: dict, model: str, writer: ModelWriter, opts: dict) -> None:
     """Copy the feature rows of unchanged images from the old model's shards into new shards."""
-    from .features import read_shard, write_shard
+    from .features import ShardError, read_shard, write_shard
     by_shard: dict[tuple[str, str], list[int]] = {}
     for i, (unchanged, digest, split) in enumerate(zip(rows["unchanged"], rows["digest"], rows["split"])):
         if unchanged:
             by_shard.setdefault((reusable[digest][0], split), []).append(i)
     for (old_shard, split), idx in sorted(by_shard.items()):
         want = [reusable[rows["digest"][i]][1] for i in idx]
-        meta, feats = read_shard(old_shard, opts, rows=want)
+        try:
+            meta, feats = read_shard(old_shard, opts, rows=want, sha256=reusable[rows["digest"][idx[0]]][2])
+        except ShardError as e:
+            raise JobError(f"--reuse: {e}; no model was written") from None
         grid = (meta["grid_h"][0].as_py(), meta["grid_w"][0].as_py())
         name = f"part-reused-{hashlib.sha256((old_shard + split).encode()).hexdigest()[:16]}.parquet"
         info = write_shard(storage.join(model, split, name), [rows["digest"][i] for i in idx],
@@ -259,7 +278,8 @@ def select_coreset(shard_uris: list[str], config: Config, opts: dict) -> tuple[n
         import ray
         parts = min(len(shard_uris), c.parts or max(1, int(ray.cluster_resources().get("CPU", 1))))
         groups = [list(g) for g in np.array_split(np.arange(len(shard_uris)), parts) if len(g)]
-        task = ray.remote(num_cpus=1)(_part_coreset)
+        gpu = c.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_part_coreset)
         mat = None if matrix is None else matrix.numpy()
         refs = []
         for j, g in enumerate(groups):

@@ -135,6 +135,8 @@ class MemoryBank:
     def _torch_search(self, q: torch.Tensor, k: int):
         """||a - b||^2 = ||a||^2 + (||b||^2 - 2 a.b): one GEMM with the bank norms as its bias, the
         minimum over the bank, then ||a||^2 added to the k winners only (it does not change the order)."""
+        if len(q) == 0:
+            return q.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.long, device=q.device)
         dists, idxs = [], []
         chunk = max(256, (1 << 28) // len(self.bank))  # about 1 GiB of float32 distances per chunk
         prev = torch.backends.cuda.matmul.allow_tf32

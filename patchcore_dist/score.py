@@ -149,7 +149,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     previous = {}
     if rescore == "changed":
         for _, t in _read_parts(output, digest, opts):
-            for r in t.select(["image", "error", "digest", "size", "mtime"]).to_pylist():
+            for r in t.to_pylist():
                 if r["error"] is None:
                     previous[r["image"]] = r
     todo = [e for e in entries if not (e["uri"] in previous and previous[e["uri"]]["size"] == e["size"]
@@ -193,9 +193,16 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["uri"])):
             uri = str(batch["uri"][i])
+            if uri in seen or uri in pending:  # a retried task's output: one row per image
+                continue
             done += 1
-            if batch["unchanged"][i]:  # same content as the previous successful row: keep that row
+            if batch["unchanged"][i]:
+                # Same content as the previous successful row: keep its score, record the new size and
+                # mtime so that later runs skip the file without reading it.
                 unchanged += 1
+                row = {k: v for k, v in previous[uri].items() if k in schema.names}
+                row.update(size=meta[uri]["size"], mtime=meta[uri]["mtime"])
+                pending[uri] = row
                 continue
             err = _text(batch["error"][i])
             score = float(batch["score"][i]) if np.isfinite(batch["score"][i]) and not err else None
@@ -210,8 +217,6 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
             if config.output.patch_scores:
                 h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
                 row.update(grid_h=h, grid_w=w, patch_scores=batch["patch_scores"][i][: h * w].tolist() if h else None)
-            if uri in seen:  # a retried task's output: keep one row per image
-                continue
             pending[uri] = row
             errors += bool(err)
         if len(pending) >= part_rows:
@@ -229,8 +234,8 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
         raise JobError(f"internal error: {done} results for {len(todo)} images; rows written so far are kept")
     compact(output, digest, opts)
     elapsed = time.time() - t_start
-    summary = {"images": len(entries), "scored": len(seen), "skipped": len(entries) - len(todo) + unchanged,
-               "rows": len(seen), "errors": errors, "seconds": round(elapsed, 2),
+    summary = {"images": len(entries), "scored": len(seen) - unchanged,
+               "skipped": len(entries) - len(todo) + unchanged, "rows": len(seen), "errors": errors, "seconds": round(elapsed, 2),
                "images_per_s": round(len(todo) / elapsed, 2), "scores": storage.join(output, "scores", digest),
                "heatmaps": storage.join(output, "heatmaps", digest) if config.output.heatmaps else None,
                "model": digest, "parts": parts}

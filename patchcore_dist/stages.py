@@ -224,7 +224,8 @@ class Render:
                 full = to_original(amap, g)
                 rgb = colorize(full, self.vrange)
                 rel = storage.safe_relpath(str(batch["rel"][i]))
-                base = storage.join(self.heatmaps_uri, os.path.splitext(rel)[0])
+                # The input's name with its extension (cat.jpg -> cat.jpg.png): cat.png and cat.jpg stay apart.
+                base = storage.join(self.heatmaps_uri, rel)
                 buf = io.BytesIO()
                 Image.fromarray(rgb).save(buf, format="PNG")
                 storage.write_bytes(base + ".png", buf.getvalue(), **self.opts)

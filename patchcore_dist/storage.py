@@ -40,10 +40,11 @@ def resolve(uri: str, endpoint_url: str | None = None, region: str | None = None
     if not uri:
         raise StorageError("empty URI")
     if is_s3(uri):
-        u = urlparse(uri)
-        if not u.netloc:
+        # Not urlparse: '#' and '?' are legal in object keys.
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket:
             raise StorageError(f"{uri}: no bucket")
-        return _s3(endpoint_url, region), (u.netloc + u.path).rstrip("/")
+        return _s3(endpoint_url, region), (bucket + "/" + key).rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     elif "://" in uri:
@@ -140,7 +141,13 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
         raise
     except Exception as e:
         raise _wrap(uri, e) from None
-    base = uri.rstrip("/")
+    # Normalised, so that the same file always gets the same URI (one row per image across runs).
+    if is_s3(uri):
+        base = uri.rstrip("/")
+    elif uri.startswith("file://"):
+        base = "file://" + root if info.type != pafs.FileType.File else uri
+    else:
+        base = root
     out = []
     for fi in infos:
         if fi.type != pafs.FileType.File or _TMP.match(fi.base_name):
@@ -148,7 +155,8 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
         if extensions and not fi.base_name.lower().endswith(extensions):
             continue
         rel = os.path.relpath(fi.path, root) if not is_s3(uri) else fi.path[len(root):].lstrip("/")
-        full = join(base, rel) if info.type != pafs.FileType.File else uri
+        full = join(base, rel) if info.type != pafs.FileType.File else (fi.path if not is_s3(uri) and
+                                                                         not uri.startswith("file://") else uri)
         mtime = fi.mtime.timestamp() if fi.mtime is not None else None
         out.append({"uri": full, "rel": rel, "size": fi.size, "mtime": mtime})
     return sorted(out, key=lambda e: e["uri"])
@@ -181,6 +189,9 @@ def safe_relpath(rel: str, max_part: int = 120) -> str:
         if p in ("", ".", ".."):
             continue
         clean = _SAFE.sub("_", p).lstrip(".") or "_"
+        if clean != p and len(clean) <= max_part:  # keep distinct names distinct ("a b" vs "a_b")
+            stem, ext = os.path.splitext(clean)
+            clean = f"{stem}-{hashlib.sha256(p.encode()).hexdigest()[:8]}{ext}"
         if len(clean) > max_part:
             stem, ext = os.path.splitext(clean)
             ext = ext if len(ext) <= 10 else ""

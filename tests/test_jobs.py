@@ -68,7 +68,8 @@ def test_score_local_folders(local_model, category, tmp_path):
     assert set(table.column("model").to_pylist()) == {manifest["model_digest"]}
     assert _check_scores(table, n) >= 0.9
     # heatmaps mirror the input's relative paths, with an overlay beside each
-    first = sorted(os.listdir(f"{category}/test/good"))[0][:-4]
+    first = sorted(os.listdir(f"{category}/test/good"))[0]  # heatmaps keep the input's name and extension
+    assert os.path.exists(os.path.join(out, "heatmaps", manifest["model_digest"], "good", first + ".png"))
     assert os.path.exists(os.path.join(out, "heatmaps", manifest["model_digest"], "good", first + "_overlay.jpg"))
 
 

@@ -106,6 +106,17 @@ def test_refit_reuses_unchanged_images(ray_local, category, tmp_path):
     assert len(common) == len(names) - 1 and all(old_feats[k] == new_feats[k] for k in list(common)[:3])
     load_model(old)  # the old model stays valid
     load_model(new)
+    shard = sorted(os.listdir(os.path.join(old, "features")))[0]
+    with open(os.path.join(old, "features", shard), "r+b") as f:
+        f.seek(100)
+        f.write(b"corrupt")
+    with pytest.raises(JobError, match="sha256"):
+        run_fit(str(train), str(tmp_path / "y"), load_config(None, SMALL), reuse=old)
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "precious.txt").write_text("keep me")
+    with pytest.raises(JobError, match="not empty"):
+        run_fit(str(train), str(tmp_path / "notamodel"), load_config(None, SMALL))
+    assert (tmp_path / "notamodel" / "precious.txt").exists()
     with pytest.raises(JobError, match="other feature settings"):
         run_fit(str(train), str(tmp_path / "x"), load_config(None, SMALL + ["embedding.target_dim=512"]), reuse=old)
 
@@ -145,8 +156,9 @@ def test_image_limits_and_odd_names(model, category, tmp_path):
     for name in ("..evil.png", long_name, "sp ace&semi;colon.png"):
         h = rows[name]["heatmap"]
         assert h.startswith(str(out / "heatmaps")) and os.path.exists(h) and ".." not in h[len(str(out)):]
-        assert all(len(part) <= 120 for part in h.split("/"))  # long names shortened, extension kept
+        assert all(len(part) <= 130 for part in h.split("/"))  # long names shortened (+ ".png")
     assert storage.safe_relpath("../../etc/passwd") == "etc/passwd"
+    assert storage.safe_relpath("a b.png") != storage.safe_relpath("a_b.png")
     assert storage.safe_relpath("/abs/./x/../y.png") == "abs/x/y.png"
 
 
@@ -216,3 +228,21 @@ def test_credentials_never_written_or_logged(ray_local, category, s3, bucket, tm
         text = storage.read_bytes(uri, **opts).decode()
         assert secret not in text and f'"{key}"' not in text
     assert secret not in caplog.text
+
+
+def test_evaluate_next_to_other_score_runs(model, category, tmp_path):
+    from patchcore_dist.evaluate import run_evaluate
+    out = str(tmp_path / "out")
+    run_score(model, f"{category}/train/good", out, overrides=SMALL)  # other rows in the same output
+    m = run_evaluate(model, category, out, overrides=SMALL)
+    n_test = sum(len(f) for _, _, f in os.walk(f"{category}/test"))
+    assert m["images"] == n_test and m["pixel_auroc"] > 0.9
+
+
+def test_s3_keys_with_odd_characters(s3, bucket):
+    opts = {"endpoint_url": s3}
+    uri = f"s3://{bucket}/odd/a#1?x=2.png"
+    storage.write_bytes(uri, b"data", **opts)
+    entries = storage.list_entries(f"s3://{bucket}/odd/", None, **opts)
+    assert [e["uri"] for e in entries] == [uri] and entries[0]["rel"] == "a#1?x=2.png"
+    assert storage.read_bytes(uri, **opts) == b"data"
