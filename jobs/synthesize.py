@@ -20,7 +20,7 @@ def run():
     from patchcore_dist.synthesize import synthesize_folder
     cfg = load_config(a.config, a.overrides)
     counts = synthesize_folder(a.normal, a.output, a.kinds.split(","), a.test_fraction, a.defects_per_kind,
-                               cfg.seed, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},
+                               cfg.seed, cfg.storage.options(),
                                cfg.image.max_pixels)
     print(f"wrote {a.output}: {counts}")
 

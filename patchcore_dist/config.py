@@ -134,6 +134,10 @@ class StorageConfig(_Section):
     endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     region: Optional[str] = None
 
+    def options(self) -> dict:
+        """Keyword arguments of the storage functions (``storage.read_bytes(uri, **options)``)."""
+        return {"endpoint_url": self.endpoint_url, "region": self.region}
+
 
 class Config(_Section):
     backbone: BackboneConfig = BackboneConfig()

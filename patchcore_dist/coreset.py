@@ -42,7 +42,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("coreset.device=cuda but no GPU is visible")
+        raise RuntimeError("device cuda was asked for (runtime.device / coreset.device) but no GPU is visible")
     return torch.device(device)
 
 
@@ -164,6 +164,15 @@ def part_size(k: int, n_part: int, n_total: int, oversample: float) -> int:
     return max(1, min(n_part, int(math.ceil(oversample * k * n_part / n_total))))
 
 
+def second_round(union: torch.Tensor | np.ndarray, pool: torch.Tensor, k: int, seed: int = 0,
+                 num_starting_points: int = 10, device: str | torch.device = "auto") -> torch.Tensor:
+    """Greedy k-center over the union of the part coresets: ``pool`` holds the projected rows of the
+    global indices ``union``; returns the k selected global indices."""
+    union = torch.as_tensor(union)
+    final = greedy_coreset(pool, min(k, len(pool)), seed, num_starting_points, device)
+    return union[final]
+
+
 def two_round_coreset(parts: list[torch.Tensor], k: int, seed: int = 0, oversample: float = 2.0,
                       num_starting_points: int = 10, device: str | torch.device = "auto") -> torch.Tensor:
     """Composable greedy k-center: greedy on each part, then greedy over the union of the part coresets.
@@ -179,7 +188,5 @@ def two_round_coreset(parts: list[torch.Tensor], k: int, seed: int = 0, oversamp
     for j, p in enumerate(parts):
         local = greedy_coreset(p, part_size(k, len(p), n, oversample), seed + j, num_starting_points, device)
         chosen.append(local + int(offsets[j]))
-    union = torch.cat(chosen)
     pool = torch.cat([p[c - int(offsets[j])] for j, (p, c) in enumerate(zip(parts, chosen))])
-    final = greedy_coreset(pool, min(k, len(pool)), seed, num_starting_points, device)
-    return union[final]
+    return second_round(torch.cat(chosen), pool, k, seed, num_starting_points, device)

@@ -20,10 +20,9 @@ from . import storage
 from .config import load_config
 from .fit import JobError
 from .metrics import f1_threshold, image_auroc, pixel_auroc, pro_score
-from .model import load_model
-from .preprocessing import geometry, to_original
+from .preprocessing import geometry
 from .score import read_scores, run_score
-from .scoring import anomaly_maps
+from .scoring import anomaly_map_original
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,8 @@ def mask_uri(dataset: str, defect: str, name: str) -> str:
 def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
     """The anomaly map of a score-table row at ``size`` (H, W) of its ground-truth mask."""
     grid = torch.tensor(row["patch_scores"], dtype=torch.float32)
-    amap = anomaly_maps(grid, (row["grid_h"], row["grid_w"]), config.image.crop, config.scoring.sigma)[0].numpy()
-    full = to_original(amap, geometry(row["height"], row["width"], config.image.resize, config.image.crop))
+    g = geometry(row["height"], row["width"], config.image.resize, config.image.crop)
+    full = anomaly_map_original(grid, (row["grid_h"], row["grid_w"]), g, config.scoring.sigma)
     if full.shape != size:
         full = np.asarray(Image.fromarray(full).resize((size[1], size[0]), Image.BILINEAR))
     return full
@@ -45,17 +44,17 @@ def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
 def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | None = None,
                  overrides: list[str] | None = None) -> dict:
     pre = load_config(config_file, overrides)
-    opts = {"endpoint_url": pre.storage.endpoint_url, "region": pre.storage.region}
+    opts = pre.storage.options()
     test = storage.join(dataset, "test")
     if not storage.is_dir(test, **opts):
         raise JobError(f"{dataset} is not an MVTec AD category: no test/ folder")
-    model = load_model(model_uri, opts)
     # Every test image is scored again: the score table must hold this model's patch-score grids.
-    run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"],
-              rescore="all")
-    config = model.config
+    # The maps are rebuilt with the scoring run's own config (the model's, plus the user's settings).
+    scored = run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"],
+                       rescore="all")
+    config, digest = scored["config"], scored["model"]
     prefix = test.rstrip("/") + "/"  # rows of other score runs into the same output are not ours
-    latest = {r["image"]: r for r in read_scores(output, opts, model.digest).to_pylist()
+    latest = {r["image"]: r for r in read_scores(output, opts, digest).to_pylist()
               if r["image"].startswith(prefix)}
     rows, errors, warnings = [], [], []
     masks, maps = [], []
@@ -94,7 +93,7 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
     scores = np.array([r["score"] for r in rows])
     allm = per_defect["all"]
     metrics = {
-        "model": model.digest, "dataset": dataset, "images": len(latest), "scored": len(rows),
+        "model": digest, "dataset": dataset, "images": len(latest), "scored": len(rows),
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc(allm["masks"], allm["maps"]),
         "pro": _pro(allm["masks"], allm["maps"]),

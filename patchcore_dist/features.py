@@ -70,14 +70,6 @@ def read_shard(uri: str, storage_options: dict | None = None, rows: list[int] | 
     return table.drop(["features"]), feats
 
 
-def shard_patches(uri: str, storage_options: dict | None = None) -> int:
-    """Patches in a shard, from its small columns only (the feature column is not read)."""
-    fs, path = storage.resolve(uri, **(storage_options or {}))
-    with fs.open_input_file(path) as f:
-        t = pq.read_table(f, columns=["grid_h", "grid_w"])
-    return int(sum(h * w for h, w in zip(t["grid_h"].to_pylist(), t["grid_w"].to_pylist())))
-
-
 def project_shards(shards: list[str], matrix: torch.Tensor | None, storage_options: dict | None = None
                    ) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
     """Stream every shard, project its patches on the fly; only the projected matrix is kept.

@@ -124,7 +124,7 @@ def _holdout(entries: list[tuple[str, str]], fraction: float, seed: int) -> set[
 
 def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
     t_start = time.time()
-    opts = {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
+    opts = config.storage.options()
     if storage.exists(storage.join(model, MANIFEST), **opts):
         raise JobError(f"{model} already holds a committed model; models are never changed in place: "
                        "write the new model to a new URI")
@@ -150,7 +150,7 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
                         batch_size=config.runtime.batch_size, num_cpus=0.5)
     ds = ds.map_batches(Extract, fn_constructor_args=(cfg, model), batch_size=config.runtime.batch_size,
                         **actor_pool(config))
-    cols = ["uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row",
+    cols = ["uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row", "patches",
             "shard_sha256", "shard_bytes"]
     rows = {c: [] for c in cols}
     done = errors = 0
@@ -179,8 +179,13 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     for o, split, name, sha, nb in zip(ok, rows["split"], rows["shard"], rows["shard_sha256"], rows["shard_bytes"]):
         if o:
             writer.record(f"{split}/{name}", sha, int(nb))
-    shards = sorted({n for n, t in zip(rows["shard"], train_ok) if t})
-    bank, stats = build_memory_bank([storage.join(model, "features", s) for s in shards], config, opts)
+    patches: dict[str, int] = {}  # training patches per shard, from the extraction rows (no shard I/O)
+    for name, t, p in zip(rows["shard"], train_ok, rows["patches"]):
+        if t:
+            patches[name] = patches.get(name, 0) + int(p)
+    shards = sorted(patches)
+    bank, stats = build_memory_bank([storage.join(model, "features", s) for s in shards],
+                                    [patches[s] for s in shards], config, opts)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
     if val_shards:
         stats.update(calibrate([storage.join(model, "validation", s) for s in val_shards], bank, config, opts))
@@ -226,7 +231,7 @@ def _copy_reused(rows: dict, reusable: dict, model: str, writer: ModelWriter, op
         info = write_shard(storage.join(model, split, name), [rows["digest"][i] for i in idx],
                            [rows["uri"][i] for i in idx], feats, grid, opts)
         for j, i in enumerate(idx):
-            rows["shard"][i], rows["row"][i] = name, j
+            rows["shard"][i], rows["row"][i], rows["patches"][i] = name, j, feats.shape[1]
             rows["shard_sha256"][i], rows["shard_bytes"][i] = info["sha256"], info["bytes"]
     log.info("reused the features of %d unchanged images from %d shards", sum(len(v) for v in by_shard.values()),
              len(by_shard))
@@ -261,13 +266,12 @@ def _part_coreset(shard_uris: list[str], matrix, k_part: int, seed: int, num_sta
     return local.numpy(), proj[local].numpy(), layout
 
 
-def select_coreset(shard_uris: list[str], config: Config, opts: dict) -> tuple[np.ndarray, list, dict]:
+def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opts: dict
+                   ) -> tuple[np.ndarray, list, dict]:
     """Global indices of the memory bank's patches, the shard layout, and timing facts."""
-    from .features import shard_patches
     c = config.coreset
     t0 = time.time()
     matrix = coreset_mod.projection_matrix(config.embedding.target_dim, c.projection_dim, config.seed)
-    counts = [shard_patches(u, opts) for u in shard_uris]
     n = int(sum(counts))
     k = coreset_mod.coreset_size(n, c.ratio, c.size)
     method = c.method if c.method != "auto" else ("two_round" if n >= c.two_round_min_patches else "single")
@@ -298,9 +302,8 @@ def select_coreset(shard_uris: list[str], config: Config, opts: dict) -> tuple[n
             offset += sum(ni * l for _, ni, l in part_layout)
         union = np.concatenate(union)
         t1 = time.time()
-        final = coreset_mod.greedy_coreset(torch.from_numpy(np.concatenate(pool)), min(k, len(union)), config.seed,
-                                           c.num_starting_points, c.device).numpy()
-        selected = union[final]
+        selected = coreset_mod.second_round(union, torch.from_numpy(np.concatenate(pool)), k, config.seed,
+                                            c.num_starting_points, c.device).numpy()
         info.update(parts=len(groups), union=int(len(union)), first_round_s=round(t1 - t0, 3),
                     second_round_s=round(time.time() - t1, 3))
     else:
@@ -316,9 +319,10 @@ def select_coreset(shard_uris: list[str], config: Config, opts: dict) -> tuple[n
     return selected, layout, info
 
 
-def build_memory_bank(shard_uris: list[str], config: Config, opts: dict) -> tuple[np.ndarray, dict]:
+def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, opts: dict
+                      ) -> tuple[np.ndarray, dict]:
     """Shards -> coreset (streamed, projected) -> full-dimension memory bank + score statistics."""
-    selected, layout, info = select_coreset(shard_uris, config, opts)
+    selected, layout, info = select_coreset(shard_uris, counts, config, opts)
     n = info["patches"]
     # A sample of training patches, scored against the bank, fixes the model's score scale.
     rng = np.random.default_rng(config.seed)

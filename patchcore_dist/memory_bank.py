@@ -156,15 +156,6 @@ class MemoryBank:
             torch.backends.cuda.matmul.allow_tf32 = prev
         return torch.cat(dists), torch.cat(idxs)
 
-    def serialize(self) -> bytes:
-        """The index in faiss's own format (the approximate index if any, else a flat one)."""
-        faiss = _faiss()
-        index = self._index if self._index is not None and self.backend.startswith("faiss-cpu-") else None
-        if index is None:
-            index = faiss.IndexFlatL2(self.dim)
-            index.add(self.bank)
-        return faiss.serialize_index(index).tobytes()
-
 
 def search_reference(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Nearest distances by brute force in float32 torch (benchmark baseline and test oracle)."""

@@ -1,11 +1,11 @@
 """The model artifact: a directory written once, with ``manifest.json`` written last as the commit marker.
 
     <model>/memory_bank.npy   [K, D] float32 (numpy format, loaded with allow_pickle=False)
-    <model>/index.faiss       faiss's own serialisation of the flat L2 index over the bank
+    <model>/index.faiss       faiss's own serialisation of the index over the bank (index.type)
     <model>/config.yaml       the resolved config
     <model>/images.parquet    one row per training image: uri, digest, feature shard and row, or error
     <model>/errors.parquet    training images that could not be used, with the reason
-    <model>/features/*.parquet  patch-feature shards (float16)
+    <model>/features/*.parquet  patch-feature shards (float16); validation/*.parquet for the threshold
     <model>/manifest.json     versions, digests, bank shape, sha256 of every file: the commit marker
 
 No pickles: JSON/YAML, .npy without objects, faiss's format, Parquet.
@@ -107,7 +107,7 @@ class LoadedModel:
     manifest: dict
     config: Config
     bank: np.ndarray
-    index: object = None  # the faiss index (search parameters from the config)
+    index: object = None  # the faiss index; PatchCore applies the run's search parameters
 
     @property
     def digest(self) -> str:
@@ -165,9 +165,8 @@ def load_model(uri: str, storage_options: dict | None = None) -> LoadedModel:
         raise ModelError(f"{uri}: memory bank is {bank.dtype} {bank.shape}, manifest says float32 ({rows}, {dim})")
     if dim != config.embedding.target_dim:
         raise ModelError(f"{uri}: memory bank dimension {dim} != embedding.target_dim {config.embedding.target_dim}")
-    from .memory_bank import deserialize_index, set_search_params
+    from .memory_bank import deserialize_index
     index = deserialize_index(index_bytes)
     if index.ntotal != rows or index.d != dim:
         raise ModelError(f"{uri}: index.faiss holds {index.ntotal} x {index.d}, bank is {rows} x {dim}")
-    set_search_params(index, config.index)
     return LoadedModel(uri, manifest, config, bank, index)

@@ -12,20 +12,13 @@ import numpy as np
 import torch
 
 from . import coreset as coreset_mod
+from .coreset import pick_device
 from .backbones import build_backbone
 from .config import Config
 from .embedding import patch_features
-from .memory_bank import MemoryBank
+from .memory_bank import MemoryBank, set_search_params
 from .preprocessing import normalize
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but no GPU is visible")
-    return torch.device(device)
 
 
 @dataclass
@@ -42,7 +35,7 @@ class Embedder:
         self.config = config
         self.device = pick_device(device or config.runtime.device)
         b = config.backbone
-        self.backbone = build_backbone(b.name, b.layers, b.weights, storage_options(config)).to(self.device)
+        self.backbone = build_backbone(b.name, b.layers, b.weights, config.storage.options()).to(self.device)
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         prec = config.runtime.precision
@@ -66,10 +59,6 @@ class Embedder:
         return patch_features([f.float() for f in feats], e.patch_size, e.pretrain_dim, e.target_dim)
 
 
-def storage_options(config: Config) -> dict:
-    return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
-
-
 class PatchCore:
     """The scorer: memory bank + nearest-neighbour search + maps; feature extraction via :class:`Embedder`."""
 
@@ -89,6 +78,8 @@ class PatchCore:
         return self._embedder
 
     def _bank(self, bank: np.ndarray) -> MemoryBank:
+        if self._index is not None:
+            set_search_params(self._index, self.config.index)  # this run's nprobe / ef_search
         return MemoryBank(bank, str(self.device), self.config.runtime.search_precision, self._index)
 
     # -- fitting in one process (tests, benchmarks, small data) ------------------------------

@@ -1,8 +1,8 @@
 """score: model + image archive -> score table (Parquet), heatmaps (PNG), on Ray.
 
-    <output>/scores/part-<run>-<seq>.parquet   the score table, one row per input image
-    <output>/heatmaps/<relative path>.png       colour-mapped anomaly map, original resolution
-    <output>/heatmaps/<relative path>_overlay.jpg
+    <output>/scores/<model digest>/part-<run>-<seq>.parquet   the score table, one row per image and model
+    <output>/heatmaps/<model digest>/<relative path>.png       colour-mapped anomaly map, original resolution
+    <output>/heatmaps/<model digest>/<relative path>_overlay.jpg
 """
 from __future__ import annotations
 
@@ -44,15 +44,14 @@ SCORE_SCHEMA = pa.schema([
 GRID_FIELDS = [("grid_h", pa.int32()), ("grid_w", pa.int32()), ("patch_scores", pa.list_(pa.float32()))]
 
 
-def score_config(model_config: Config, config_file: str | None, overrides: list[str]) -> Config:
+def score_config(model_config: Config, user: Config, config_file: str | None, overrides: list[str]) -> Config:
     """The config a scoring run uses.
 
     Feature-defining keys (backbone, image geometry, embedding) come from the model and must not
     be changed; scoring and index search settings come from the model unless the user's config file
     or overrides set them; runtime, output and storage are this run's (the user's config file, or the
-    default config, plus overrides), never the settings the model happened to be fitted with.
+    default config, plus overrides: ``user``), never the settings the model happened to be fitted with.
     """
-    user = load_config(config_file, overrides)
     merged = model_config.to_dict()
     for section in ("runtime", "output", "storage"):
         merged[section] = user.to_dict()[section]
@@ -91,31 +90,36 @@ def _read_parts(output: str, model: str, opts: dict) -> list[tuple[str, pa.Table
     return [(u, pq.read_table(io.BytesIO(storage.read_bytes(u, **opts)))) for u, _ in files]
 
 
-def compact(output: str, model: str, opts: dict) -> int:
-    """Keep one row per image in a model's score partition: the newest (parts are named by run time).
+def compact(parts: list[tuple[str, pa.Table]], opts: dict, superseded: frozenset | set = frozenset()
+            ) -> tuple[list[tuple[str, pa.Table]], int]:
+    """Keep one row per image in a model's score partition: the newest (parts are named by run time),
+    and none for the images in ``superseded`` (just scored again, in a newer part).
 
-    A re-scored image's older row is dropped by rewriting its part (atomically) or deleting an
-    emptied part. Runs at the start (cleaning up after an interrupted run) and end of every score.
-    Returns the number of rows dropped.
+    Affected parts are rewritten atomically or deleted when emptied. Runs at the start of every score
+    (cleaning up after an interrupted run) on the parts it has read, and at the end on the same parts
+    with this run's images. Returns the surviving (uri, table) parts and the number of rows dropped.
     """
-    parts = _read_parts(output, model, opts)
     newest = {}
-    for pi, (uri, t) in enumerate(parts):  # sorted by name = by run
+    for pi, (_, t) in enumerate(parts):  # sorted by name = by run
         for ri, img in enumerate(t.column("image").to_pylist()):
             newest[img] = (pi, ri)
-    dropped = 0
+    kept, dropped = [], 0
     for pi, (uri, t) in enumerate(parts):
-        keep = [ri for ri, img in enumerate(t.column("image").to_pylist()) if newest[img] == (pi, ri)]
+        keep = [ri for ri, img in enumerate(t.column("image").to_pylist())
+                if newest[img] == (pi, ri) and img not in superseded]
         if len(keep) == t.num_rows:
+            kept.append((uri, t))
             continue
         dropped += t.num_rows - len(keep)
         if keep:
+            t = t.take(pa.array(keep, pa.int64()))
             buf = io.BytesIO()
-            pq.write_table(t.take(pa.array(keep, pa.int64())), buf, compression="zstd")
+            pq.write_table(t, buf, compression="zstd")
             storage.write_bytes(uri, buf.getvalue(), **opts)
+            kept.append((uri, t))
         else:
             storage.delete(uri, **opts)
-    return dropped
+    return kept, dropped
 
 
 def _text(v) -> str | None:
@@ -135,20 +139,20 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
         raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
     t_start = time.time()
     pre = load_config(config_file, overrides)  # validates the user's settings before any work
-    opts = {"endpoint_url": pre.storage.endpoint_url, "region": pre.storage.region}
+    opts = pre.storage.options()
     try:
         model = load_model(model_uri, opts)
     except ModelError as e:
         raise JobError(f"cannot score: {e}") from None
-    config = score_config(model.config, config_file, overrides or [])
+    config = score_config(model.config, pre, config_file, overrides or [])
     entries = list_images(images, opts, "images")
     digest = model.digest
-    dropped = compact(output, digest, opts)
+    parts_before, dropped = compact(_read_parts(output, digest, opts), opts)
     if dropped:
         log.info("removed %d superseded rows left by an interrupted run", dropped)
     previous = {}
     if rescore == "changed":
-        for _, t in _read_parts(output, digest, opts):
+        for _, t in parts_before:
             for r in t.to_pylist():
                 if r["error"] is None:
                     previous[r["image"]] = r
@@ -161,7 +165,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
                  "--rescore all forces it)", len(entries), digest, storage.join(output, "scores", digest))
         return {"images": len(entries), "scored": 0, "skipped": len(entries), "errors": 0, "rows": 0,
                 "seconds": round(time.time() - t_start, 2), "images_per_s": 0.0, "model": digest,
-                "scores": storage.join(output, "scores"), "parts": []}
+                "scores": storage.join(output, "scores", digest), "parts": [], "config": config}
     if len(todo) < len(entries):
         log.info("incremental: %d of %d images already scored by this model; scoring %d new or changed",
                  len(entries) - len(todo), len(entries), len(todo))
@@ -180,8 +184,10 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
                              override_num_blocks=max(1, min(len(todo), 200)))
     ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known}, batch_size=bs, num_cpus=0.5)
     ds = ds.map_batches(Score, fn_constructor_args=(model_uri, cfg), batch_size=bs, **actor_pool(config))
-    ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "heatmaps_uri": storage.join(output, "heatmaps", digest),
-                                                 "vrange": vrange}, batch_size=bs, num_cpus=0.5)
+    if config.output.heatmaps:
+        ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": vrange,
+                                                     "heatmaps_uri": storage.join(output, "heatmaps", digest)},
+                            batch_size=bs, num_cpus=0.5)
     schema = SCORE_SCHEMA
     if config.output.patch_scores:
         schema = pa.schema(list(SCORE_SCHEMA) + [pa.field(n, t) for n, t in GRID_FIELDS])
@@ -209,7 +215,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
             row = {
                 "image": uri, "score": score,
                 "is_anomaly": None if (score is None or threshold is None) else bool(score > threshold),
-                "heatmap": _text(batch["heatmap"][i]), "height": int(batch["height"][i]),
+                "heatmap": _text(batch["heatmap"][i]) if "heatmap" in batch else None, "height": int(batch["height"][i]),
                 "width": int(batch["width"][i]), "model": digest, "error": err,
                 "digest": _text(batch["digest"][i]), "size": meta[uri]["size"], "mtime": meta[uri]["mtime"],
                 "decode_ms": float(batch["decode_ms"][i]), "score_ms": float(batch["score_ms"][i]), "scored_at": now,
@@ -232,13 +238,13 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
         seen.update(pending)
     if done != len(todo):
         raise JobError(f"internal error: {done} results for {len(todo)} images; rows written so far are kept")
-    compact(output, digest, opts)
+    compact(parts_before, opts, superseded=seen)
     elapsed = time.time() - t_start
     summary = {"images": len(entries), "scored": len(seen) - unchanged,
                "skipped": len(entries) - len(todo) + unchanged, "rows": len(seen), "errors": errors, "seconds": round(elapsed, 2),
                "images_per_s": round(len(todo) / elapsed, 2), "scores": storage.join(output, "scores", digest),
                "heatmaps": storage.join(output, "heatmaps", digest) if config.output.heatmaps else None,
-               "model": digest, "parts": parts}
+               "model": digest, "parts": parts, "config": config}
     log.info("score done: %d images (%d scored, %d skipped as unchanged), %d errors, %.1f images/s; scores in %s%s",
              len(entries), summary["scored"], summary["skipped"], errors, summary["images_per_s"], summary["scores"],
              f", heatmaps in {summary['heatmaps']}" if summary["heatmaps"] else "")

@@ -80,3 +80,10 @@ def anomaly_maps(scores: torch.Tensor, grid: tuple[int, int], size: int, sigma: 
     m = scores.reshape(-1, 1, h, w).float()
     m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     return gaussian_blur(m, sigma)
+
+
+def anomaly_map_original(scores: torch.Tensor, grid: tuple[int, int], geom, sigma: float = 4.0) -> np.ndarray:
+    """One image's patch scores [h*w] -> its anomaly map on the original image (``geom``: a
+    preprocessing.Geometry): smoothed at model resolution, then mapped back through resize and crop."""
+    from .preprocessing import to_original
+    return to_original(anomaly_maps(scores, grid, geom.crop, sigma)[0].numpy(), geom)

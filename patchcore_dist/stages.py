@@ -6,6 +6,7 @@ fit's extractor writes them to Parquet shards itself, the scorer returns only sc
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import storage
 from .config import Config
-from .preprocessing import ImageError, decode_image, geometry, resize_crop, to_original
+from .preprocessing import ImageError, decode_image, geometry, resize_crop
 
 log = logging.getLogger(__name__)
 
@@ -27,60 +28,50 @@ def _err(e: Exception) -> str:
     return msg if isinstance(e, (ImageError, FileNotFoundError)) else f"{type(e).__name__}: {msg}"
 
 
-class _Skip(Exception):
-    pass
-
-
-class Decode:
-    """uri -> digest, original size, the model's uint8 crop; or an error."""
-
-    def __init__(self, config: dict, known_uris: dict | None = None, known_digests: set | None = None):
-        self.cfg = Config.model_validate(config)
-        self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
-        # Already processed, so not decoded again (``unchanged``): score's uri -> digest of the
-        # previous successful row; fit's digests whose features are reused.
-        self.known_uris = known_uris or {}
-        self.known_digests = known_digests or set()
-
-    def __call__(self, batch: dict) -> dict:
-        c = self.cfg.image.crop
-        n = len(batch["uri"])
-        crops = np.zeros((n, c, c, 3), np.uint8)
-        digest, height, width, error, ms = [], [], [], [], []
-        unchanged = np.zeros(n, bool)
-        for i, uri in enumerate(batch["uri"]):
-            t0 = time.perf_counter()
-            h = w = 0
-            d = err = ""
-            try:
-                data = storage.read_bytes(str(uri), **self.opts)
-                d = hashlib.sha256(data).hexdigest()
-                if self.known_uris.get(str(uri)) == d or d in self.known_digests:
-                    unchanged[i] = True
-                    raise _Skip
-                rgb = decode_image(data, self.cfg.image.max_pixels, self.cfg.image.min_side)
-                h, w = rgb.shape[:2]
-                crops[i] = resize_crop(rgb, self.cfg.image.resize, c)
-            except _Skip:
-                pass
-            except Exception as e:  # one bad file is one error row
-                err = _err(e)
-            digest.append(d)
-            height.append(h)
-            width.append(w)
-            error.append(err)
-            ms.append((time.perf_counter() - t0) * 1e3)
-        out = dict(batch)
-        out.update(digest=np.array(digest, object), height=np.array(height, np.int32),
-                   width=np.array(width, np.int32), error=np.array(error, object), crop=crops,
-                   decode_ms=np.array(ms, np.float32), unchanged=unchanged)
-        return out
-
-
 def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
                  known_digests: set | None = None) -> dict:
-    """The decode stage as a plain Ray task function."""
-    return Decode(config, known_uris, known_digests)(batch)
+    """Decode task: uri -> digest, original size, the model's uint8 crop; or an error.
+
+    Already processed images are not decoded again (``unchanged``): score passes ``known_uris``
+    (uri -> digest of the previous successful row), fit ``known_digests`` (features reused).
+    """
+    cfg = Config.model_validate(config)
+    opts = cfg.storage.options()
+    known_uris, known_digests = known_uris or {}, known_digests or set()
+    c = cfg.image.crop
+    n = len(batch["uri"])
+    crops = np.zeros((n, c, c, 3), np.uint8)
+    digest, height, width, error, ms = [], [], [], [], []
+    unchanged = np.zeros(n, bool)
+    for i, uri in enumerate(batch["uri"]):
+        t0 = time.perf_counter()
+        h = w = 0
+        d = err = ""
+        try:
+            data = storage.read_bytes(str(uri), **opts)
+            d = hashlib.sha256(data).hexdigest()
+            unchanged[i] = known_uris.get(str(uri)) == d or d in known_digests
+            if not unchanged[i]:
+                rgb = decode_image(data, cfg.image.max_pixels, cfg.image.min_side)
+                h, w = rgb.shape[:2]
+                crops[i] = resize_crop(rgb, cfg.image.resize, c)
+        except Exception as e:  # one bad file is one error row
+            err = _err(e)
+        digest.append(d)
+        height.append(h)
+        width.append(w)
+        error.append(err)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    out = dict(batch)
+    out.update(digest=np.array(digest, object), height=np.array(height, np.int32),
+               width=np.array(width, np.int32), error=np.array(error, object), crop=crops,
+               decode_ms=np.array(ms, np.float32), unchanged=unchanged)
+    return out
+
+
+def _to_process(batch: dict) -> np.ndarray:
+    """Indices of the rows an actor must run the backbone on: decoded, not failed, not unchanged."""
+    return np.nonzero(np.array([not e for e in batch["error"]], bool) & ~np.asarray(batch["unchanged"], bool))[0]
 
 
 def _without_crop(batch: dict, **columns) -> dict:
@@ -109,20 +100,20 @@ class Extract:
         _threads(self.cfg)
         self.embedder = Embedder(self.cfg)
         self.model_uri = model_uri
-        self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+        self.opts = self.cfg.storage.options()
 
     def __call__(self, batch: dict) -> dict:
         from .features import write_shard
         n = len(batch["uri"])
-        ok = np.array([not e for e in batch["error"]], bool) & ~np.asarray(batch["unchanged"], bool)
         shard = np.array([""] * n, object)
         row = np.full(n, -1, np.int32)
+        patches = np.zeros(n, np.int64)
         sha = np.array([""] * n, object)
         nbytes = np.zeros(n, np.int64)
         errors = np.array(batch["error"], object)
         t0 = time.perf_counter()
-        if ok.any():
-            idx = np.nonzero(ok)[0]
+        idx = _to_process(batch)
+        if len(idx):
             try:
                 feats, grid = self.embedder(batch["crop"][idx])
                 feats = feats.reshape(len(idx), grid[0] * grid[1], -1).cpu().numpy()
@@ -134,12 +125,13 @@ class Extract:
                                        batch["uri"][idx[sel]], feats[sel], grid, self.opts)
                     shard[idx[sel]] = name
                     row[idx[sel]] = np.arange(len(sel))
+                    patches[idx[sel]] = feats.shape[1]
                     sha[idx[sel]] = info["sha256"]
                     nbytes[idx[sel]] = info["bytes"]
             except Exception as e:
                 log.exception("feature extraction failed for a batch")
                 errors[idx] = f"feature extraction failed: {_err(e)}"
-        return _without_crop(batch, shard=shard, row=row, shard_sha256=sha, shard_bytes=nbytes, error=errors,
+        return _without_crop(batch, shard=shard, row=row, patches=patches, shard_sha256=sha, shard_bytes=nbytes, error=errors,
                              extract_ms=_per_image_ms(t0, n))
 
 
@@ -151,23 +143,19 @@ class Score:
         from .patchcore import PatchCore
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
-        model = load_model(model_uri, {"endpoint_url": self.cfg.storage.endpoint_url,
-                                       "region": self.cfg.storage.region})
-        from .memory_bank import set_search_params
-        set_search_params(model.index, self.cfg.index)  # search-time settings of this run
+        model = load_model(model_uri, self.cfg.storage.options())
         self.pc = PatchCore(self.cfg, model.bank, index=model.index)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uri"])
-        ok = np.array([not e for e in batch["error"]], bool) & ~np.asarray(batch["unchanged"], bool)
         score = np.full(n, np.nan, np.float64)
         grids = np.zeros((n, 1), np.float32)
         gh = np.zeros(n, np.int32)
         gw = np.zeros(n, np.int32)
         errors = np.array(batch["error"], object)
         t0 = time.perf_counter()
-        if ok.any():
-            idx = np.nonzero(ok)[0]
+        idx = _to_process(batch)
+        if len(idx):
             try:
                 pred = self.pc.predict(batch["crop"][idx], maps=False)
                 score[idx] = pred.image_scores
@@ -182,12 +170,10 @@ class Score:
                              score_ms=_per_image_ms(t0, n))
 
 
-def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
-    """Anomaly map -> RGB uint8 with the 'jet' colour map on the fixed scale [lo, hi]."""
+@functools.lru_cache(maxsize=1)
+def _jet() -> np.ndarray:
     from matplotlib import colormaps
-    lut = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-    level = heat_level(amap, vrange)
-    return lut[np.rint(level * 255).astype(np.int32)]
+    return (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
@@ -195,57 +181,50 @@ def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
     return np.clip((amap - lo) / (hi - lo), 0, 1)
 
 
-class Render:
-    """Anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under ``heatmaps_uri``,
-    mirroring each input's relative path."""
+def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
+    """Anomaly map -> RGB uint8 with the 'jet' colour map on the fixed scale [lo, hi]."""
+    return _jet()[np.rint(heat_level(amap, vrange) * 255).astype(np.int32)]
 
-    def __init__(self, config: dict, heatmaps_uri: str, vrange: tuple[float, float]):
-        self.cfg = Config.model_validate(config)
-        self.heatmaps_uri = heatmaps_uri
-        self.vrange = tuple(vrange)
-        self.opts = {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
 
-    def __call__(self, batch: dict) -> dict:
-        import torch
-        from PIL import Image
-        from .scoring import anomaly_maps
-        n = len(batch["uri"])
-        heatmap = np.array([None] * n, object)
-        errors = np.array(batch["error"], object)
-        for i in range(n):
-            if errors[i] or batch["unchanged"][i] or not self.cfg.output.heatmaps:
-                continue
-            try:
-                h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
-                grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
-                amap = anomaly_maps(grid, (h, w), self.cfg.image.crop, self.cfg.scoring.sigma)[0].numpy()
-                g = geometry(int(batch["height"][i]), int(batch["width"][i]), self.cfg.image.resize,
-                             self.cfg.image.crop)
-                full = to_original(amap, g)
-                rgb = colorize(full, self.vrange)
-                rel = storage.safe_relpath(str(batch["rel"][i]))
-                # The input's name with its extension (cat.jpg -> cat.jpg.png): cat.png and cat.jpg stay apart.
-                base = storage.join(self.heatmaps_uri, rel)
-                buf = io.BytesIO()
-                Image.fromarray(rgb).save(buf, format="PNG")
-                storage.write_bytes(base + ".png", buf.getvalue(), **self.opts)
-                heatmap[i] = base + ".png"
-                if self.cfg.output.overlay:
-                    orig = decode_image(storage.read_bytes(str(batch["uri"][i]), **self.opts),
-                                        self.cfg.image.max_pixels, self.cfg.image.min_side)
-                    alpha = (0.25 + 0.5 * heat_level(full, self.vrange))[..., None]
-                    over = (orig * (1 - alpha) + rgb * alpha).astype(np.uint8)
-                    buf = io.BytesIO()
-                    Image.fromarray(over).save(buf, format="JPEG", quality=90)
-                    storage.write_bytes(base + "_overlay.jpg", buf.getvalue(), **self.opts)
-            except Exception as e:
-                log.exception("heatmap failed for %s", batch["uri"][i])
-                errors[i] = f"heatmap failed: {_err(e)}"
-        out = dict(batch)
-        out.update(heatmap=heatmap, error=errors)
-        return out
+def _encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **kw)
+    return buf.getvalue()
 
 
 def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float]) -> dict:
-    """The render stage as a plain Ray task function."""
-    return Render(config, heatmaps_uri, vrange)(batch)
+    """Render task: anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under
+    ``heatmaps_uri``, mirroring each input's relative path with its extension (cat.jpg -> cat.jpg.png,
+    so cat.png and cat.jpg stay apart). Only in the pipeline when output.heatmaps is on."""
+    import torch
+    from .scoring import anomaly_map_original
+    cfg = Config.model_validate(config)
+    opts = cfg.storage.options()
+    n = len(batch["uri"])
+    heatmap = np.array([None] * n, object)
+    errors = np.array(batch["error"], object)
+    for i in range(n):
+        if errors[i] or batch["unchanged"][i]:
+            continue
+        try:
+            h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
+            grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
+            g = geometry(int(batch["height"][i]), int(batch["width"][i]), cfg.image.resize, cfg.image.crop)
+            full = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma)
+            rgb = colorize(full, vrange)
+            base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
+            storage.write_bytes(base + ".png", _encode(rgb), **opts)
+            heatmap[i] = base + ".png"
+            if cfg.output.overlay:
+                orig = decode_image(storage.read_bytes(str(batch["uri"][i]), **opts), cfg.image.max_pixels,
+                                    cfg.image.min_side)
+                alpha = (0.25 + 0.5 * heat_level(full, vrange))[..., None]
+                over = (orig * (1 - alpha) + rgb * alpha).astype(np.uint8)
+                storage.write_bytes(base + "_overlay.jpg", _encode(over, "JPEG", quality=90), **opts)
+        except Exception as e:
+            log.exception("heatmap failed for %s", batch["uri"][i])
+            errors[i] = f"heatmap failed: {_err(e)}"
+    out = dict(batch)
+    out.update(heatmap=heatmap, error=errors)
+    return out
