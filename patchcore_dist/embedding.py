@@ -12,6 +12,14 @@ resampling commutes with the pooling. :func:`patch_features` therefore pools eac
 *own* grid first and resamples only ``pretrain_dim`` channels instead of C_l*p*p (9x fewer for a 3x3
 neighbourhood), with no unfolded tensor on the fine grid. :func:`patch_features_reference` is the
 literal formulation, kept as the test oracle and the benchmark baseline.
+
+When every level is narrow (C_l*p*p <= pretrain_dim, e.g. EfficientNet-Lite0's 40 and 112 channels),
+the pooling *enlarges* each neighbourhood vector, so unfolding and gathering is mostly memory traffic.
+Steps 1, 3 and 4 of one level are then a single fixed linear map from the p x p neighbourhood to the
+output channels, i.e. a p x p convolution whose weights are the composed pooling matrices
+(:func:`_conv_weights`); one convolution per level writes the final rows directly (4x faster on two
+CPU cores for Lite0, same numbers to float rounding). Wide levels (WRN50: 4608 values pooled to 1024)
+keep the gather path, where a dense convolution would cost more than the backbone.
 """
 from __future__ import annotations
 
@@ -48,6 +56,44 @@ def _pool_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x.unsqueeze(1), (dim, x.shape[2])).squeeze(1)
 
 
+def _pool_matrix(c: int, dim: int) -> torch.Tensor:
+    """adaptive_avg_pool1d from c to dim values as a [dim, c] matrix (the same bins, by construction)."""
+    return F.adaptive_avg_pool1d(torch.eye(c, dtype=torch.float64)[:, None, :], dim)[:, 0, :].T
+
+
+@functools.lru_cache(maxsize=16)
+def _conv_weights(channels: tuple[int, ...], patch_size: int, pretrain_dim: int, target_dim: int,
+                  device: str = "cpu") -> tuple[tuple[int, int, torch.Tensor], ...]:
+    """Per level: the output channel range [a, b) it contributes to and its convolution weights
+    [b - a, C_l, p, p] = (final pooling restricted to the level) x (the level's pooling), in (c, i, j) order."""
+    final = _pool_matrix(len(channels) * pretrain_dim, target_dim)
+    out = []
+    for level, c in enumerate(channels):
+        w = final[:, level * pretrain_dim:(level + 1) * pretrain_dim] @ _pool_matrix(c * patch_size ** 2, pretrain_dim)
+        rows = torch.nonzero(w.abs().sum(1))[:, 0]
+        a, b = int(rows.min()), int(rows.max()) + 1
+        w = w[a:b].reshape(b - a, c, patch_size, patch_size).float()
+        out.append((a, b, w.to(device).contiguous(memory_format=torch.channels_last)))
+    return tuple(out)
+
+
+def _patch_features_conv(features: list[torch.Tensor], patch_size: int, pretrain_dim: int,
+                         target_dim: int) -> torch.Tensor:
+    """[B*h0*w0, target_dim] as one convolution per level, written channels-last into the output."""
+    b = features[0].shape[0]
+    h0, w0 = features[0].shape[-2:]
+    weights = _conv_weights(tuple(f.shape[1] for f in features), patch_size, pretrain_dim, target_dim,
+                            str(features[0].device))
+    out = torch.zeros(b, h0, w0, target_dim, device=features[0].device)
+    for fmap, (lo, hi, w) in zip(features, weights):
+        fmap = fmap.float().contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(fmap, w, padding=patch_size // 2)
+        if y.shape[-2:] != (h0, w0):
+            y = F.interpolate(y, size=(h0, w0), mode="bilinear", align_corners=False)
+        out[..., lo:hi] += y.permute(0, 2, 3, 1)
+    return out.reshape(b * h0 * w0, target_dim)
+
+
 def _level_features(fmap: torch.Tensor, patch_size: int, pretrain_dim: int) -> torch.Tensor:
     """[B, C, h, w] -> [B, pretrain_dim, h, w]: p x p neighbourhoods, pooled to pretrain_dim values."""
     b, c, h, w = fmap.shape
@@ -62,6 +108,8 @@ def patch_features(features: list[torch.Tensor], patch_size: int = 3, pretrain_d
     Rows are ordered image by image, then row-major over the grid of the first (finest) level.
     """
     h0, w0 = features[0].shape[-2:]
+    if all(f.shape[1] * patch_size ** 2 <= pretrain_dim for f in features):
+        return _patch_features_conv(features, patch_size, pretrain_dim, target_dim), (int(h0), int(w0))
     levels = []
     for i, fmap in enumerate(features):
         lvl = _level_features(fmap.float(), patch_size, pretrain_dim)

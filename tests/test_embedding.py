@@ -52,6 +52,16 @@ def test_lite0_embedding_equals_original_formulation(lite0, dims):
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
 
 
+def test_narrow_levels_with_bins_across_levels_equal_original():
+    """The convolution path (C*p*p <= pretrain_dim) where final bins straddle the two levels."""
+    g = torch.Generator().manual_seed(2)
+    levels = [torch.rand(2, 5, 12, 10, generator=g), torch.rand(2, 7, 6, 5, generator=g)]
+    ours, grid = patch_features(levels, 3, 64, 50)
+    ref, _ = patch_features_reference(levels, 3, 64, 50)
+    assert ours.shape == (240, 50) and grid == (12, 10)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+
+
 def test_patch_size_5_equals_original():
     g = torch.Generator().manual_seed(1)
     levels = [torch.rand(2, 16, 12, 10, generator=g), torch.rand(2, 24, 6, 5, generator=g)]
