@@ -32,6 +32,8 @@ class BackboneConfig(_Section):
     # Weights source: "default" (the registry's offline source, if it has one), a path / URI to a
     # state-dict file, or "random" (tests and speed benchmarks only).
     weights: str = "default"
+    # Inference only: fold each BatchNorm into the convolution before it (same features, ~30 % faster on CPU).
+    fold_batch_norm: bool = True
 
     @field_validator("layers")
     @classmethod

@@ -13,7 +13,7 @@ import torch
 
 from . import coreset as coreset_mod
 from .coreset import pick_device
-from .backbones import build_backbone
+from .backbones import build_backbone, fold_batch_norms
 from .config import Config
 from .embedding import patch_features
 from .memory_bank import MemoryBank, set_search_params
@@ -35,7 +35,8 @@ class Embedder:
         self.config = config
         self.device = pick_device(device or config.runtime.device)
         b = config.backbone
-        self.backbone = build_backbone(b.name, b.layers, b.weights, config.storage.options()).to(self.device)
+        backbone = build_backbone(b.name, b.layers, b.weights, config.storage.options())
+        self.backbone = (fold_batch_norms(backbone) if b.fold_batch_norm else backbone).to(self.device)
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         prec = config.runtime.precision

@@ -4,7 +4,7 @@ import pytest
 import skimage.data
 import torch
 
-from patchcore_dist.backbones import BackboneError, build_backbone
+from patchcore_dist.backbones import BackboneError, FeatureExtractor, build_backbone, fold_batch_norms
 from patchcore_dist.embedding import patch_features, patch_features_reference
 from patchcore_dist.preprocessing import normalize, resize_crop
 
@@ -116,3 +116,34 @@ def test_wrong_weights_file_and_unknown_level(tmp_path):
         build_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
     with pytest.raises(BackboneError, match="unknown backbone"):
         build_backbone("no_such_net", layers=["a"], weights="random")
+
+
+def test_folded_batch_norms_give_the_same_features(lite0):
+    folded = fold_batch_norms(lite0)
+    assert folded is not lite0
+    names = [type(m).__name__ for m in folded.model.modules()]
+    assert names.count("BatchNormAct2d") < [type(m).__name__ for m in lite0.model.modules()].count("BatchNormAct2d")
+    x = normalize(torch.from_numpy(_photos(2)))
+    with torch.inference_mode():
+        for a, b in zip(lite0(x), folded(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_folding_is_refused_when_the_convolution_output_has_another_use():
+    class ConvBnResidual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.out = torch.nn.Identity()
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.out(self.bn(y) + y)  # y is used twice: folding the BN into conv would be wrong
+
+    torch.manual_seed(0)
+    model = ConvBnResidual().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    extractor = FeatureExtractor(model, ("out",))
+    assert fold_batch_norms(extractor) is extractor
