@@ -101,6 +101,11 @@ class IndexConfig(_Section):
     hnsw_m: int = Field(32, gt=1)
     ef_construction: int = Field(200, gt=0)
     ef_search: int = Field(128, gt=0, description="HNSW candidate list per query (search time)")
+    exact_search: Literal["auto", "brute", "pruned"] = Field(
+        "auto", description="flat search on the CPU: brute force, or pruned by PCA lower bounds with exact "
+                            "re-rank and a proof per query (same neighbours); auto: pruned from 2048 bank rows")
+    bound_dims: int = Field(256, gt=1, description="pruned search: dimensions of the lower bound")
+    bound_candidates: int = Field(16, gt=0, description="pruned search: candidates re-ranked exactly per query")
 
 
 class RuntimeConfig(_Section):
