@@ -84,13 +84,18 @@ def _patch_features_conv(features: list[torch.Tensor], patch_size: int, pretrain
     h0, w0 = features[0].shape[-2:]
     weights = _conv_weights(tuple(f.shape[1] for f in features), patch_size, pretrain_dim, target_dim,
                             str(features[0].device))
-    out = torch.zeros(b, h0, w0, target_dim, device=features[0].device)
+    out = torch.empty(b, h0, w0, target_dim, device=features[0].device)
+    written = 0  # levels own consecutive channel ranges that overlap at most at their ends
     for fmap, (lo, hi, w) in zip(features, weights):
         fmap = fmap.float().contiguous(memory_format=torch.channels_last)
         y = F.conv2d(fmap, w, padding=patch_size // 2)
         if y.shape[-2:] != (h0, w0):
             y = F.interpolate(y, size=(h0, w0), mode="bilinear", align_corners=False)
-        out[..., lo:hi] += y.permute(0, 2, 3, 1)
+        y = y.permute(0, 2, 3, 1)
+        split = min(max(written, lo), hi)
+        out[..., lo:split] += y[..., :split - lo]
+        out[..., split:hi] = y[..., split - lo:]
+        written = max(written, hi)
     return out.reshape(b * h0 * w0, target_dim)
 
 

@@ -128,16 +128,16 @@ class PrunedFlatSearch:
     def _lift(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, D] -> [N, r + 1] = [leading coordinates, residual norm], and the centred norms [N]."""
         c = x - self.mean
-        lead = c @ self.axes
-        norm2 = np.einsum("ij,ij->i", c, c, dtype=np.float64)
-        res2 = norm2 - np.einsum("ij,ij->i", lead, lead, dtype=np.float64)
-        lifted = np.concatenate([lead, np.sqrt(np.maximum(res2, 0))[:, None].astype(np.float32)], 1)
-        return np.ascontiguousarray(lifted), np.sqrt(norm2)
+        lifted = np.empty((len(x), self.axes.shape[1] + 1), dtype=np.float32)
+        lead = np.matmul(c, self.axes, out=lifted[:, :-1])
+        norm2 = np.einsum("ij,ij->i", c, c)
+        lifted[:, -1] = np.sqrt(np.maximum(norm2 - np.einsum("ij,ij->i", lead, lead), 0))
+        return lifted, np.sqrt(norm2)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Squared distances [N, k], indices [N, k], and how many queries needed the full search."""
         faiss = _faiss()
-        c = max(self.candidates, k)
+        c = min(max(self.candidates, k), self.flat.ntotal)
         lifted, norms = self._lift(q)
         bounds, labels = self.bound.search(lifted, c)
         exact = np.empty(labels.shape, dtype=np.float32)

@@ -51,6 +51,47 @@ def test_search_is_euclidean_and_mean_of_k():
     assert torch.allclose(d3, full, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def real_features(category):
+    """Lite0 patch features of real photographs: a bank from the training images, test queries."""
+    train, test, _ = _split(category)
+    pc = PatchCore(load_config(None, SMALL))
+    bank, _ = pc.embed(crops(train))
+    queries, _ = pc.embed(crops(test[:6]))
+    return bank.numpy(), queries
+
+
+def test_pruning_bound_never_exceeds_the_distance(real_features):
+    bank, q = real_features
+    pruned = MemoryBank(bank, exact_search="pruned", bound_dims=64)._pruned
+    lb, _ = pruned._lift(bank)
+    lq, _ = pruned._lift(q.numpy())
+    g = np.random.default_rng(0)
+    rows, cols = g.integers(0, len(q), 5000), g.integers(0, len(bank), 5000)
+    bound = ((lq[rows] - lb[cols]) ** 2).sum(1)
+    exact = ((q.numpy()[rows] - bank[cols]) ** 2).sum(1)
+    assert np.all(bound <= exact * (1 + 1e-4) + 1e-3)
+    assert np.median(bound / exact) > 0.5  # and it is not trivially loose
+
+
+@pytest.mark.parametrize("candidates", [16, 1])
+def test_pruned_search_returns_the_brute_force_neighbours(real_features, candidates):
+    """Exact, whether most queries are proven by the bound (16 candidates) or most fall back (1)."""
+    bank, q = real_features
+    assert len(bank) >= 2048
+    brute = MemoryBank(bank, exact_search="brute")
+    pruned = MemoryBank(bank, exact_search="pruned", bound_dims=128, candidates=candidates)
+    assert (brute.backend, pruned.backend) == ("faiss-cpu", "faiss-cpu-pruned")
+    assert MemoryBank(bank).backend == "faiss-cpu-pruned"  # auto: pruned from 2048 rows
+    for k in (1, 3):
+        d, i = pruned.search(q, k)
+        d0, i0 = brute.search(q, k)
+        assert torch.allclose(d, d0, rtol=1e-4, atol=1e-3), (d - d0).abs().max()
+        assert (i[:, 0] == i0[:, 0]).float().mean() > 0.999
+    proven_share = 1 - pruned.unproven / (2 * len(q))
+    assert (proven_share > 0.7) if candidates == 16 else (proven_share < 0.5)
+
+
 def test_training_image_scores_near_zero_with_full_bank(category):
     train, test, _ = _split(category)
     x = crops(train[:4])
