@@ -43,5 +43,19 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def side_by_side(fns: dict, repeat: int = 5) -> dict:
+    """Median wall time of each function, run alternately (after one warm-up each) so that machine
+    noise and drift hit ours and the baseline alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

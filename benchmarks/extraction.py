@@ -11,12 +11,11 @@ import json
 import numpy as np
 import torch
 
-from common import best_of, crops, image_files
+from common import best_of, crops, image_files, side_by_side
 
-from patchcore_dist.backbones import build_backbone
+from patchcore_dist.backbones import build_backbone, fold_batch_norms
 from patchcore_dist.config import load_config
 from patchcore_dist.embedding import patch_features, patch_features_reference
-from patchcore_dist.patchcore import Embedder
 from patchcore_dist.preprocessing import normalize
 
 
@@ -24,13 +23,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--config", default=None)
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     torch.set_num_threads(2)
     cfg = load_config(a.config, a.overrides)
     files = image_files("*/train/good/*.png")[: a.images]
-    emb = Embedder(cfg, "cpu")
     plain = build_backbone(cfg.backbone.name, cfg.backbone.layers, cfg.backbone.weights)
+    folded = fold_batch_norms(plain)  # the very same weights (random weights too)
     e = cfg.embedding
 
     def run(fn, backbone):
@@ -42,8 +42,9 @@ def main():
             return torch.cat(out)
         return go
 
-    ours, original = run(patch_features, emb.backbone), run(patch_features_reference, plain)
-    t_ours, t_ref = best_of(ours, 1), best_of(original, 1)
+    ours, original = run(patch_features, folded), run(patch_features_reference, plain)
+    t = side_by_side({"ours": ours, "original": original}, a.repeat)
+    t_ours, t_ref = t["ours"], t["original"]
     a, b = ours(), original()
     diff = float((a - b).abs().max() / b.abs().max())
     t_decode = best_of(lambda: crops(files), 1)

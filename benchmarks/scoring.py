@@ -1,13 +1,14 @@
 """CPU scoring throughput: ours vs the literal original formulation, side by side, same inputs.
 
-    python benchmarks/scoring.py [--banks 3000,16000,160000] [--images 16]
+    python benchmarks/scoring.py [--banks 3000,16000,160000] [--images 16] [--repeat 5] [--exact-search brute]
 
 Ours: the backbone with batch norms folded, fast patch features, exact search pruned by lower bounds
 (``index.exact_search``; pass --exact-search brute for plain faiss flat L2). Baseline: the unmodified
 backbone, the original unfold -> resample every patch component -> pool, and a float32 brute-force
 search (torch.cdist + min).
 Both from pre-decoded tensors and end to end from PNG files (decode + resize + crop included).
-Prints images/s, the ratio, and the rank correlation of the image scores.
+Each configuration runs alternately with the baseline (--repeat times, medians) so that machine noise
+hits both alike. Prints images/s, the ratio, and the rank correlation of the image scores.
 """
 import argparse
 import json
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from common import best_of, crops, image_files
+from common import crops, image_files, side_by_side
 
-from patchcore_dist.backbones import build_backbone
+from patchcore_dist.backbones import build_backbone, fold_batch_norms
 from patchcore_dist.config import load_config
 from patchcore_dist.embedding import patch_features_reference
 from patchcore_dist.memory_bank import MemoryBank
@@ -33,6 +34,7 @@ def main():
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exact-search", default="auto", choices=["auto", "brute", "pruned"])
+    p.add_argument("--repeat", type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(overrides=[f"index.exact_search={a.exact_search}"])
@@ -40,6 +42,7 @@ def main():
     files = image_files("brick/test/*/*.png")[: a.images]
     x = crops(files)
     pc = PatchCore(cfg)
+    pc.embedder.backbone = fold_batch_norms(plain)  # the very same weights as the baseline's
     train = crops(image_files("brick/train/good/*.png"))
     feats, grid = pc.embed(train)
     rng = np.random.default_rng(0)
@@ -67,11 +70,12 @@ def main():
         def from_files(fn):
             return lambda: fn(crops(files))
 
-        t_ours, t_base = best_of(run_ours, 2), best_of(run_base, 1)
+        t = side_by_side({"ours": run_ours, "base": run_base, "f_ours": from_files(run_ours),
+                          "f_base": from_files(run_base)}, a.repeat)
+        t_ours, t_base, f_ours, f_base = t["ours"], t["base"], t["f_ours"], t["f_base"]
         ours.bank.unproven = 0
         run_ours()
         unproven = ours.bank.unproven / (len(x) * 784)
-        f_ours, f_base = best_of(from_files(run_ours), 1), best_of(from_files(run_base), 1)
         rho = spearmanr(run_ours(), run_base())[0]
         n = len(x)
         results[m] = {"tensors_ours": n / t_ours, "tensors_base": n / t_base, "ratio": t_base / t_ours,
