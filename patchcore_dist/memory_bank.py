@@ -111,6 +111,7 @@ class PrunedFlatSearch:
     def __init__(self, bank: np.ndarray, flat_index, bound_dims: int = 256, candidates: int = 16,
                  sample: int = 16384, seed: int = 0, margin: float = 1e-4):
         faiss = _faiss()
+        bound_dims = min(bound_dims, bank.shape[1])
         self.flat = flat_index
         self.candidates = candidates
         self.margin = margin
