@@ -218,27 +218,56 @@ class MemoryBank:
 
     def _torch_search(self, q: torch.Tensor, k: int):
         """||a - b||^2 = ||a||^2 + (||b||^2 - 2 a.b): one GEMM with the bank norms as its bias, the
-        minimum over the bank, then ||a||^2 added to the k winners only (it does not change the order)."""
+        minimum over the bank, then ||a||^2 added to the k winners only (it does not change the order).
+
+        With precision "tf32" the GEMM only nominates ``k + TF32_EXTRA_CANDIDATES`` rows per query;
+        their distances are then measured in full float32 (:func:`remeasure`), so the returned
+        distances are float32-exact and only a neighbour that tf32 rounding pushes behind that many
+        others could be missed (as with faiss' refine indexes)."""
         if len(q) == 0:
             return q.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.long, device=q.device)
+        tf32 = self.precision == "tf32"
+        c = min(len(self.bank), k + TF32_EXTRA_CANDIDATES) if tf32 else k
         dists, idxs = [], []
         chunk = max(256, (1 << 28) // len(self.bank))  # about 1 GiB of float32 distances per chunk
         prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
         try:
             for s in range(0, len(q), chunk):
                 a = q[s:s + chunk]
+                torch.backends.cuda.matmul.allow_tf32 = tf32
                 d2 = torch.addmm(self._bank_sq[None, :], a, self._bank_t.T, beta=1.0, alpha=-2.0)
-                if k == 1:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+                if c == 1:
                     v, i = d2.min(1, keepdim=True)
                 else:
-                    v, i = torch.topk(d2, k, dim=1, largest=False)
-                v = v.add_((a * a).sum(1, keepdim=True))
+                    v, i = torch.topk(d2, c, dim=1, largest=False)
+                del d2
+                if tf32:
+                    v, i = remeasure(a, self._bank_t, i, k)
+                else:
+                    v = v.add_((a * a).sum(1, keepdim=True))
                 dists.append(v.clamp_min_(0).sqrt_())
                 idxs.append(i)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         return torch.cat(dists), torch.cat(idxs)
+
+
+# tf32 search: candidates per query beyond k whose distances are re-measured in float32
+TF32_EXTRA_CANDIDATES = 7
+
+
+def remeasure(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, k: int,
+              rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared float32 distances of each query to its candidate rows [N, c], the k smallest, sorted."""
+    out_d, out_i = [], []
+    for s in range(0, len(queries), rows_per_step):
+        a, cand = queries[s:s + rows_per_step], candidates[s:s + rows_per_step]
+        d2 = ((bank[cand] - a[:, None, :]) ** 2).sum(-1)  # elementwise: no tf32 involved
+        v, order = torch.topk(d2, k, dim=1, largest=False)
+        out_d.append(v)
+        out_i.append(cand.gather(1, order))
+    return torch.cat(out_d), torch.cat(out_i)
 
 
 def search_reference(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

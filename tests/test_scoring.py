@@ -10,7 +10,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from patchcore_dist.config import load_config
-from patchcore_dist.memory_bank import MemoryBank, search_reference
+from patchcore_dist.memory_bank import MemoryBank, remeasure, search_reference
 from patchcore_dist.patchcore import PatchCore
 from patchcore_dist.preprocessing import ImageError, decode_image, geometry, resize_crop, to_original
 from patchcore_dist.scoring import anomaly_maps, gaussian_blur
@@ -193,3 +193,18 @@ def test_decode_errors_have_reasons():
     with pytest.raises(ImageError, match="over the limit"):
         decode_image(good, max_pixels=1000)
     assert resize_crop(np.zeros((300, 200, 3), np.uint8), 256, 224).shape == (224, 224, 3)
+
+
+def test_remeasure_keeps_the_exact_nearest_among_candidates(real_features):
+    """The tf32 GPU search re-measures its candidates in float32: the k best come back, exact."""
+    bank, q = real_features
+    b = torch.from_numpy(bank)
+    d_all = torch.cdist(q, b) ** 2
+    ranked_d, ranked_i = torch.topk(d_all, 25, dim=1, largest=False)
+    true_d, true_i = ranked_d[:, :3], ranked_i[:, :3]
+    # candidates: the true 3 nearest hidden among 5 farther rows, shuffled, as a tf32 GEMM would nominate them
+    g = torch.Generator().manual_seed(0)
+    cand = torch.cat([ranked_i[:, 20:25], true_i], 1)[:, torch.randperm(8, generator=g)]
+    d, i = remeasure(q, b, cand, 3, rows_per_step=500)
+    assert torch.equal(i, true_i)
+    assert torch.allclose(d, true_d, rtol=1e-4, atol=1e-2)
