@@ -32,8 +32,6 @@ class BackboneConfig(_Section):
     # Weights source: "default" (the registry's offline source, if it has one), a path / URI to a
     # state-dict file, or "random" (tests and speed benchmarks only).
     weights: str = "default"
-    # Inference only: fold each BatchNorm into the convolution before it (same features, ~30 % faster on CPU).
-    fold_batch_norm: bool = True
 
     @field_validator("layers")
     @classmethod
@@ -114,6 +112,8 @@ class RuntimeConfig(_Section):
     num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
     actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="backbone autocast dtype (GPU)")
+    fold_batch_norm: bool = Field(True, description="fold each inference BatchNorm into the convolution "
+                                                    "before it (same features to float rounding, faster)")
     search_precision: Literal["fp32", "tf32"] = Field("fp32", description="GPU nearest-neighbour matmul")
     torch_threads: Optional[int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
     ray_num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")

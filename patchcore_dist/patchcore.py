@@ -36,7 +36,8 @@ class Embedder:
         self.device = pick_device(device or config.runtime.device)
         b = config.backbone
         backbone = build_backbone(b.name, b.layers, b.weights, config.storage.options())
-        self.backbone = (fold_batch_norms(backbone) if b.fold_batch_norm else backbone).to(self.device)
+        fold = config.runtime.fold_batch_norm
+        self.backbone = (fold_batch_norms(backbone) if fold else backbone).to(self.device)
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         prec = config.runtime.precision
