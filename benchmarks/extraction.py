@@ -1,7 +1,7 @@
 """CPU extraction throughput: decode + backbone + locally aware patch features, ours vs the original
 formulation, side by side on the same PNG files. Ours: the backbone with batch norms folded into its
 convolutions and the fast patch features; original: the unmodified backbone and the literal
-unfold -> resample -> pool.
+unfold -> resample -> pool. Also prints the process's peak RSS after one pass of each (ours first).
 
     python benchmarks/extraction.py [--images 32] [--config configs/default.yaml]
 """
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import torch
 
-from common import best_of, crops, image_files, side_by_side
+from common import best_of, crops, image_files, peak_rss_mb, side_by_side
 
 from patchcore_dist.backbones import build_backbone, fold_batch_norms
 from patchcore_dist.config import load_config
@@ -43,6 +43,11 @@ def main():
         return go
 
     ours, original = run(patch_features, folded), run(patch_features_reference, plain)
+    mem = {"before": peak_rss_mb()}
+    ours()
+    mem["after_ours"] = peak_rss_mb()
+    original()
+    mem["after_original"] = peak_rss_mb()
     t = side_by_side({"ours": ours, "original": original}, a.repeat)
     t_ours, t_ref = t["ours"], t["original"]
     a, b = ours(), original()
@@ -50,9 +55,11 @@ def main():
     t_decode = best_of(lambda: crops(files), 1)
     n = len(files)
     res = {"ours_images_per_s": n / t_ours, "original_images_per_s": n / t_ref, "ratio": t_ref / t_ours,
-           "decode_images_per_s": n / t_decode, "max_abs_diff": diff, "backbone": cfg.backbone.name}
+           "decode_images_per_s": n / t_decode, "max_rel_diff": diff, "backbone": cfg.backbone.name,
+           "peak_rss_mb": mem}
     print(f"{cfg.backbone.name}: ours {n / t_ours:.1f} images/s, original {n / t_ref:.1f} images/s, x{t_ref / t_ours:.2f} "
-          f"(decode alone {n / t_decode:.0f} images/s; max |difference| / max |feature| {diff:.1e})")
+          f"(decode alone {n / t_decode:.0f} images/s; max |difference| / max |feature| {diff:.1e}; peak RSS "
+          f"{mem['before']:.0f} MB -> {mem['after_ours']:.0f} after ours -> {mem['after_original']:.0f} after original)")
     print(json.dumps(res))
 
 

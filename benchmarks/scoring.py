@@ -8,7 +8,9 @@ backbone, the original unfold -> resample every patch component -> pool, and a f
 search (torch.cdist + min).
 Both from pre-decoded tensors and end to end from PNG files (decode + resize + crop included).
 Each configuration runs alternately with the baseline (--repeat times, medians) so that machine noise
-hits both alike. Prints images/s, the ratio, and the rank correlation of the image scores.
+hits both alike. Prints images/s, the ratio, the rank correlation of the image scores, and the
+process's peak RSS before, after one pass of ours and after one pass of the original (high-water marks,
+ours first, so a higher figure after the original is the original's extra memory).
 """
 import argparse
 import json
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from common import crops, image_files, side_by_side
+from common import crops, image_files, peak_rss_mb, side_by_side
 
 from patchcore_dist.backbones import build_backbone, fold_batch_norms
 from patchcore_dist.config import load_config
@@ -70,6 +72,11 @@ def main():
         def from_files(fn):
             return lambda: fn(crops(files))
 
+        mem_start = peak_rss_mb()
+        run_ours()
+        mem_ours = peak_rss_mb()
+        run_base()
+        mem_base = peak_rss_mb()
         t = side_by_side({"ours": run_ours, "base": run_base, "f_ours": from_files(run_ours),
                           "f_base": from_files(run_base)}, a.repeat)
         t_ours, t_base, f_ours, f_base = t["ours"], t["base"], t["f_ours"], t["f_base"]
@@ -80,11 +87,12 @@ def main():
         n = len(x)
         results[m] = {"tensors_ours": n / t_ours, "tensors_base": n / t_base, "ratio": t_base / t_ours,
                       "files_ours": n / f_ours, "files_base": n / f_base, "files_ratio": f_base / f_ours,
-                      "spearman": rho, "search": ours.bank.backend, "unproven": unproven}
+                      "spearman": rho, "search": ours.bank.backend, "unproven": unproven,
+                      "peak_rss_mb": {"before": mem_start, "after_ours": mem_ours, "after_original": mem_base}}
         print(f"bank {m:>7}: from tensors ours {n / t_ours:6.2f} img/s, original {n / t_base:6.2f} img/s, "
               f"x{t_base / t_ours:.2f} | from files ours {n / f_ours:6.2f}, original {n / f_base:6.2f}, "
-              f"x{f_base / f_ours:.2f} | rank corr {rho:.4f} | {ours.bank.backend}, searched in full {unproven:.1%}",
-              flush=True)
+              f"x{f_base / f_ours:.2f} | rank corr {rho:.4f} | {ours.bank.backend}, searched in full {unproven:.1%} | "
+              f"peak RSS {mem_start:.0f} MB -> {mem_ours:.0f} after ours -> {mem_base:.0f} after original", flush=True)
     print(json.dumps(results))
 
 
