@@ -134,8 +134,14 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(f"levels {missing} not found in the backbone; some module names: {hint}")
         self._outputs: dict[str, torch.Tensor] = {}
         self._active = False
-        for name in self.layers:
-            modules[name].register_forward_hook(self._hook(name))
+        self._hooks = {name: modules[name].register_forward_hook(self._hook(name)) for name in self.layers}
+
+    def model_copy(self) -> nn.Module:
+        """A deep copy of the model without this extractor's hooks (they would keep it alive)."""
+        model = copy.deepcopy(self.model)
+        for name, handle in self._hooks.items():
+            model.get_submodule(name)._forward_hooks.pop(handle.id, None)
+        return model
 
     def _hook(self, name):
         def hook(_module, _inp, out):
@@ -208,24 +214,31 @@ def fold_batch_norms(extractor: FeatureExtractor, size: int = 64, tolerance: flo
     original is returned unchanged if any level differs by more than ``tolerance`` (relative).
     """
     model = extractor.model
+    levels = extractor.layers
+    # A level's own module (or one inside it) must keep its name and its output: leave those alone.
+    keep = lambda name: any(l == name or l.startswith(name + ".") for l in levels)  # noqa: E731
     conv_out: dict[int, tuple[str, torch.Tensor]] = {}
     calls: dict[str, int] = {}
     pairs: list[tuple[str, str]] = []
     hooks = []
     for name, module in model.named_modules():
+        if keep(name):
+            continue
         if isinstance(module, nn.Conv2d):
             def on_conv(m, inp, out, name=name):
                 calls[name] = calls.get(name, 0) + 1
                 conv_out[id(out)] = (name, out)
             hooks.append(module.register_forward_hook(on_conv))
-        elif _is_foldable_norm(module) and name not in extractor.layers:
+        elif _is_foldable_norm(module):
             def on_norm(m, inp, name=name):
                 calls[name] = calls.get(name, 0) + 1
                 hit = conv_out.get(id(inp[0]))
                 if hit is not None and hit[1] is inp[0]:
                     pairs.append((hit[0], name))
             hooks.append(module.register_forward_pre_hook(on_norm))
+    param = next(model.parameters(), None)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = x.to(param.device) if param is not None else x
     try:
         with torch.inference_mode():
             reference = extractor(x)
@@ -237,7 +250,7 @@ def fold_batch_norms(extractor: FeatureExtractor, size: int = 64, tolerance: flo
     pairs = [(c, n) for c, n in pairs if calls[c] == 1 and calls[n] == 1 and convs.count(c) == 1]
     if not pairs:
         return extractor
-    folded = copy.deepcopy(model)
+    folded = extractor.model_copy()
     for conv_name, norm_name in pairs:
         conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
         with torch.no_grad():
@@ -252,7 +265,7 @@ def fold_batch_norms(extractor: FeatureExtractor, size: int = 64, tolerance: flo
         parent = folded.get_submodule(parent_name) if parent_name else folded
         rest = nn.Identity() if type(norm) is nn.BatchNorm2d else nn.Sequential(norm.drop, norm.act)
         setattr(parent, child, rest)
-    result = FeatureExtractor(folded, extractor.layers)
+    result = FeatureExtractor(folded, levels)
     with torch.inference_mode():
         for a, b in zip(reference, result(x)):
             if (a - b).abs().max() > tolerance * max(1.0, float(a.abs().max())):

@@ -65,7 +65,13 @@ def _pool_matrix(c: int, dim: int) -> torch.Tensor:
 def _conv_weights(channels: tuple[int, ...], patch_size: int, pretrain_dim: int, target_dim: int,
                   device: str = "cpu") -> tuple[tuple[int, int, torch.Tensor], ...]:
     """Per level: the output channel range [a, b) it contributes to and its convolution weights
-    [b - a, C_l, p, p] = (final pooling restricted to the level) x (the level's pooling), in (c, i, j) order."""
+    [b - a, C_l, p, p] = (final pooling restricted to the level) x (the level's pooling), in (c, i, j) order.
+    Built outside inference mode: they are cached and may later meet tensors that need gradients."""
+    with torch.inference_mode(False):
+        return _compose_conv_weights(channels, patch_size, pretrain_dim, target_dim, device)
+
+
+def _compose_conv_weights(channels, patch_size, pretrain_dim, target_dim, device):
     final = _pool_matrix(len(channels) * pretrain_dim, target_dim)
     out = []
     for level, c in enumerate(channels):

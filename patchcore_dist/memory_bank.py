@@ -140,7 +140,7 @@ class PrunedFlatSearch:
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Squared distances [N, k], indices [N, k], and how many queries needed the full search."""
         faiss = _faiss()
-        c = min(max(self.candidates, k), self.flat.ntotal)
+        c = min(self.candidates + k - 1, self.flat.ntotal)
         lifted, norms = self._lift(q)
         bounds, labels = self.bound.search(lifted, c)
         exact = np.empty(labels.shape, dtype=np.float32)
@@ -151,7 +151,10 @@ class PrunedFlatSearch:
         d2 = np.take_along_axis(exact, order, 1)
         idx = np.take_along_axis(labels, order, 1)
         slack = self.margin * (norms + self.max_norm) ** 2
-        unproven = np.flatnonzero(~(d2[:, -1] <= bounds[:, -1] - slack))
+        proven = d2[:, -1] <= bounds[:, -1] - slack
+        if c == self.flat.ntotal:
+            proven[:] = True  # every row was measured exactly
+        unproven = np.flatnonzero(~proven)
         if len(unproven):
             d2[unproven], idx[unproven] = self.flat.search(np.ascontiguousarray(q[unproven]), k)
         return d2, idx, len(unproven)

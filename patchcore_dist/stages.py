@@ -89,11 +89,10 @@ def _threads(config: Config) -> None:
     import torch
     n = config.runtime.torch_threads or max(1, int(round(config.runtime.actor_cpus)))
     torch.set_num_threads(n)
-    try:
-        import faiss
-        faiss.omp_set_num_threads(n)  # the search (and the pruned search's bound) on the actor's CPUs only
-    except ImportError:
-        pass
+    import faiss
+    from threadpoolctl import threadpool_limits
+    faiss.omp_set_num_threads(n)  # the search on the actor's CPUs only
+    threadpool_limits(n)  # numpy's BLAS (the pruned search's projection)
 
 
 class Extract:

@@ -147,3 +147,48 @@ def test_folding_is_refused_when_the_convolution_output_has_another_use():
     model.bn.running_var.uniform_(0.5, 2)
     extractor = FeatureExtractor(model, ("out",))
     assert fold_batch_norms(extractor) is extractor
+
+
+def test_folding_leaves_levels_alone_and_keeps_one_hook_per_level():
+    import gc
+    import weakref
+    from timm.layers import BatchNormAct2d
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8)
+            self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    # a level inside a BatchNormAct2d and a BN that is a level: both stay (no crash, nothing renamed)
+    extractor = FeatureExtractor(net, ("bn1.act", "bn2"))
+    assert fold_batch_norms(extractor) is extractor
+    assert type(net.bn1).__name__ == "BatchNormAct2d" and type(net.bn2) is torch.nn.BatchNorm2d
+
+    plain = FeatureExtractor(Net().eval(), ("bn2",))
+    plain.model.bn1.running_var.uniform_(0.5, 2)
+    folded = fold_batch_norms(plain)
+    assert isinstance(folded.model.bn1, torch.nn.Sequential)  # folded: only its activation is left
+    assert len(folded.model.bn2._forward_hooks) == 1  # the copy does not carry the original's hook
+    ref = weakref.ref(plain.model)
+    del plain
+    gc.collect()
+    assert ref() is None  # the unfolded backbone is not kept alive by the folded one
+
+
+def test_patch_features_after_inference_mode_still_support_autograd():
+    levels = [torch.rand(1, 6, 8, 8), torch.rand(1, 9, 4, 4)]
+    with torch.inference_mode():
+        patch_features(levels, 3, 96, 48)  # builds and caches the convolution weights
+    grad_levels = [l.clone().requires_grad_(True) for l in levels]
+    out, _ = patch_features(grad_levels, 3, 96, 48)
+    out.sum().backward()
+    assert grad_levels[0].grad is not None and grad_levels[0].grad.abs().sum() > 0

@@ -208,3 +208,13 @@ def test_remeasure_keeps_the_exact_nearest_among_candidates(real_features):
     d, i = remeasure(q, b, cand, 3, rows_per_step=500)
     assert torch.equal(i, true_i)
     assert torch.allclose(d, true_d, rtol=1e-4, atol=1e-2)
+
+
+def test_pruned_search_on_a_bank_smaller_than_the_candidates():
+    g = torch.Generator().manual_seed(3)
+    bank, q = torch.randn(10, 64, generator=g), torch.randn(40, 64, generator=g)
+    mb = MemoryBank(bank.numpy(), exact_search="pruned", bound_dims=16, candidates=16)
+    d, i = mb.search(q, 3)
+    ref_d, ref_i = torch.cdist(q, bank).topk(3, dim=1, largest=False)
+    assert torch.equal(i, ref_i) and torch.allclose(d, ref_d, atol=1e-4)
+    assert mb.unproven == 0  # every row was a candidate: nothing to prove
