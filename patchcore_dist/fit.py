@@ -145,25 +145,34 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
 
     ray = init_ray(config)
     cfg = config.to_dict()
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(reusable)},
-                        batch_size=config.runtime.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(Extract, fn_constructor_args=(cfg, model), batch_size=config.runtime.batch_size,
-                        **actor_pool(config))
-    cols = ["uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row", "patches",
-            "shard_sha256", "shard_bytes"]
-    rows = {c: [] for c in cols}
-    done = errors = 0
-    last = time.time()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for c in cols:
-            rows[c].extend(batch[c].tolist())
-        done += len(batch["uri"])
-        errors += sum(1 for e in batch["error"] if e)
-        if time.time() - last > 5:
-            last = time.time()
-            log.info("extracting: %d / %d images (%d errors), %.1f images/s", done, len(items), errors,
-                     done / (last - t_start))
+    # Same inputs, same model: keep the listing order through the pipeline, so every run forms the same
+    # batches (a backbone's float rounding may depend on the batch) and the coreset sees the patches in
+    # the same order (its greedy choice depends on it).
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+        ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(reusable)},
+                            batch_size=config.runtime.batch_size, num_cpus=0.5)
+        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, model), batch_size=config.runtime.batch_size,
+                            **actor_pool(config))
+        cols = ["uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row", "patches",
+                "shard_sha256", "shard_bytes"]
+        rows = {c: [] for c in cols}
+        done = errors = 0
+        last = time.time()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for c in cols:
+                rows[c].extend(batch[c].tolist())
+            done += len(batch["uri"])
+            errors += sum(1 for e in batch["error"] if e)
+            if time.time() - last > 5:
+                last = time.time()
+                log.info("extracting: %d / %d images (%d errors), %.1f images/s", done, len(items), errors,
+                         done / (last - t_start))
+    finally:
+        context.execution_options.preserve_order = preserve_order
     t_extract = time.time() - t_start
     writer = ModelWriter(model, opts)
     if reusable:
@@ -183,7 +192,7 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     for name, t, p in zip(rows["shard"], train_ok, rows["patches"]):
         if t:
             patches[name] = patches.get(name, 0) + int(p)
-    shards = sorted(patches)
+    shards = list(patches)  # in listing order (dicts keep insertion order), not by the random shard names
     bank, stats = build_memory_bank([storage.join(model, "features", s) for s in shards],
                                     [patches[s] for s in shards], config, opts)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})

@@ -58,6 +58,14 @@ def test_fit_writes_a_verified_model(local_model, category):
         run_fit(category, model, load_config(None, SMALL))
 
 
+def test_fit_is_reproducible(local_model, category, tmp_path):
+    """Same images, same config: the same memory bank, bit for bit (batches, patch order, coreset)."""
+    model, _ = local_model
+    again = str(tmp_path / "again")
+    run_fit(category, again, load_config(None, SMALL))
+    assert np.array_equal(load_model(model).bank, load_model(again).bank)
+
+
 def test_score_local_folders(local_model, category, tmp_path):
     model, manifest = local_model
     out = str(tmp_path / "out")
