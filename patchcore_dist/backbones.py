@@ -204,6 +204,17 @@ def _is_foldable_norm(module: nn.Module) -> bool:
 
 
 def fold_batch_norms(extractor: FeatureExtractor, size: int = 64, tolerance: float = 1e-4) -> FeatureExtractor:
+    """Fold every inference-mode BatchNorm into the convolution whose output it normalises (see
+    :func:`_fold_batch_norms`); any failure (e.g. a backbone that cannot run the probe input) keeps the
+    unfolded backbone, which is always correct."""
+    try:
+        return _fold_batch_norms(extractor, size, tolerance)
+    except Exception as e:  # noqa: BLE001 - folding is an optimisation, never a reason to fail
+        log.warning("batch-norm folding skipped (%s: %s); using the unfolded backbone", type(e).__name__, e)
+        return extractor
+
+
+def _fold_batch_norms(extractor: FeatureExtractor, size: int, tolerance: float) -> FeatureExtractor:
     """Fold every inference-mode BatchNorm into the convolution whose output it normalises.
 
     BN in eval mode is an affine map per channel, y = (x - mean) * g / sqrt(var + eps) + b, so a

@@ -192,3 +192,18 @@ def test_patch_features_after_inference_mode_still_support_autograd():
     out, _ = patch_features(grad_levels, 3, 96, 48)
     out.sum().backward()
     assert grad_levels[0].grad is not None and grad_levels[0].grad.abs().sum() > 0
+
+
+def test_folding_failure_keeps_the_unfolded_backbone():
+    class NeedsBigInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.shape[-1] < 100:
+                raise ValueError("input too small")
+            return self.bn(self.conv(x))
+
+    extractor = FeatureExtractor(NeedsBigInput().eval(), ("bn",))
+    assert fold_batch_norms(extractor) is extractor
