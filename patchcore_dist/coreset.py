@@ -35,7 +35,11 @@ def projection_matrix(dim: int, projection_dim: int, seed: int = 0) -> torch.Ten
 
 def project(features: torch.Tensor | np.ndarray, matrix: torch.Tensor | None) -> torch.Tensor:
     x = torch.as_tensor(features).float()
-    return x if matrix is None else x @ matrix.to(x.device)
+    if matrix is None:
+        return x
+    if x.device.type == "cpu":  # numpy's OpenBLAS: ~1.4x torch's CPU BLAS on this kind of product
+        return torch.from_numpy(x.numpy() @ matrix.numpy())
+    return x @ matrix.to(x.device)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -72,19 +76,26 @@ def greedy_coreset(projected: torch.Tensor, k: int, seed: int = 0, num_starting_
     if dev.type == "cpu":
         # The matrix transposed to [d, N]: the vector-matrix product streams it contiguously, about
         # 3.5x faster than a matrix-vector product over [N, d] on CPU BLAS; and squared distances
-        # (same order, no square roots) to save passes over N.
-        xt = x.T.contiguous()
+        # (same order, no square roots) to save passes over N. The loop runs on numpy views of the
+        # same memory: numpy's OpenBLAS product is 2-3x faster here than torch's CPU BLAS, and a numpy
+        # call costs a fraction of a torch dispatch (both matter: a step is ~0.1 ms at N = 20k).
+        xt = x.T.contiguous().numpy()
         del x
         min_dist.square_()
-        row = new.view(1, n)
+        sq_np, dist_np, new_np, selected_np = sq.numpy(), min_dist.numpy(), new.numpy(), selected.numpy()
+        slots = range(k)
 
-        def step(slot: torch.Tensor) -> None:
-            idx = int(torch.argmax(min_dist))
-            slot.fill_(idx)
-            torch.mm(xt[:, idx].view(1, -1), xt, out=row)
-            torch.add(sq, new, alpha=-2.0, out=new).add_(sq[idx])
-            torch.minimum(min_dist, new, out=min_dist)
+        def step(slot: int) -> None:
+            idx = int(dist_np.argmax())
+            selected_np[slot] = idx
+            np.dot(xt[:, idx], xt, out=new_np)
+            np.multiply(new_np, -2.0, out=new_np)
+            np.add(new_np, sq_np, out=new_np)
+            np.add(new_np, sq_np[idx], out=new_np)
+            np.minimum(dist_np, new_np, out=dist_np)
     else:
+        slots = selected
+
         def step(slot: torch.Tensor) -> None:
             idx = torch.argmax(min_dist)  # stays on the device: no host synchronisation
             slot.copy_(idx)
@@ -114,7 +125,7 @@ def greedy_coreset(projected: torch.Tensor, k: int, seed: int = 0, num_starting_
             selected[i:i + GRAPH_STEPS].copy_(block)
             i += GRAPH_STEPS
     for i in range(i, k):
-        step(selected[i])
+        step(slots[i])
         if progress_every and dev.type == "cpu" and time.time() - last > progress_every:
             last = time.time()
             log.info("coreset: %d / %d selected (%.0f%%), %.1f s", i + 1, k, 100.0 * (i + 1) / k, last - t0)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
+from .coreset import project
 from .model import sha256
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def project_shards(shards: list[str], matrix: torch.Tensor | None, storage_optio
         _, feats = read_shard(uri, storage_options)
         n_img, l, d = feats.shape
         x = torch.from_numpy(feats.reshape(-1, d).astype(np.float32))
-        parts.append(x if matrix is None else x @ matrix)
+        parts.append(project(x, matrix))
         layout.append((uri, n_img, l))
         if time.time() - last > 10:
             last = time.time()
