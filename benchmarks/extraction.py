@@ -1,7 +1,8 @@
 """CPU extraction throughput: decode + backbone + locally aware patch features, ours vs the original
-formulation, side by side on the same PNG files. Ours: the backbone with batch norms folded into its
-convolutions and the fast patch features; original: the unmodified backbone and the literal
-unfold -> resample -> pool. Also prints the process's peak RSS after one pass of each (ours first).
+formulation, side by side on the same PNG files. Ours: the backbone optimised for inference (batch
+norms folded into its convolutions, copy-free same padding) and the fast patch features; original:
+the unmodified backbone and the literal unfold -> resample -> pool. Also prints the process's peak
+RSS after one pass of each (ours first).
 
     python benchmarks/extraction.py [--images 32] [--config configs/default.yaml]
 """
@@ -13,7 +14,7 @@ import torch
 
 from common import best_of, crops, image_files, peak_rss_mb, side_by_side
 
-from patchcore_dist.backbones import build_backbone, fold_batch_norms
+from patchcore_dist.backbones import build_backbone, optimize_for_inference
 from patchcore_dist.config import load_config
 from patchcore_dist.embedding import patch_features, patch_features_reference
 from patchcore_dist.preprocessing import normalize
@@ -30,7 +31,7 @@ def main():
     cfg = load_config(a.config, a.overrides)
     files = image_files("*/train/good/*.png")[: a.images]
     plain = build_backbone(cfg.backbone.name, cfg.backbone.layers, cfg.backbone.weights)
-    folded = fold_batch_norms(plain)  # the very same weights (random weights too)
+    folded = optimize_for_inference(plain)  # the very same weights (random weights too)
     e = cfg.embedding
 
     def run(fn, backbone):

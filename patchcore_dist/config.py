@@ -112,8 +112,8 @@ class RuntimeConfig(_Section):
     num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
     actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="backbone autocast dtype (GPU)")
-    fold_batch_norm: bool = Field(True, description="fold each inference BatchNorm into the convolution "
-                                                    "before it (same features to float rounding, faster)")
+    optimize_backbone: bool = Field(True, description="fold inference BatchNorms into their convolutions and pad "
+                                                      "TF-same convolutions without copies (same features, faster)")
     search_precision: Literal["fp32", "tf32"] = Field("fp32", description="GPU nearest-neighbour matmul")
     torch_threads: Optional[int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
     ray_num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")

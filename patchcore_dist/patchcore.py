@@ -13,7 +13,7 @@ import torch
 
 from . import coreset as coreset_mod
 from .coreset import pick_device
-from .backbones import build_backbone, fold_batch_norms
+from .backbones import build_backbone, optimize_for_inference
 from .config import Config
 from .embedding import patch_features
 from .memory_bank import MemoryBank, set_search_params
@@ -36,8 +36,8 @@ class Embedder:
         self.device = pick_device(device or config.runtime.device)
         b = config.backbone
         backbone = build_backbone(b.name, b.layers, b.weights, config.storage.options())
-        fold = config.runtime.fold_batch_norm
-        self.backbone = (fold_batch_norms(backbone) if fold else backbone).to(self.device)
+        optimize = config.runtime.optimize_backbone
+        self.backbone = (optimize_for_inference(backbone) if optimize else backbone).to(self.device)
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         prec = config.runtime.precision

@@ -207,3 +207,24 @@ def test_folding_failure_keeps_the_unfolded_backbone():
 
     extractor = FeatureExtractor(NeedsBigInput().eval(), ("bn",))
     assert fold_batch_norms(extractor) is extractor
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 2, 16), (5, 2, 16), (3, 2, 15), (5, 2, 17), (3, 1, 10), (4, 2, 12)])
+def test_same_padding_without_copies_equals_timm(kernel, stride, size):
+    from timm.layers import Conv2dSame
+    from patchcore_dist.backbones import SamePaddingConv
+    torch.manual_seed(0)
+    conv = Conv2dSame(6, 6, kernel, stride=stride, groups=3, bias=True).eval()
+    x = torch.randn(2, 6, size, size + 2)
+    with torch.inference_mode():
+        assert torch.allclose(SamePaddingConv(conv)(x), conv(x), atol=1e-6)
+
+
+def test_optimized_lite0_gives_the_same_features(lite0):
+    from patchcore_dist.backbones import SamePaddingConv, optimize_for_inference
+    fast = optimize_for_inference(lite0)
+    assert any(isinstance(m, SamePaddingConv) for m in fast.model.modules())
+    x = normalize(torch.from_numpy(_photos(2)))
+    with torch.inference_mode():
+        for a, b in zip(lite0(x), fast(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
