@@ -107,8 +107,9 @@ class PrunedFlatSearch:
     Results equal faiss ``IndexFlatL2`` up to float32 rounding: ``margin`` absorbs the rounding of the
     bound, and a proof that rounding defeats can only return a distance larger than the true nearest
     by that rounding. The residual norm is sqrt(||c||^2 - ||c_r||^2), accurate in float32 while the
-    residual keeps more than ~1e-4 of a row's energy (Lite0 features keep ~3.6 % beyond r = 255). We wrote this ourselves: faiss offers the pieces (flat search, subset distances) but
-    no exact search with a certificate; its PCA + refine indexes are approximate.
+    residual keeps a fair share of a row's centred energy (Lite0 features keep ~3.6 % beyond r = 255).
+    We wrote this ourselves: faiss offers the pieces (flat search, subset distances) but no exact
+    search with a certificate; its PCA + refine indexes are approximate.
     """
 
     def __init__(self, bank: np.ndarray, flat_index, bound_dims: int = 256, candidates: int = 16,
