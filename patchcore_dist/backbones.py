@@ -136,6 +136,10 @@ class FeatureExtractor(nn.Module):
         self._active = False
         self._hooks = {name: modules[name].register_forward_hook(self._hook(name)) for name in self.layers}
 
+    def holds_level(self, name: str) -> bool:
+        """Whether module ``name`` is a level or contains one (rewrites must leave those alone)."""
+        return any(l == name or l.startswith(name + ".") for l in self.layers)
+
     def model_copy(self) -> nn.Module:
         """A deep copy of the model without this extractor's hooks (they would keep it alive)."""
         model = copy.deepcopy(self.model)
@@ -203,37 +207,60 @@ def _is_foldable_norm(module: nn.Module) -> bool:
     return (plain or norm_act) and not module.training and module.running_mean is not None
 
 
-def fold_batch_norms(extractor: FeatureExtractor, size: int = 64, tolerance: float = 1e-4) -> FeatureExtractor:
-    """Fold every inference-mode BatchNorm into the convolution whose output it normalises (see
-    :func:`_fold_batch_norms`); any failure (e.g. a backbone that cannot run the probe input) keeps the
-    unfolded backbone, which is always correct."""
+def _probe(model: nn.Module) -> torch.Tensor:
+    """A fixed random input on the model's device, for finding and checking rewrites."""
+    param = next(model.parameters(), None)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return x.to(param.device) if param is not None else x
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _rewritten(extractor: FeatureExtractor, what: str, rewrite: Callable[[FeatureExtractor], nn.Module | None],
+               tolerance: float) -> FeatureExtractor:
+    """Apply an inference-only rewrite to a copy of the model and keep it only if every level still
+    equals the original's on the probe (relative ``tolerance``); ``rewrite`` returns None when it has
+    nothing to do. Any error keeps the original: these are optimisations, never a reason to fail."""
     try:
-        return _fold_batch_norms(extractor, size, tolerance)
-    except Exception as e:  # noqa: BLE001 - folding is an optimisation, never a reason to fail
-        log.warning("batch-norm folding skipped (%s: %s); using the unfolded backbone", type(e).__name__, e)
+        model = rewrite(extractor)
+        if model is None:
+            return extractor
+        result = FeatureExtractor(model, extractor.layers)
+        x = _probe(model)
+        with torch.inference_mode():
+            for a, b in zip(extractor(x), result(x)):
+                if (a - b).abs().max() > tolerance * max(1.0, float(a.abs().max())):
+                    log.warning("%s changed the features; keeping the original backbone", what)
+                    return extractor
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s skipped (%s: %s); keeping the original backbone", what, type(e).__name__, e)
         return extractor
+    log.info("backbone: %s", what)
+    return result
 
 
-def _fold_batch_norms(extractor: FeatureExtractor, size: int, tolerance: float) -> FeatureExtractor:
+def fold_batch_norms(extractor: FeatureExtractor, tolerance: float = 1e-4) -> FeatureExtractor:
     """Fold every inference-mode BatchNorm into the convolution whose output it normalises.
 
     BN in eval mode is an affine map per channel, y = (x - mean) * g / sqrt(var + eps) + b, so a
     preceding convolution absorbs it: w' = w * s, bias' = (bias - mean) * s + b with s = g / sqrt(var + eps).
     It saves a full pass over every activation (BN was 30 % of Lite0's CPU time; see benchmarks/).
     Pairs are found by running the extractor once and matching each BN's input to the tensor a
-    Conv2d returned; the folded copy is checked against the original on a random input and the
-    original is returned unchanged if any level differs by more than ``tolerance`` (relative).
+    Conv2d returned; the folded copy is checked against the original (:func:`_rewritten`).
     """
-    model = extractor.model
-    levels = extractor.layers
-    # A level's own module (or one inside it) must keep its name and its output: leave those alone.
-    keep = lambda name: any(l == name or l.startswith(name + ".") for l in levels)  # noqa: E731
+    return _rewritten(extractor, "batch norms folded into their convolutions", _fold, tolerance)
+
+
+def _fold(extractor: FeatureExtractor) -> nn.Module | None:
     conv_out: dict[int, tuple[str, torch.Tensor]] = {}
     calls: dict[str, int] = {}
     pairs: list[tuple[str, str]] = []
     hooks = []
-    for name, module in model.named_modules():
-        if keep(name):
+    for name, module in extractor.model.named_modules():
+        if extractor.holds_level(name):  # a level keeps its name and its output
             continue
         if isinstance(module, nn.Conv2d):
             def on_conv(m, inp, out, name=name):
@@ -247,12 +274,9 @@ def _fold_batch_norms(extractor: FeatureExtractor, size: int, tolerance: float) 
                 if hit is not None and hit[1] is inp[0]:
                     pairs.append((hit[0], name))
             hooks.append(module.register_forward_pre_hook(on_norm))
-    param = next(model.parameters(), None)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    x = x.to(param.device) if param is not None else x
     try:
         with torch.inference_mode():
-            reference = extractor(x)
+            extractor(_probe(extractor.model))
     finally:
         for h in hooks:
             h.remove()
@@ -260,7 +284,7 @@ def _fold_batch_norms(extractor: FeatureExtractor, size: int, tolerance: float) 
     convs = [c for c, _ in pairs]
     pairs = [(c, n) for c, n in pairs if calls[c] == 1 and calls[n] == 1 and convs.count(c) == 1]
     if not pairs:
-        return extractor
+        return None
     folded = extractor.model_copy()
     for conv_name, norm_name in pairs:
         conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
@@ -272,18 +296,9 @@ def _fold_batch_norms(extractor: FeatureExtractor, size: int, tolerance: float) 
             bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
             conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
             conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
-        parent_name, _, child = norm_name.rpartition(".")
-        parent = folded.get_submodule(parent_name) if parent_name else folded
         rest = nn.Identity() if type(norm) is nn.BatchNorm2d else nn.Sequential(norm.drop, norm.act)
-        setattr(parent, child, rest)
-    result = FeatureExtractor(folded, levels)
-    with torch.inference_mode():
-        for a, b in zip(reference, result(x)):
-            if (a - b).abs().max() > tolerance * max(1.0, float(a.abs().max())):
-                log.warning("batch-norm folding changed the features; keeping the unfolded backbone")
-                return extractor
-    log.info("folded %d batch-norm layers into their convolutions", len(pairs))
-    return result
+        _replace(folded, norm_name, rest)
+    return folded
 
 
 class SamePaddingConv(nn.Module):
@@ -316,32 +331,18 @@ class SamePaddingConv(nn.Module):
 
 
 def static_same_padding(extractor: FeatureExtractor) -> FeatureExtractor:
-    """Replace timm's Conv2dSame modules by :class:`SamePaddingConv` (identical outputs, checked on a
-    probe input; the original is kept if anything differs or fails)."""
-    try:
-        names = [n for n, m in extractor.model.named_modules()
-                 if type(m).__name__ == "Conv2dSame" and isinstance(m, nn.Conv2d)
-                 and not any(l == n or l.startswith(n + ".") for l in extractor.layers)]
+    """Replace timm's Conv2dSame modules by :class:`SamePaddingConv` (identical outputs, checked by
+    :func:`_rewritten`)."""
+    def rewrite(ex: FeatureExtractor) -> nn.Module | None:
+        names = [n for n, m in ex.model.named_modules()
+                 if type(m).__name__ == "Conv2dSame" and isinstance(m, nn.Conv2d) and not ex.holds_level(n)]
         if not names:
-            return extractor
-        model = extractor.model_copy()
+            return None
+        model = ex.model_copy()
         for name in names:
-            parent, _, child = name.rpartition(".")
-            holder = model.get_submodule(parent) if parent else model
-            setattr(holder, child, SamePaddingConv(getattr(holder, child)))
-        result = FeatureExtractor(model, extractor.layers)
-        param = next(model.parameters())
-        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(param.device)
-        with torch.inference_mode():
-            for a, b in zip(extractor(x), result(x)):
-                if (a - b).abs().max() > 1e-5 * max(1.0, float(a.abs().max())):
-                    log.warning("static same padding changed the features; keeping the original backbone")
-                    return extractor
-    except Exception as e:  # noqa: BLE001 - an optimisation, never a reason to fail
-        log.warning("static same padding skipped (%s: %s)", type(e).__name__, e)
-        return extractor
-    log.info("replaced %d explicit same-padding convolutions", len(names))
-    return result
+            _replace(model, name, SamePaddingConv(model.get_submodule(name)))
+        return model
+    return _rewritten(extractor, "same padding without copies", rewrite, 1e-5)
 
 
 def optimize_for_inference(extractor: FeatureExtractor) -> FeatureExtractor:

@@ -337,9 +337,7 @@ def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, 
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(n, size=min(n, 20000), replace=False)
     bank, sample_feats = gather_rows(selected, layout, opts, extra=sample)
-    ix = config.index
-    d, _ = MemoryBank(bank, exact_search=ix.exact_search, bound_dims=ix.bound_dims,
-                      candidates=ix.bound_candidates).search(sample_feats, 1)
+    d, _ = MemoryBank.from_config(bank, config).search(sample_feats, 1)
     d = d[:, 0].numpy()
     q = {f"p{p}": float(np.percentile(d, p)) for p in (50, 90, 99, 99.9)}
     # Heatmap colour scale, fixed per model: typical normal patches at the cold end, twice the

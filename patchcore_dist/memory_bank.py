@@ -192,7 +192,8 @@ class MemoryBank:
         self.unproven = 0  # queries the pruned search had to search in full (counter, for benchmarks)
         # GPU torch search only: "fp32" exact, "tf32" tensor-core matmul (see benchmarks/).
         self.precision = precision
-        faiss = _faiss() if index is not None else None
+        faiss = _faiss()
+        flat = isinstance(index, faiss.IndexFlatL2) and index.ntotal == len(self.bank)
         if index is not None and not isinstance(index, faiss.IndexFlat):
             self._index = index  # approximate search on the CPU, whatever the device
             self.backend = f"faiss-cpu-{type(index).__name__}"
@@ -201,9 +202,9 @@ class MemoryBank:
             self._bank_sq = (self._bank_t * self._bank_t).sum(1)
             self.backend = "torch-cuda"
         else:
-            faiss = _faiss()
-            index = faiss.IndexFlatL2(self.bank.shape[1])
-            index.add(self.bank)
+            if not flat:  # the model's own flat index is used as it is
+                index = faiss.IndexFlatL2(self.bank.shape[1])
+                index.add(self.bank)
             if self.device.type == "cuda":
                 res = faiss.StandardGpuResources()
                 index = faiss.index_cpu_to_gpu(res, self.device.index or 0, index)
@@ -216,6 +217,13 @@ class MemoryBank:
                     self._pruned = PrunedFlatSearch(self.bank, index, bound_dims, candidates)
                     self.backend = "faiss-cpu-pruned"
             self._index = index
+
+    @classmethod
+    def from_config(cls, bank: np.ndarray, config, device: str = "cpu", index=None) -> "MemoryBank":
+        """The memory bank searched with a run's settings (runtime.search_precision, index.exact_search, ...)."""
+        ix = config.index
+        return cls(bank, device, config.runtime.search_precision, index, ix.exact_search, ix.bound_dims,
+                   ix.bound_candidates)
 
     @property
     def dim(self) -> int:

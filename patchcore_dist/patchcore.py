@@ -82,9 +82,7 @@ class PatchCore:
     def _bank(self, bank: np.ndarray) -> MemoryBank:
         if self._index is not None:
             set_search_params(self._index, self.config.index)  # this run's nprobe / ef_search
-        ix = self.config.index
-        return MemoryBank(bank, str(self.device), self.config.runtime.search_precision, self._index,
-                          ix.exact_search, ix.bound_dims, ix.bound_candidates)
+        return MemoryBank.from_config(bank, self.config, str(self.device), self._index)
 
     # -- fitting in one process (tests, benchmarks, small data) ------------------------------
     def embed(self, crops_uint8, batch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
