@@ -40,9 +40,7 @@ def shard_bytes(image_ids: list[str], uris: list[str], feats: np.ndarray, grid: 
         "dim": pa.array([d] * b, pa.int32()),
         "features": pa.FixedSizeListArray.from_arrays(flat, l * d),
     })
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, b))
-    return buf.getvalue()
+    return storage.parquet_bytes(table, row_group_size=max(1, b))
 
 
 def write_shard(uri: str, image_ids, uris, feats, grid, storage_options: dict | None = None) -> dict:

@@ -59,12 +59,6 @@ def _table(rows: dict[str, list]) -> pa.Table:
     return pa.table(rows)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 MODEL_FILES = ("memory_bank.npy", "index.faiss", "config.yaml", "images.parquet", "errors.parquet")
 
 
@@ -205,9 +199,9 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     writer.put("index.faiss", serialize_index(index))
     writer.put("config.yaml", config_yaml(config))
     images = pa.table({c: rows[c] for c in cols if c not in ("shard_sha256", "shard_bytes")})
-    writer.put("images.parquet", _parquet_bytes(images))
+    writer.put("images.parquet", storage.parquet_bytes(images))
     err_idx = [i for i, o in enumerate(ok) if not o]
-    writer.put("errors.parquet", _parquet_bytes(pa.table({
+    writer.put("errors.parquet", storage.parquet_bytes(pa.table({
         "image": [rows["uri"][i] for i in err_idx], "error": [rows["error"][i] for i in err_idx]},
         schema=pa.schema([("image", pa.string()), ("error", pa.string())]))))
     digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], train_ok) if t)).encode()).hexdigest()

@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import logging
 import time
 import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import storage
 from .cluster import actor_pool, init_ray
@@ -74,11 +72,8 @@ def _incompatible(model: Config, user: Config) -> str:
 
 def _write_part(output: str, model: str, run: str, seq: int, rows: list[dict], schema: pa.Schema,
                 opts: dict) -> str:
-    table = pa.Table.from_pylist(rows, schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
     uri = storage.join(output, "scores", model, f"part-{run}-{seq:05d}.parquet")
-    storage.write_bytes(uri, buf.getvalue(), **opts)
+    storage.write_bytes(uri, storage.parquet_bytes(pa.Table.from_pylist(rows, schema=schema)), **opts)
     return uri
 
 
@@ -87,7 +82,7 @@ def _read_parts(output: str, model: str, opts: dict) -> list[tuple[str, pa.Table
         files = storage.list_files(storage.join(output, "scores", model), (".parquet",), **opts)
     except FileNotFoundError:
         return []
-    return [(u, pq.read_table(io.BytesIO(storage.read_bytes(u, **opts)))) for u, _ in files]
+    return [(u, storage.read_parquet(u, **opts)) for u, _ in files]
 
 
 def compact(parts: list[tuple[str, pa.Table]], opts: dict, superseded: frozenset | set = frozenset()
@@ -113,9 +108,7 @@ def compact(parts: list[tuple[str, pa.Table]], opts: dict, superseded: frozenset
         dropped += t.num_rows - len(keep)
         if keep:
             t = t.take(pa.array(keep, pa.int64()))
-            buf = io.BytesIO()
-            pq.write_table(t, buf, compression="zstd")
-            storage.write_bytes(uri, buf.getvalue(), **opts)
+            storage.write_bytes(uri, storage.parquet_bytes(t), **opts)
             kept.append((uri, t))
         else:
             storage.delete(uri, **opts)
@@ -259,5 +252,5 @@ def read_scores(output: str, opts: dict | None = None, model: str | None = None)
         files = storage.list_files(root, (".parquet",), **opts)
     except FileNotFoundError:
         files = []
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, **opts))) for u, _ in files]
+    tables = [storage.read_parquet(u, **opts) for u, _ in files]
     return pa.concat_tables(tables, promote_options="default") if tables else SCORE_SCHEMA.empty_table()

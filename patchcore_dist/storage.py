@@ -13,6 +13,7 @@ import uuid
 from functools import lru_cache
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -198,3 +199,19 @@ def safe_relpath(rel: str, max_part: int = 120) -> str:
             clean = stem[: max_part - 17 - len(ext)] + "-" + hashlib.sha256(p.encode()).hexdigest()[:16] + ext
         parts.append(clean)
     return "/".join(parts) or "_"
+
+
+def parquet_bytes(table: pa.Table, **write_options) -> bytes:
+    """A table as Parquet file bytes (zstd unless told otherwise), ready for :func:`write_bytes`."""
+    import io
+    import pyarrow.parquet as pq
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **{"compression": "zstd", **write_options})
+    return buf.getvalue()
+
+
+def read_parquet(uri: str, **storage_options) -> pa.Table:
+    """A whole Parquet file read through :func:`read_bytes` (one request, any scheme)."""
+    import io
+    import pyarrow.parquet as pq
+    return pq.read_table(io.BytesIO(read_bytes(uri, **storage_options)))
