@@ -111,7 +111,9 @@ class RuntimeConfig(_Section):
     batch_size: int = Field(8, gt=0, description="images per backbone batch")
     num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
     actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="backbone autocast dtype (GPU)")
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32", description="backbone arithmetic: fp32 (IEEE, also on GPUs), tf32 (tensor-core float32 "
+                            "convolutions), bf16/fp16 (autocast; for GPUs, fp16 is the one within tolerance)")
     optimize_backbone: bool = Field(True, description="fold inference BatchNorms into their convolutions and pad "
                                                       "TF-same convolutions without copies (same features, faster)")
     search_precision: Literal["fp32", "tf32"] = Field("fp32", description="GPU nearest-neighbour matmul")

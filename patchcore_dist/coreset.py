@@ -14,6 +14,8 @@ import time
 import numpy as np
 import torch
 
+from .devices import pick_device
+
 log = logging.getLogger(__name__)
 GRAPH_STEPS = 256
 
@@ -40,14 +42,6 @@ def project(features: torch.Tensor | np.ndarray, matrix: torch.Tensor | None) ->
     if x.device.type == "cpu":  # numpy's OpenBLAS: ~1.4x torch's CPU BLAS on this kind of product
         return torch.from_numpy(x.numpy() @ matrix.numpy())
     return x @ matrix.to(x.device)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was asked for (runtime.device / coreset.device) but no GPU is visible")
-    return torch.device(device)
 
 
 def greedy_coreset(projected: torch.Tensor, k: int, seed: int = 0, num_starting_points: int = 10,

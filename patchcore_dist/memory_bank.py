@@ -15,6 +15,8 @@ import logging
 import numpy as np
 import torch
 
+from .devices import fp32_arithmetic
+
 log = logging.getLogger(__name__)
 
 
@@ -260,26 +262,21 @@ class MemoryBank:
         c = min(len(self.bank), k + TF32_EXTRA_CANDIDATES) if tf32 else k
         dists, idxs = [], []
         chunk = max(256, (1 << 28) // len(self.bank))  # about 1 GiB of float32 distances per chunk
-        prev = torch.backends.cuda.matmul.allow_tf32
-        try:
-            for s in range(0, len(q), chunk):
-                a = q[s:s + chunk]
-                torch.backends.cuda.matmul.allow_tf32 = tf32
+        for s in range(0, len(q), chunk):
+            a = q[s:s + chunk]
+            with fp32_arithmetic(matmul=tf32):
                 d2 = torch.addmm(self._bank_sq[None, :], a, self._bank_t.T, beta=1.0, alpha=-2.0)
-                torch.backends.cuda.matmul.allow_tf32 = prev
-                if c == 1:
-                    v, i = d2.min(1, keepdim=True)
-                else:
-                    v, i = torch.topk(d2, c, dim=1, largest=False)
-                del d2
-                if tf32:
-                    v, i = remeasure(a, self._bank_t, i, k)
-                else:
-                    v = v.add_((a * a).sum(1, keepdim=True))
-                dists.append(v.clamp_min_(0).sqrt_())
-                idxs.append(i)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
+            if c == 1:
+                v, i = d2.min(1, keepdim=True)
+            else:
+                v, i = torch.topk(d2, c, dim=1, largest=False)
+            del d2
+            if tf32:
+                v, i = remeasure(a, self._bank_t, i, k)
+            else:
+                v = v.add_((a * a).sum(1, keepdim=True))
+            dists.append(v.clamp_min_(0).sqrt_())
+            idxs.append(i)
         return torch.cat(dists), torch.cat(idxs)
 
 

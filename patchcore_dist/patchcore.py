@@ -5,14 +5,13 @@ Pure torch/numpy/faiss: no Ray, no storage. The distributed job (:mod:`patchcore
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import coreset as coreset_mod
-from .coreset import pick_device
+from .devices import fp32_arithmetic, pick_device
 from .backbones import build_backbone, optimize_for_inference
 from .config import Config
 from .embedding import patch_features
@@ -42,10 +41,13 @@ class Embedder:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         prec = config.runtime.precision
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self._tf32 = prec == "tf32"
 
-    def _autocast(self):
+    def _arithmetic(self):
+        """runtime.precision: fp32 is IEEE float32 also on GPUs (no TF32 convolutions); tf32 allows
+        them; bf16/fp16 autocast the backbone. Patch features are computed in float32 either way."""
         if self._dtype is None:
-            return contextlib.nullcontext()
+            return fp32_arithmetic(conv=self._tf32, matmul=self._tf32)
         return torch.autocast(self.device.type, dtype=self._dtype)
 
     @torch.inference_mode()
@@ -55,10 +57,11 @@ class Embedder:
         x = normalize(x)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
+        with self._arithmetic():
             feats = self.backbone(x)
         e = self.config.embedding
-        return patch_features([f.float() for f in feats], e.patch_size, e.pretrain_dim, e.target_dim)
+        with fp32_arithmetic(conv=self._tf32, matmul=self._tf32):
+            return patch_features([f.float() for f in feats], e.patch_size, e.pretrain_dim, e.target_dim)
 
 
 class PatchCore:

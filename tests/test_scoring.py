@@ -218,3 +218,45 @@ def test_pruned_search_on_a_bank_smaller_than_the_candidates():
     ref_d, ref_i = torch.cdist(q, bank).topk(3, dim=1, largest=False)
     assert torch.equal(i, ref_i) and torch.allclose(d, ref_d, atol=1e-4)
     assert mb.unproven == 0  # every row was a candidate: nothing to prove
+
+
+def test_fp32_arithmetic_sets_and_restores_the_tf32_flags():
+    from patchcore_dist.devices import fp32_arithmetic
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (conv.fp32_precision, mm.fp32_precision)
+    with fp32_arithmetic(conv=False, matmul=True):
+        assert (conv.fp32_precision, mm.fp32_precision) == ("ieee", "tf32")
+        with fp32_arithmetic(conv=True):
+            assert (conv.fp32_precision, mm.fp32_precision) == ("tf32", "tf32")
+        assert conv.fp32_precision == "ieee"
+    assert (conv.fp32_precision, mm.fp32_precision) == before
+    with pytest.raises(ValueError), fp32_arithmetic(conv=False):
+        raise ValueError("restored on errors too")
+    assert (conv.fp32_precision, mm.fp32_precision) == before
+
+
+@pytest.mark.parametrize("precision,conv_flag", [("fp32", "ieee"), ("tf32", "tf32")])
+def test_backbone_float32_arithmetic_follows_runtime_precision(category, precision, conv_flag):
+    """GPUs run float32 convolutions in TF32 unless told otherwise: "fp32" must mean IEEE float32."""
+    from patchcore_dist.patchcore import Embedder
+    emb = Embedder(load_config(None, SMALL + [f"runtime.precision={precision}"]))
+    seen = []
+    emb.backbone.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.conv.fp32_precision))
+    feats, _ = emb(crops(_split(category)[0][:1]))
+    assert seen == [conv_flag] and feats.dtype == torch.float32
+
+
+def test_fp16_backbone_keeps_scores_within_tolerance(brick_model, category):
+    """fp16 autocast (as on a GPU; here the CPU's fp16 kernels, fp32 accumulation) against float32:
+    image scores within 2e-3 relative, the same ranking and the same AUROC to three decimals.
+    (bf16 moves them by about 3e-3 here and fails the first check.)"""
+    from scipy.stats import spearmanr
+    _, test, labels = _split(category)
+    x = crops(test)
+    ref = brick_model.predict(x, maps=False).image_scores
+    half = PatchCore(load_config(None, SMALL + ["runtime.precision=fp16"]), brick_model.bank.bank)
+    s = half.predict(x, maps=False).image_scores
+    assert not np.array_equal(s, ref)  # the autocast really ran in half precision
+    assert np.abs(s - ref).max() / np.median(ref) < 2e-3
+    assert spearmanr(s, ref)[0] >= 0.999
+    assert round(roc_auc_score(labels, s), 3) == round(roc_auc_score(labels, ref), 3)
