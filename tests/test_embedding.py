@@ -53,12 +53,26 @@ def test_lite0_embedding_equals_original_formulation(lite0, dims):
 
 
 def test_narrow_levels_with_bins_across_levels_equal_original():
-    """The convolution path (C*p*p <= pretrain_dim) where final bins straddle the two levels."""
+    """Narrow levels (C*p*p <= pretrain_dim) where final bins straddle the two levels."""
     g = torch.Generator().manual_seed(2)
     levels = [torch.rand(2, 5, 12, 10, generator=g), torch.rand(2, 7, 6, 5, generator=g)]
     ours, grid = patch_features(levels, 3, 64, 50)
     ref, _ = patch_features_reference(levels, 3, 64, 50)
     assert ours.shape == (240, 50) and grid == (12, 10)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("channels,sizes,p,pretrain,target", [
+    ((3, 5, 9), (16, 8, 4), 3, 40, 100),      # three levels, final pooling 120 -> 100 (bins of one and two)
+    ((64, 30), (9, 5), 3, 30, 70),            # wide first level (576 values pooled to 30); final 60 -> 70 enlarges
+    ((7,), (11,), 5, 100, 33),                # one level, 5x5 neighbourhoods
+])
+def test_taps_equal_original_for_any_shape(channels, sizes, p, pretrain, target):
+    g = torch.Generator().manual_seed(sum(channels))
+    levels = [torch.randn(2, c, s, s + 1, generator=g) for c, s in zip(channels, sizes)]
+    ours, grid = patch_features(levels, p, pretrain, target)
+    ref, _ = patch_features_reference(levels, p, pretrain, target)
+    assert ours.shape == (2 * sizes[0] * (sizes[0] + 1), target) and grid == (sizes[0], sizes[0] + 1)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
 
 
@@ -187,7 +201,7 @@ def test_folding_leaves_levels_alone_and_keeps_one_hook_per_level():
 def test_patch_features_after_inference_mode_still_support_autograd():
     levels = [torch.rand(1, 6, 8, 8), torch.rand(1, 9, 4, 4)]
     with torch.inference_mode():
-        patch_features(levels, 3, 96, 48)  # builds and caches the convolution weights
+        patch_features(levels, 3, 96, 48)  # builds and caches the taps
     grad_levels = [l.clone().requires_grad_(True) for l in levels]
     out, _ = patch_features(grad_levels, 3, 96, 48)
     out.sum().backward()
