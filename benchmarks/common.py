@@ -43,9 +43,22 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def side_by_side(fns: dict, repeat: int = 5) -> dict:
-    """Median wall time of each function, run alternately (after one warm-up each) so that machine
-    noise and drift hit ours and the baseline alike."""
+class Timings(dict):
+    """Median wall time per name, and the per-round times behind them (``rounds``)."""
+
+    def __init__(self, rounds: dict):
+        super().__init__({name: float(np.median(v)) for name, v in rounds.items()})
+        self.rounds = rounds
+
+    def ratio(self, slow: str, fast: str) -> float:
+        """Median over rounds of slow / fast, each round's pair measured back to back: steadier than
+        the ratio of medians when the machine's speed drifts between rounds."""
+        return float(np.median(np.array(self.rounds[slow]) / np.array(self.rounds[fast])))
+
+
+def side_by_side(fns: dict, repeat: int = 5) -> Timings:
+    """Wall times of each function, run alternately (after one warm-up each) so that machine noise
+    and drift hit ours and the baseline alike."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -54,7 +67,7 @@ def side_by_side(fns: dict, repeat: int = 5) -> dict:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    return {name: float(np.median(v)) for name, v in times.items()}
+    return Timings(times)
 
 
 def peak_rss_mb() -> float:
