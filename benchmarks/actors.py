@@ -1,6 +1,6 @@
 """Scoring on several actors: images/s of the `score` job (Ray, local instance) with 1 and 2 actors.
 
-    python benchmarks/actors.py [--images 96]
+    python benchmarks/actors.py [--images 960]
 
 Same model, same images, same process; the second run uses two scoring actors (one CPU each).
 Heatmaps off: this measures the decode + backbone + search path.
@@ -23,7 +23,7 @@ from patchcore_dist.score import run_score
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--images", type=int, default=240)
+    p.add_argument("--images", type=int, default=960)
     a = p.parse_args()
     data = demo_data()
     tmp = tempfile.mkdtemp()
