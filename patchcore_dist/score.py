@@ -175,7 +175,9 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     meta = {e["uri"]: e for e in todo}
     ds = ray.data.from_items([{"uri": e["uri"], "rel": e["rel"]} for e in todo],
                              override_num_blocks=max(1, min(len(todo), 200)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known}, batch_size=bs, num_cpus=0.5)
+    keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
+    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known, "keep_bytes": keep_bytes},
+                        batch_size=bs, num_cpus=0.5)
     ds = ds.map_batches(Score, fn_constructor_args=(model_uri, cfg), batch_size=bs, **actor_pool(config))
     if config.output.heatmaps:
         ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": vrange,

@@ -29,11 +29,13 @@ def _err(e: Exception) -> str:
 
 
 def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
-                 known_digests: set | None = None) -> dict:
+                 known_digests: set | None = None, keep_bytes: bool = False) -> dict:
     """Decode task: uri -> digest, original size, the model's uint8 crop; or an error.
 
     Already processed images are not decoded again (``unchanged``): score passes ``known_uris``
     (uri -> digest of the previous successful row), fit ``known_digests`` (features reused).
+    ``keep_bytes``: also pass on the file's bytes (column ``data``) for the overlay renderer, so that
+    storage is read once per image; :func:`render_batch` drops them again.
     """
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
@@ -41,12 +43,13 @@ def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
     c = cfg.image.crop
     n = len(batch["uri"])
     crops = np.zeros((n, c, c, 3), np.uint8)
-    digest, height, width, error, ms = [], [], [], [], []
+    digest, height, width, error, ms, kept = [], [], [], [], [], []
     unchanged = np.zeros(n, bool)
     for i, uri in enumerate(batch["uri"]):
         t0 = time.perf_counter()
         h = w = 0
         d = err = ""
+        data = b""
         try:
             data = storage.read_bytes(str(uri), **opts)
             d = hashlib.sha256(data).hexdigest()
@@ -62,10 +65,13 @@ def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
         width.append(w)
         error.append(err)
         ms.append((time.perf_counter() - t0) * 1e3)
+        kept.append(data if keep_bytes and h and not err else b"")
     out = dict(batch)
     out.update(digest=np.array(digest, object), height=np.array(height, np.int32),
                width=np.array(width, np.int32), error=np.array(error, object), crop=crops,
                decode_ms=np.array(ms, np.float32), unchanged=unchanged)
+    if keep_bytes:
+        out["data"] = np.array(kept, object)
     return out
 
 
@@ -221,14 +227,16 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
             storage.write_bytes(base + ".png", _encode(rgb), **opts)
             heatmap[i] = base + ".png"
             if cfg.output.overlay:
-                orig = decode_image(storage.read_bytes(str(batch["uri"][i]), **opts), cfg.image.max_pixels,
-                                    cfg.image.min_side)
+                data = batch["data"][i] if "data" in batch else b""
+                if not len(data):  # not carried from the decode task: read it again
+                    data = storage.read_bytes(str(batch["uri"][i]), **opts)
+                orig = decode_image(bytes(data), cfg.image.max_pixels, cfg.image.min_side)
                 alpha = (0.25 + 0.5 * heat_level(full, vrange))[..., None]
                 over = (orig * (1 - alpha) + rgb * alpha).astype(np.uint8)
                 storage.write_bytes(base + "_overlay.jpg", _encode(over, "JPEG", quality=90), **opts)
         except Exception as e:
             log.exception("heatmap failed for %s", batch["uri"][i])
             errors[i] = f"heatmap failed: {_err(e)}"
-    out = dict(batch)
+    out = {k: v for k, v in batch.items() if k != "data"}  # the images' bytes stop here
     out.update(heatmap=heatmap, error=errors)
     return out

@@ -81,6 +81,30 @@ def test_score_local_folders(local_model, category, tmp_path):
     assert os.path.exists(os.path.join(out, "heatmaps", manifest["model_digest"], "good", first + "_overlay.jpg"))
 
 
+def test_overlay_is_drawn_from_the_bytes_read_once(category, tmp_path):
+    """The decode task passes the file's bytes on to the renderer: no second read of the archive
+    (here the file is gone before rendering), and the bytes do not travel past the renderer."""
+    from patchcore_dist.stages import decode_batch, render_batch
+    src = sorted(os.listdir(f"{category}/test/good"))[0]
+    path = tmp_path / src
+    path.write_bytes(open(f"{category}/test/good/{src}", "rb").read())
+    original = np.asarray(Image.open(path).convert("RGB"))
+    cfg = load_config(None, SMALL).to_dict()
+    batch = decode_batch({"uri": np.array([str(path)], object), "rel": np.array([src], object)}, cfg,
+                         keep_bytes=True)
+    assert len(batch["data"][0]) == path.stat().st_size
+    path.unlink()
+    grid = np.tile(np.linspace(0, 1, 16, dtype=np.float32), 16)[None]  # every row a left-to-right ramp
+    out = render_batch(dict(batch, patch_scores=grid, grid_h=np.array([16]), grid_w=np.array([16])), cfg,
+                       str(tmp_path / "heat"), (0.0, 1.0))
+    assert "data" not in out and not out["error"][0]
+    over = np.asarray(Image.open(tmp_path / "heat" / (src + "_overlay.jpg")), np.float32)
+    assert over.shape == original.shape
+    # the photograph shows through where the heat is low (alpha 0.25 on the left edge)
+    left = over[:, :4].mean(2).ravel(), original[:, :4].astype(np.float32).mean(2).ravel()
+    assert np.corrcoef(*left)[0, 1] > 0.8
+
+
 def test_bad_files_become_error_rows(local_model, category, tmp_path):
     model, _ = local_model
     imgs = tmp_path / "mixed"
