@@ -8,11 +8,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -226,9 +229,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         source = str(p)
+    backbone_before = tree.get("backbone") if isinstance(tree.get("backbone"), dict) else {}
+    name_before, keys = backbone_before.get("name"), []
     for item in overrides or []:
         key, value = parse_override(item)
         _apply(tree, key, value, item)
+        keys.append(".".join(key) if isinstance(key, (list, tuple)) else str(key))
+    backbone = tree.get("backbone")
+    if (isinstance(backbone, dict) and backbone.get("name") != name_before and "layers" in backbone
+            and not any(k in ("backbone", "backbone.layers") for k in keys)):
+        # The file's levels belong to the file's backbone: another backbone on the command line gets
+        # its own registry levels unless backbone.layers is given too.
+        log.info("backbone.name=%s overrides %s: backbone.layers %s dropped for %s's default levels "
+                 "(set backbone.layers to choose)", backbone.get("name"), name_before, backbone["layers"],
+                 backbone.get("name"))
+        backbone.pop("layers")
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

@@ -9,6 +9,17 @@ def test_default_and_overrides():
     assert c.coreset.ratio == 0.01 and c.backbone.weights == "/models/wrn50.pth" and c.backbone.layers == ["a", "b"]
 
 
+def test_another_backbone_on_the_command_line_gets_its_own_levels():
+    from patchcore_dist.backbones import build_backbone
+    c = load_config(None, ["backbone.name=resnet18", "backbone.weights=random"])
+    assert c.backbone.layers is None  # not Lite0's blocks.2 / blocks.4 from the default file
+    assert build_backbone(c.backbone.name, c.backbone.layers, c.backbone.weights).layers == ("layer2", "layer3")
+    both = load_config(None, ["backbone.name=resnet18", "backbone.layers=[layer1, layer2]"])
+    assert both.backbone.layers == ["layer1", "layer2"]
+    same = load_config(None, ["backbone.name=tf_efficientnet_lite0"])
+    assert same.backbone.layers == ["blocks.2", "blocks.4"]
+
+
 def test_wrn50_config_is_the_seed_setting():
     c = load_config("configs/wrn50.yaml")
     assert c.backbone.name == "wide_resnet50_2" and c.backbone.layers == ["layer2", "layer3"]
