@@ -60,8 +60,7 @@ class Embedder:
         with self._arithmetic():
             feats = self.backbone(x)
         e = self.config.embedding
-        with fp32_arithmetic(conv=self._tf32, matmul=self._tf32):
-            return patch_features([f.float() for f in feats], e.patch_size, e.pretrain_dim, e.target_dim)
+        return patch_features([f.float() for f in feats], e.patch_size, e.pretrain_dim, e.target_dim)
 
 
 class PatchCore:
