@@ -3,7 +3,8 @@
 Recent torch runs float32 convolutions on NVIDIA tensor cores in TF32 (10-bit mantissa) unless
 told otherwise, so a "fp32" GPU backbone would silently not be float32. :func:`fp32_arithmetic`
 sets the precision of float32 convolutions and matmuls for one block and restores it, through
-torch's ``fp32_precision`` flags (the legacy ``allow_tf32`` flags may not be mixed with them).
+torch's ``fp32_precision`` flags (the legacy ``allow_tf32`` flags may not be mixed with them), or
+the legacy flags on a torch that lacks or rejects the new ones.
 """
 from __future__ import annotations
 
@@ -20,23 +21,42 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _flags(conv: bool | None, matmul: bool | None, legacy: bool) -> list[tuple[object, str, object]]:
+    """(owner, attribute, value) of each flag to set: torch's fp32_precision flags, or the legacy
+    allow_tf32 ones (torch before 2.9, or a build that rejects the new values)."""
+    if legacy:
+        flags = [(torch.backends.cudnn, "allow_tf32", conv), (torch.backends.cuda.matmul, "allow_tf32", matmul)]
+        return [(owner, name, bool(want)) for owner, name, want in flags if want is not None]
+    flags = [(torch.backends.cudnn.conv, "fp32_precision", conv), (torch.backends.cuda.matmul, "fp32_precision", matmul)]
+    return [(owner, name, "tf32" if want else "ieee") for owner, name, want in flags if want is not None]
+
+
+def _restore(saved: list) -> None:
+    for owner, name, prev in reversed(saved):
+        setattr(owner, name, prev)
+
+
 @contextlib.contextmanager
 def fp32_arithmetic(conv: bool | None = None, matmul: bool | None = None):
     """Inside the block, float32 cuDNN convolutions (``conv``) and CUDA matmuls (``matmul``) run
     in IEEE float32 (False) or TF32 (True); None leaves a flag as it is. No effect on the CPU."""
-    conv_flags = getattr(torch.backends.cudnn, "conv", None)
-    if conv_flags is None or not hasattr(conv_flags, "fp32_precision"):  # torch before 2.9: legacy flags
-        flags = [(torch.backends.cudnn, "allow_tf32", conv), (torch.backends.cuda.matmul, "allow_tf32", matmul)]
-        value = bool
-    else:
-        flags = [(conv_flags, "fp32_precision", conv), (torch.backends.cuda.matmul, "fp32_precision", matmul)]
-        value = lambda tf32: "tf32" if tf32 else "ieee"  # noqa: E731
-    flags = [(owner, name, want) for owner, name, want in flags if want is not None]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in flags]
+    new_api = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+    saved: list = []
     try:
-        for owner, name, want in flags:
-            setattr(owner, name, value(want))
+        try:
+            for owner, name, value in _flags(conv, matmul, legacy=not new_api):
+                prev = getattr(owner, name)
+                setattr(owner, name, value)
+                saved.append((owner, name, prev))
+        except (RuntimeError, ValueError, TypeError):
+            if not new_api:
+                raise
+            _restore(saved)
+            saved = []
+            for owner, name, value in _flags(conv, matmul, legacy=True):
+                prev = getattr(owner, name)
+                setattr(owner, name, value)
+                saved.append((owner, name, prev))
         yield
     finally:
-        for owner, name, prev in saved:
-            setattr(owner, name, prev)
+        _restore(saved)

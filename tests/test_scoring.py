@@ -235,6 +235,23 @@ def test_fp32_arithmetic_sets_and_restores_the_tf32_flags():
     assert (conv.fp32_precision, mm.fp32_precision) == before
 
 
+def test_fp32_arithmetic_falls_back_to_the_legacy_flags(monkeypatch):
+    """A torch build that rejects the new fp32_precision values gets the legacy allow_tf32 flags."""
+    from patchcore_dist.devices import fp32_arithmetic
+
+    class Refusing:
+        fp32_precision = "tf32"
+
+        def __setattr__(self, name, value):
+            raise RuntimeError("unsupported fp32_precision")
+
+    monkeypatch.setattr(torch.backends.cudnn, "conv", Refusing())
+    before = torch.backends.cudnn.allow_tf32
+    with fp32_arithmetic(conv=False):
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
 @pytest.mark.parametrize("precision,conv_flag", [("fp32", "ieee"), ("tf32", "tf32")])
 def test_backbone_float32_arithmetic_follows_runtime_precision(category, precision, conv_flag):
     """GPUs run float32 convolutions in TF32 unless told otherwise: "fp32" must mean IEEE float32."""
