@@ -50,7 +50,7 @@ def timed(fn, iters: int, warmup: int = 2) -> float:
 def wrn_config(precision="fp32", search="fp32", bs=256):
     return load_config(None, ["backbone.name=wide_resnet50_2", "backbone.layers=[layer2, layer3]",
                               "backbone.weights=random", f"runtime.precision={precision}",
-                              f"runtime.search_precision={search}", f"runtime.batch_size={bs}", f"runtime.device={DEV.type}"])
+                              f"runtime.search_precision={search}", f"runtime.gpu_batch_size={bs}", f"runtime.device={DEV.type}"])
 
 
 def bench_extraction(bs=BS):

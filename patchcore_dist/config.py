@@ -111,7 +111,9 @@ class IndexConfig(_Section):
 
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(8, gt=0, description="images per backbone batch")
+    batch_size: int = Field(8, gt=0, description="images per backbone batch on CPUs")
+    gpu_batch_size: int = Field(64, gt=0, description="images per backbone batch on GPUs (GPU actors, "
+                                                      "in-process runs on a GPU)")
     num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
     actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
     precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(

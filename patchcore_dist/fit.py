@@ -146,11 +146,11 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     preserve_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
     try:
+        pool = actor_pool(config)  # its batch size suits the actors' device
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
         ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(reusable)},
-                            batch_size=config.runtime.batch_size, num_cpus=0.5)
-        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, model), batch_size=config.runtime.batch_size,
-                            **actor_pool(config))
+                            batch_size=pool["batch_size"], num_cpus=0.5)
+        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, model), **pool)
         cols = ["uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row", "patches",
                 "shard_sha256", "shard_bytes"]
         rows = {c: [] for c in cols}

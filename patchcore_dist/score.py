@@ -171,14 +171,15 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     threshold = model.manifest["stats"].get("threshold")
     ray = init_ray(config)
     cfg = config.to_dict()
-    bs = config.runtime.batch_size
+    pool = actor_pool(config)  # its batch size suits the actors' device
+    bs = pool["batch_size"]
     meta = {e["uri"]: e for e in todo}
     ds = ray.data.from_items([{"uri": e["uri"], "rel": e["rel"]} for e in todo],
                              override_num_blocks=max(1, min(len(todo), 200)))
     keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
     ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known, "keep_bytes": keep_bytes},
                         batch_size=bs, num_cpus=0.5)
-    ds = ds.map_batches(Score, fn_constructor_args=(model_uri, cfg), batch_size=bs, **actor_pool(config))
+    ds = ds.map_batches(Score, fn_constructor_args=(model_uri, cfg), **pool)
     if config.output.heatmaps:
         ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": vrange,
                                                      "heatmaps_uri": storage.join(output, "heatmaps", digest)},

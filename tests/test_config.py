@@ -48,3 +48,19 @@ def test_bad_files(tmp_path):
     p.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+
+
+def test_actor_pool_takes_the_batch_size_of_its_device(monkeypatch):
+    """GPU actors batch runtime.gpu_batch_size images, CPU actors runtime.batch_size (cluster faked)."""
+    import ray
+    from patchcore_dist.cluster import actor_pool
+    cfg = load_config(None, ["runtime.batch_size=4", "runtime.gpu_batch_size=96"])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    gpu = actor_pool(cfg)
+    assert gpu["batch_size"] == 96 and gpu["num_gpus"] == 1 and gpu["compute"].max_size == 2
+    assert actor_pool(load_config(None, ["runtime.device=cpu", "runtime.batch_size=4"]))["batch_size"] == 4
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    cpu = actor_pool(cfg)
+    assert cpu["batch_size"] == 4 and "num_gpus" not in cpu
+    with pytest.raises(RuntimeError, match="no GPUs"):
+        actor_pool(load_config(None, ["runtime.device=cuda"]))
