@@ -7,7 +7,6 @@ grown with small perturbations to the larger sizes; queries are the demo's test 
 are measured on the demo's brick category with its true bank (no perturbation) for every index type.
 """
 import argparse
-import glob
 import json
 import time
 

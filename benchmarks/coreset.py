@@ -9,7 +9,6 @@ and the driver's peak memory of a streamed fit (projected matrix + bank, never N
 import argparse
 import json
 
-import numpy as np
 import torch
 
 from common import crops, image_files, peak_rss_mb, side_by_side

@@ -9,7 +9,6 @@ RSS after one pass of each (ours first).
 import argparse
 import json
 
-import numpy as np
 import torch
 
 from common import best_of, crops, image_files, peak_rss_mb, side_by_side
@@ -51,8 +50,8 @@ def main():
     mem["after_original"] = peak_rss_mb()
     t = side_by_side({"ours": ours, "original": original}, a.repeat)
     t_ours, t_ref = t["ours"], t["original"]
-    a, b = ours(), original()
-    diff = float((a - b).abs().max() / b.abs().max())
+    f_ours, f_ref = ours(), original()
+    diff = float((f_ours - f_ref).abs().max() / f_ref.abs().max())
     t_decode = best_of(lambda: crops(files), 1)
     n = len(files)
     res = {"ours_images_per_s": n / t_ours, "original_images_per_s": n / t_ref, "ratio": t.ratio("original", "ours"),

@@ -144,14 +144,12 @@ def bench_precision(data="benchmarks/data"):
         test = np.stack([load(p) for p in tests])
         row = {}
         ref_scores = None
+        bank = PatchCore(load_config(None, [f"runtime.device={DEV.type}"])).fit(train).bank.bank  # IEEE fp32
         for prec, search in (("fp32", "fp32"), ("fp32", "tf32"), ("tf32", "fp32"), ("fp16", "fp32"),
                              ("fp16", "tf32"), ("bf16", "fp32"), ("bf16", "tf32")):
             cfg = load_config(None, [f"runtime.precision={prec}", f"runtime.search_precision={search}",
                                      f"runtime.device={DEV.type}"])
-            pc = PatchCore(cfg).fit(train) if prec == "fp32" else PatchCore(cfg, bank_fp32)
-            if prec == "fp32":
-                bank_fp32 = pc.bank.bank
-            s = pc.predict(test, maps=False).image_scores
+            s = PatchCore(cfg, bank).predict(test, maps=False).image_scores
             ref_scores = s if ref_scores is None else ref_scores
             row[f"{prec}/{search}"] = {"image_auroc": round(float(roc_auc_score(labels, s)), 4),
                                        "spearman_vs_fp32": float(spearmanr(s, ref_scores)[0]),

@@ -17,9 +17,8 @@ original is the original's extra memory).
 """
 import argparse
 import json
-import os
-import time
 
+import faiss
 import numpy as np
 import torch
 from scipy import ndimage
@@ -30,8 +29,8 @@ from common import crops, image_files, peak_rss_mb, side_by_side
 from patchcore_dist.backbones import build_backbone, optimize_for_inference
 from patchcore_dist.config import load_config
 from patchcore_dist.embedding import patch_features_reference
-from patchcore_dist.memory_bank import MemoryBank
 from patchcore_dist.patchcore import PatchCore
+from patchcore_dist.preprocessing import normalize
 
 
 def main():
@@ -60,20 +59,22 @@ def main():
             extra = feats[rng.integers(0, len(feats), m - len(feats))].numpy()
             bank = np.concatenate([bank, extra + rng.normal(0, 0.05, extra.shape).astype(np.float32)])
         ours = PatchCore(cfg, bank, embedder=pc.embedder)
-        import faiss
         flat = faiss.IndexFlatL2(bank.shape[1])
         flat.add(bank)
 
         def run_ours(imgs=x):
             return ours.predict(imgs, maps=False).image_scores
 
-        def run_base(imgs=x):
+        def base_patch_scores(imgs):
+            """The original: unmodified backbone, literal patch features, faiss flat: [B, h, w]."""
             with torch.inference_mode():
-                from patchcore_dist.preprocessing import normalize
                 levels = plain(normalize(torch.as_tensor(imgs)))
-                f, _ = patch_features_reference(levels, 3, 1024, 1024)
-                d2, _ = flat.search(f.numpy(), 1)
-                return np.sqrt(d2[:, 0]).reshape(len(imgs), -1).max(1)
+                f, grid = patch_features_reference(levels, 3, 1024, 1024)
+            d2, _ = flat.search(f.numpy(), 1)
+            return np.sqrt(d2[:, 0]).reshape(len(imgs), *grid)
+
+        def run_base(imgs=x):
+            return base_patch_scores(imgs).reshape(len(imgs), -1).max(1)
 
         def from_files(fn):
             return lambda: fn(crops(files))
@@ -82,14 +83,9 @@ def main():
             return ours.predict(imgs, maps=True).anomaly_maps
 
         def maps_base(imgs=x):
-            with torch.inference_mode():
-                from patchcore_dist.preprocessing import normalize
-                levels = plain(normalize(torch.as_tensor(imgs)))
-                f, grid = patch_features_reference(levels, 3, 1024, 1024)
-                d2, _ = flat.search(f.numpy(), 1)
-                s = torch.from_numpy(np.sqrt(d2[:, 0])).reshape(len(imgs), 1, *grid)
-                up = torch.nn.functional.interpolate(s, size=imgs.shape[1:3], mode="bilinear", align_corners=False)
-                return np.stack([ndimage.gaussian_filter(m, sigma=4) for m in up[:, 0].numpy()])
+            s = torch.from_numpy(base_patch_scores(imgs))[:, None]
+            up = torch.nn.functional.interpolate(s, size=imgs.shape[1:3], mode="bilinear", align_corners=False)
+            return np.stack([ndimage.gaussian_filter(m, sigma=4) for m in up[:, 0].numpy()])
 
         mem_start = peak_rss_mb()
         run_ours()

@@ -44,12 +44,12 @@ def actor_pool(config: Config) -> dict:
     rt = config.runtime
     if gpus > 0 and rt.device != "cpu":
         size = rt.num_actors or gpus
-        log.info("actor pool: %d GPU actor(s), batch size %d", size, rt.gpu_batch_size)
+        log.info("actor pool: %d GPU actor(s), batch size %d", size, rt.batch_for("cuda"))
         return {"compute": ActorPoolStrategy(size=size), "num_gpus": 1, "num_cpus": 1,
-                "batch_size": rt.gpu_batch_size}
+                "batch_size": rt.batch_for("cuda")}
     if rt.device == "cuda":
         raise RuntimeError("runtime.device=cuda but the Ray cluster has no GPUs")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = rt.num_actors or max(1, int((cpus - 1) // rt.actor_cpus) if cpus > 2 else 1)
-    log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_size)
-    return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_size}
+    log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_for("cpu"))
+    return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu")}

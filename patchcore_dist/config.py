@@ -125,6 +125,10 @@ class RuntimeConfig(_Section):
     torch_threads: Optional[int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
     ray_num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
 
+    def batch_for(self, device_type: str) -> int:
+        """Images per backbone batch on a device of this type ("cuda" or "cpu")."""
+        return self.gpu_batch_size if device_type == "cuda" else self.batch_size
+
 
 class OutputConfig(_Section):
     heatmaps: bool = True
@@ -236,7 +240,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         _apply(tree, key, value, item)
-        keys.append(".".join(key) if isinstance(key, (list, tuple)) else str(key))
+        keys.append(".".join(key))
     backbone = tree.get("backbone")
     if (isinstance(backbone, dict) and backbone.get("name") != name_before and "layers" in backbone
             and not any(k in ("backbone", "backbone.layers") for k in keys)):

@@ -7,7 +7,7 @@ another image), hole, deformation (a local swirl of the surface).
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 DEFECT_KINDS = ("scratch", "stain", "foreign", "hole", "deformation")

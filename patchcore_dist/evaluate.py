@@ -57,7 +57,6 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
     latest = {r["image"]: r for r in read_scores(output, opts, digest).to_pylist()
               if r["image"].startswith(prefix)}
     rows, errors, warnings = [], [], []
-    masks, maps = [], []
     per_defect = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": []})
     for r in sorted(latest.values(), key=lambda r: r["image"]):
         rel = r["image"][len(test.rstrip("/")) + 1:]

@@ -14,7 +14,6 @@ import hashlib
 import io
 import logging
 import time
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

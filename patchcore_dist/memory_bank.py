@@ -35,6 +35,8 @@ def faiss_gpus() -> int:
 
 # exact_search=auto prunes banks from this many rows (below, brute force is already fast)
 PRUNE_MIN_ROWS = 2048
+# tf32 search: candidates per query beyond k whose distances are re-measured in float32
+TF32_EXTRA_CANDIDATES = 7
 
 
 def index_type(rows: int, config) -> str:
@@ -280,10 +282,6 @@ class MemoryBank:
             dists.append(v.clamp_min_(0).sqrt_())
             idxs.append(i)
         return torch.cat(dists), torch.cat(idxs)
-
-
-# tf32 search: candidates per query beyond k whose distances are re-measured in float32
-TF32_EXTRA_CANDIDATES = 7
 
 
 def remeasure(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, k: int,

@@ -88,8 +88,7 @@ class PatchCore:
 
     # -- fitting in one process (tests, benchmarks, small data) ------------------------------
     def embed(self, crops_uint8, batch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        rt = self.config.runtime
-        bs = batch_size or (rt.gpu_batch_size if self.device.type == "cuda" else rt.batch_size)
+        bs = batch_size or self.config.runtime.batch_for(self.device.type)
         out, grid = [], None
         for s in range(0, len(crops_uint8), bs):
             f, grid = self.embedder(crops_uint8[s:s + bs])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 
 import numpy as np
 from PIL import Image

@@ -1,7 +1,6 @@
 """Patch scores, image score and anomaly map (PatchCore section 3.3)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

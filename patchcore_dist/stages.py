@@ -10,7 +10,6 @@ import functools
 import hashlib
 import io
 import logging
-import os
 import time
 import uuid
 
@@ -227,9 +226,8 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
             storage.write_bytes(base + ".png", _encode(rgb), **opts)
             heatmap[i] = base + ".png"
             if cfg.output.overlay:
-                data = batch["data"][i] if "data" in batch else b""
-                if not len(data):  # not carried from the decode task: read it again
-                    data = storage.read_bytes(str(batch["uri"][i]), **opts)
+                # the bytes the decode task read (keep_bytes), else a second read
+                data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
                 orig = decode_image(bytes(data), cfg.image.max_pixels, cfg.image.min_side)
                 alpha = (0.25 + 0.5 * heat_level(full, vrange))[..., None]
                 over = (orig * (1 - alpha) + rgb * alpha).astype(np.uint8)

@@ -1,12 +1,10 @@
 """The way users run on a cluster: `ray start --head`, then `ray job submit` of fit and score."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 
-import pytest
 
 from patchcore_dist.score import read_scores
 

@@ -1,7 +1,6 @@
 """End-to-end fit + score on one local Ray instance: local folders, s3:// through a loopback S3 server,
 and `ray job submit` to a `ray start --head` cluster."""
 import io
-import json
 import os
 import subprocess
 import sys

@@ -1,8 +1,6 @@
 """Scale: the two-round (composable) coreset, approximate nearest-neighbour indexes."""
 import glob
-import os
 
-import numpy as np
 import pytest
 import torch
 

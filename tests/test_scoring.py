@@ -13,7 +13,7 @@ from patchcore_dist.config import load_config
 from patchcore_dist.memory_bank import MemoryBank, remeasure, search_reference
 from patchcore_dist.patchcore import PatchCore
 from patchcore_dist.preprocessing import ImageError, decode_image, geometry, resize_crop, to_original
-from patchcore_dist.scoring import anomaly_maps, gaussian_blur
+from patchcore_dist.scoring import gaussian_blur
 
 from conftest import CROP, SMALL, crops
 
@@ -124,7 +124,6 @@ def test_anomaly_map_localises_the_defect(brick_model, category):
     assert pred.anomaly_maps.shape == (len(bad), CROP, CROP)
     aurocs = []
     for p, amap in zip(bad, pred.anomaly_maps):
-        kind, name = p.split("/")[-2], p.split("/")[-1][:-4]
         mask = np.asarray(Image.open(p.replace("/test/", "/ground_truth/").replace(".png", "_mask.png")))
         mask = np.asarray(Image.fromarray(mask).resize((CROP, CROP), Image.NEAREST)) > 127
         aurocs.append(roc_auc_score(mask.ravel(), amap.ravel()))
