@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m patchcore_dist.demo --output demo_out
+	$(BIN)/patchcore demo --output demo_out
 
 test: venv
 	$(BIN)/python -m pytest -q tests

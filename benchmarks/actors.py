@@ -15,10 +15,10 @@ import time
 
 from common import demo_data
 
-from patchcore_dist.cluster import init_ray
+from patchcore_dist.pipeline.cluster import init_ray
 from patchcore_dist.config import load_config
-from patchcore_dist.fit import run_fit
-from patchcore_dist.score import run_score
+from patchcore_dist.pipeline.fit import run_fit
+from patchcore_dist.pipeline.score import run_score
 
 
 def main():

@@ -17,9 +17,9 @@ from PIL import Image
 from common import crops, image_files
 
 from patchcore_dist.config import load_config
-from patchcore_dist.memory_bank import MemoryBank, build_index
-from patchcore_dist.metrics import image_auroc, pixel_auroc
-from patchcore_dist.patchcore import PatchCore
+from patchcore_dist.core.memory_bank import MemoryBank, build_index
+from patchcore_dist.core.metrics import image_auroc, pixel_auroc
+from patchcore_dist.core.patchcore import PatchCore
 
 TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 

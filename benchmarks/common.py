@@ -17,7 +17,7 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 def demo_data(n_images: int = 24) -> str:
     """The demo benchmark (scikit-image photographs with injected defects), built once."""
     if not os.path.isdir(os.path.join(DATA, "brick")):
-        from patchcore_dist.synthesize import make_demo_benchmark
+        from patchcore_dist.synthetic.categories import make_demo_benchmark
         make_demo_benchmark(DATA, n_images=n_images, size=256)
     return DATA
 
@@ -28,7 +28,7 @@ def image_files(pattern: str = "*/*/*/*.png") -> list[str]:
 
 def crops(paths, size: int = 224) -> np.ndarray:
     from PIL import Image
-    from patchcore_dist.preprocessing import resize_crop
+    from patchcore_dist.core.preprocessing import resize_crop
     return np.stack([resize_crop(np.asarray(Image.open(p).convert("RGB")), 256, size) for p in paths])
 
 

@@ -14,8 +14,9 @@ import torch
 from common import crops, image_files, peak_rss_mb, side_by_side
 
 from patchcore_dist.config import load_config
-from patchcore_dist.coreset import covering_radius, greedy_coreset, greedy_coreset_reference, project, projection_matrix
-from patchcore_dist.patchcore import PatchCore
+from patchcore_dist.core.coreset import covering_radius, greedy_coreset, project, projection_matrix
+from patchcore_dist.core.reference import greedy_coreset_reference
+from patchcore_dist.core.patchcore import PatchCore
 
 
 def real_features(n: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch
 from common import crops, image_files, peak_rss_mb
 
 from patchcore_dist.config import load_config
-from patchcore_dist.coreset import covering_radius, greedy_coreset, part_size, project, projection_matrix
-from patchcore_dist.patchcore import PatchCore
+from patchcore_dist.core.coreset import covering_radius, greedy_coreset, part_size, project, projection_matrix
+from patchcore_dist.core.patchcore import PatchCore
 
 
 def make_part(base: np.ndarray, start: int, stop: int) -> torch.Tensor:

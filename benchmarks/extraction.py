@@ -13,10 +13,12 @@ import torch
 
 from common import best_of, crops, image_files, peak_rss_mb, side_by_side
 
-from patchcore_dist.backbones import build_backbone, optimize_for_inference
+from patchcore_dist.core.backbones import build_backbone
+from patchcore_dist.core.inference import optimize_for_inference
 from patchcore_dist.config import load_config
-from patchcore_dist.embedding import patch_features, patch_features_reference
-from patchcore_dist.preprocessing import normalize
+from patchcore_dist.core.embedding import patch_features
+from patchcore_dist.core.reference import patch_features_reference
+from patchcore_dist.core.preprocessing import normalize
 
 
 def main():

@@ -19,11 +19,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from patchcore_dist import coreset as cs  # noqa: E402
+from patchcore_dist.core import coreset as cs  # noqa: E402
+from patchcore_dist.core import reference  # noqa: E402
 from patchcore_dist.config import load_config  # noqa: E402
-from patchcore_dist.embedding import patch_features, patch_features_reference  # noqa: E402
-from patchcore_dist.memory_bank import MemoryBank  # noqa: E402
-from patchcore_dist.patchcore import Embedder, PatchCore  # noqa: E402
+from patchcore_dist.core.embedding import patch_features  # noqa: E402
+from patchcore_dist.core.reference import patch_features_reference  # noqa: E402
+from patchcore_dist.core.memory_bank import MemoryBank  # noqa: E402
+from patchcore_dist.core.patchcore import Embedder, PatchCore  # noqa: E402
 
 SMOKE = not torch.cuda.is_available()  # a tiny CPU run that checks the script itself
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -116,7 +118,7 @@ def bench_coreset(n=20_000 if SMOKE else 1_000_000, d=1024, ratio=0.01):
     # The original loop on a slice, extrapolated per step.
     steps = 200
     t = time.perf_counter()
-    cs_ref = cs.greedy_coreset_reference(proj, steps)
+    cs_ref = reference.greedy_coreset_reference(proj, steps)
     sync()
     t_ref_step = (time.perf_counter() - t) / steps
     same = set(sel[:steps].tolist()) == set(cs_ref.tolist())  # the CUDA-graph run vs the original loop
@@ -133,7 +135,7 @@ def bench_precision(data="benchmarks/data"):
     from PIL import Image
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
-    from patchcore_dist.preprocessing import resize_crop
+    from patchcore_dist.core.preprocessing import resize_crop
     out = {}
     for cat in sorted(os.listdir(data)):
         root = os.path.join(data, cat)
@@ -162,7 +164,7 @@ def bench_precision(data="benchmarks/data"):
 def bench_files(data="benchmarks/data", bs=BS, workers=12):
     """End to end from PNG files: DataLoader workers decode while the GPU scores (bank 16k, fp16)."""
     from PIL import Image
-    from patchcore_dist.preprocessing import resize_crop
+    from patchcore_dist.core.preprocessing import resize_crop
     files = sorted(glob.glob(f"{data}/*/*/*/*.png")) * 40
     files = files[: 16 if SMOKE else 4096]
 

@@ -14,10 +14,10 @@ import tempfile
 
 from common import demo_data
 
-from patchcore_dist.cli import setup_logging
+from patchcore_dist.cli.common import setup_logging
 from patchcore_dist.config import load_config
-from patchcore_dist.evaluate import run_evaluate
-from patchcore_dist.fit import run_fit
+from patchcore_dist.pipeline.evaluate import run_evaluate
+from patchcore_dist.pipeline.fit import run_fit
 
 
 def evaluate_all(data: str, config_file, overrides, work: str) -> dict:

@@ -26,11 +26,12 @@ from scipy.stats import spearmanr
 
 from common import crops, image_files, peak_rss_mb, side_by_side
 
-from patchcore_dist.backbones import build_backbone, optimize_for_inference
+from patchcore_dist.core.backbones import build_backbone
+from patchcore_dist.core.inference import optimize_for_inference
 from patchcore_dist.config import load_config
-from patchcore_dist.embedding import patch_features_reference
-from patchcore_dist.patchcore import PatchCore
-from patchcore_dist.preprocessing import normalize
+from patchcore_dist.core.reference import patch_features_reference
+from patchcore_dist.core.patchcore import PatchCore
+from patchcore_dist.core.preprocessing import normalize
 
 
 def main():

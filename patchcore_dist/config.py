@@ -15,13 +15,13 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names every problem."""
+# The embedded default config, shipped inside the package (configs/ at the top of the checkout links to it).
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 
 class _Section(BaseModel):
@@ -169,6 +169,13 @@ class Config(_Section):
     fit: FitConfig = FitConfig()
     storage: StorageConfig = StorageConfig()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _pq_divides_dim(self):
+        if self.index.type == "ivf_pq" and self.embedding.target_dim % self.index.pq_m:
+            raise ValueError(f"index.pq_m ({self.index.pq_m}) must divide embedding.target_dim "
+                             f"({self.embedding.target_dim}) for index.type=ivf_pq")
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -25,14 +25,14 @@ SMALL = [f"image.resize={CROP}", f"image.crop={CROP}", "runtime.batch_size=8", "
 @pytest.fixture(scope="session")
 def lite0():
     """The offline EfficientNet-Lite0 feature extractor with real ImageNet weights."""
-    from patchcore_dist.backbones import build_backbone
+    from patchcore_dist.core.backbones import build_backbone
     return build_backbone("tf_efficientnet_lite0")
 
 
 @pytest.fixture(scope="session")
 def category(tmp_path_factory):
     """One MVTec-layout category built from scikit-image's brick photograph with injected defects."""
-    from patchcore_dist.synthesize import make_demo_benchmark
+    from patchcore_dist.synthetic.categories import make_demo_benchmark
     root = tmp_path_factory.mktemp("bench")
     make_demo_benchmark(str(root), categories=("brick",), n_images=20, size=SIZE, seed=0)
     return str(root / "brick")
@@ -40,7 +40,7 @@ def category(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def objects_category(tmp_path_factory):
-    from patchcore_dist.synthesize import make_demo_benchmark
+    from patchcore_dist.synthetic.categories import make_demo_benchmark
     root = tmp_path_factory.mktemp("bench_obj")
     make_demo_benchmark(str(root), categories=("coffee",), n_images=20, size=SIZE, seed=1)
     return str(root / "coffee")
@@ -84,5 +84,5 @@ def ray_local():
 
 def crops(paths, size=CROP):
     from PIL import Image
-    from patchcore_dist.preprocessing import resize_crop
+    from patchcore_dist.core.preprocessing import resize_crop
     return np.stack([resize_crop(np.asarray(Image.open(p).convert("RGB")), size, size) for p in paths])

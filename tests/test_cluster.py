@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-from patchcore_dist.score import read_scores
+from patchcore_dist.artifacts.scores import read_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")

@@ -1,6 +1,7 @@
 import pytest
 
-from patchcore_dist.config import ConfigError, load_config
+from patchcore_dist.errors import ConfigError
+from patchcore_dist.config import load_config
 
 
 def test_default_and_overrides():
@@ -10,7 +11,7 @@ def test_default_and_overrides():
 
 
 def test_another_backbone_on_the_command_line_gets_its_own_levels():
-    from patchcore_dist.backbones import build_backbone
+    from patchcore_dist.core.backbones import build_backbone
     c = load_config(None, ["backbone.name=resnet18", "backbone.weights=random"])
     assert c.backbone.layers is None  # not Lite0's blocks.2 / blocks.4 from the default file
     assert build_backbone(c.backbone.name, c.backbone.layers, c.backbone.weights).layers == ("layer2", "layer3")
@@ -53,7 +54,7 @@ def test_bad_files(tmp_path):
 def test_actor_pool_takes_the_batch_size_of_its_device(monkeypatch):
     """GPU actors batch runtime.gpu_batch_size images, CPU actors runtime.batch_size (cluster faked)."""
     import ray
-    from patchcore_dist.cluster import actor_pool
+    from patchcore_dist.pipeline.cluster import actor_pool
     cfg = load_config(None, ["runtime.batch_size=4", "runtime.gpu_batch_size=96"])
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
     gpu = actor_pool(cfg)

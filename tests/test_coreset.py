@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore_dist.coreset import (coreset_size, covering_radius, greedy_coreset, greedy_coreset_reference,
-                                    project, projection_matrix)
-from patchcore_dist.embedding import patch_features
-from patchcore_dist.preprocessing import normalize
+from patchcore_dist.core.coreset import coreset_size, covering_radius, greedy_coreset, project, projection_matrix
+from patchcore_dist.core.reference import greedy_coreset_reference
+from patchcore_dist.core.embedding import patch_features
+from patchcore_dist.core.preprocessing import normalize
 
 from conftest import crops
 

@@ -4,9 +4,12 @@ import pytest
 import skimage.data
 import torch
 
-from patchcore_dist.backbones import BackboneError, FeatureExtractor, build_backbone, fold_batch_norms
-from patchcore_dist.embedding import patch_features, patch_features_reference
-from patchcore_dist.preprocessing import normalize, resize_crop
+from patchcore_dist.errors import BackboneError
+from patchcore_dist.core.backbones import FeatureExtractor, build_backbone
+from patchcore_dist.core.inference import fold_batch_norms
+from patchcore_dist.core.embedding import patch_features
+from patchcore_dist.core.reference import patch_features_reference
+from patchcore_dist.core.preprocessing import normalize, resize_crop
 
 
 def _photos(n=2, size=224):
@@ -226,7 +229,7 @@ def test_folding_failure_keeps_the_unfolded_backbone():
 @pytest.mark.parametrize("kernel,stride,size", [(3, 2, 16), (5, 2, 16), (3, 2, 15), (5, 2, 17), (3, 1, 10), (4, 2, 12)])
 def test_same_padding_without_copies_equals_timm(kernel, stride, size):
     from timm.layers import Conv2dSame
-    from patchcore_dist.backbones import SamePaddingConv
+    from patchcore_dist.core.inference import SamePaddingConv
     torch.manual_seed(0)
     conv = Conv2dSame(6, 6, kernel, stride=stride, groups=3, bias=True).eval()
     x = torch.randn(2, 6, size, size + 2)
@@ -235,7 +238,7 @@ def test_same_padding_without_copies_equals_timm(kernel, stride, size):
 
 
 def test_optimized_lite0_gives_the_same_features(lite0):
-    from patchcore_dist.backbones import SamePaddingConv, optimize_for_inference
+    from patchcore_dist.core.inference import SamePaddingConv, optimize_for_inference
     fast = optimize_for_inference(lite0)
     assert any(isinstance(m, SamePaddingConv) for m in fast.model.modules())
     x = normalize(torch.from_numpy(_photos(2)))

@@ -11,11 +11,14 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from patchcore_dist import storage
+from patchcore_dist.artifacts import storage
 from patchcore_dist.config import load_config
-from patchcore_dist.fit import JobError, run_fit
-from patchcore_dist.model import ModelError, load_model
-from patchcore_dist.score import read_scores, run_score
+from patchcore_dist.errors import JobError
+from patchcore_dist.pipeline.fit import run_fit
+from patchcore_dist.errors import ModelError
+from patchcore_dist.artifacts.model import load_model
+from patchcore_dist.artifacts.scores import read_scores
+from patchcore_dist.pipeline.score import run_score
 
 from conftest import SMALL
 
@@ -83,7 +86,7 @@ def test_score_local_folders(local_model, category, tmp_path):
 def test_overlay_is_drawn_from_the_bytes_read_once(category, tmp_path):
     """The decode task passes the file's bytes on to the renderer: no second read of the archive
     (here the file is gone before rendering), and the bytes do not travel past the renderer."""
-    from patchcore_dist.stages import decode_batch, render_batch
+    from patchcore_dist.pipeline.stages import decode_batch, render_batch
     src = sorted(os.listdir(f"{category}/test/good"))[0]
     path = tmp_path / src
     path.write_bytes(open(f"{category}/test/good/{src}", "rb").read())

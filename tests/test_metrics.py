@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from patchcore_dist.metrics import f1_threshold, image_auroc, pixel_auroc, pro_curve, pro_score
+from patchcore_dist.core.metrics import f1_threshold, image_auroc, pixel_auroc, pro_curve, pro_score
 
 
 def test_pro_single_region_by_hand():

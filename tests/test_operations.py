@@ -12,11 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from patchcore_dist import storage
+from patchcore_dist.artifacts import storage
 from patchcore_dist.config import load_config
-from patchcore_dist.fit import JobError, run_fit
-from patchcore_dist.model import load_model
-from patchcore_dist.score import read_scores, run_score
+from patchcore_dist.errors import JobError
+from patchcore_dist.pipeline.fit import run_fit
+from patchcore_dist.artifacts.model import load_model
+from patchcore_dist.artifacts.scores import read_scores
+from patchcore_dist.pipeline.score import run_score
 
 from conftest import SMALL
 
@@ -231,7 +233,7 @@ def test_credentials_never_written_or_logged(ray_local, category, s3, bucket, tm
 
 
 def test_evaluate_next_to_other_score_runs(model, category, tmp_path):
-    from patchcore_dist.evaluate import run_evaluate
+    from patchcore_dist.pipeline.evaluate import run_evaluate
     out = str(tmp_path / "out")
     run_score(model, f"{category}/train/good", out, overrides=SMALL)  # other rows in the same output
     m = run_evaluate(model, category, out, overrides=SMALL)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from patchcore_dist.config import load_config
-from patchcore_dist.evaluate import run_evaluate
-from patchcore_dist.fit import run_fit
-from patchcore_dist.synthesize import make_demo_benchmark
+from patchcore_dist.pipeline.evaluate import run_evaluate
+from patchcore_dist.pipeline.fit import run_fit
+from patchcore_dist.synthetic.categories import make_demo_benchmark
 
 from conftest import SMALL
 

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from patchcore_dist.config import load_config
-from patchcore_dist.coreset import covering_radius, greedy_coreset, project, projection_matrix, two_round_coreset
-from patchcore_dist.embedding import patch_features
-from patchcore_dist.fit import run_fit
-from patchcore_dist.memory_bank import MemoryBank, build_index
-from patchcore_dist.model import load_model
-from patchcore_dist.preprocessing import normalize
-from patchcore_dist.score import read_scores, run_score
+from patchcore_dist.core.coreset import covering_radius, greedy_coreset, project, projection_matrix, two_round_coreset
+from patchcore_dist.core.embedding import patch_features
+from patchcore_dist.pipeline.fit import run_fit
+from patchcore_dist.core.memory_bank import MemoryBank, build_index
+from patchcore_dist.artifacts.model import load_model
+from patchcore_dist.core.preprocessing import normalize
+from patchcore_dist.artifacts.scores import read_scores
+from patchcore_dist.pipeline.score import run_score
 
 from conftest import SMALL, crops
 

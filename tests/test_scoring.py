@@ -10,10 +10,12 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from patchcore_dist.config import load_config
-from patchcore_dist.memory_bank import MemoryBank, remeasure, search_reference
-from patchcore_dist.patchcore import PatchCore
-from patchcore_dist.preprocessing import ImageError, decode_image, geometry, resize_crop, to_original
-from patchcore_dist.scoring import gaussian_blur
+from patchcore_dist.core.memory_bank import MemoryBank, remeasure
+from patchcore_dist.core.reference import search_reference
+from patchcore_dist.core.patchcore import PatchCore
+from patchcore_dist.errors import ImageError
+from patchcore_dist.core.preprocessing import decode_image, geometry, resize_crop, to_original
+from patchcore_dist.core.scoring import gaussian_blur
 
 from conftest import CROP, SMALL, crops
 
@@ -220,7 +222,7 @@ def test_pruned_search_on_a_bank_smaller_than_the_candidates():
 
 
 def test_fp32_arithmetic_sets_and_restores_the_tf32_flags():
-    from patchcore_dist.devices import fp32_arithmetic
+    from patchcore_dist.core.devices import fp32_arithmetic
     conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     before = (conv.fp32_precision, mm.fp32_precision)
     with fp32_arithmetic(conv=False, matmul=True):
@@ -236,7 +238,7 @@ def test_fp32_arithmetic_sets_and_restores_the_tf32_flags():
 
 def test_fp32_arithmetic_falls_back_to_the_legacy_flags(monkeypatch):
     """A torch build that rejects the new fp32_precision values gets the legacy allow_tf32 flags."""
-    from patchcore_dist.devices import fp32_arithmetic
+    from patchcore_dist.core.devices import fp32_arithmetic
 
     class Refusing:
         fp32_precision = "tf32"
@@ -254,7 +256,7 @@ def test_fp32_arithmetic_falls_back_to_the_legacy_flags(monkeypatch):
 @pytest.mark.parametrize("precision,conv_flag", [("fp32", "ieee"), ("tf32", "tf32")])
 def test_backbone_float32_arithmetic_follows_runtime_precision(category, precision, conv_flag):
     """GPUs run float32 convolutions in TF32 unless told otherwise: "fp32" must mean IEEE float32."""
-    from patchcore_dist.patchcore import Embedder
+    from patchcore_dist.core.patchcore import Embedder
     emb = Embedder(load_config(None, SMALL + [f"runtime.precision={precision}"]))
     seen = []
     emb.backbone.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.conv.fp32_precision))

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
-from .coreset import project
+from ..core.coreset import project
+from ..errors import JobError, ShardError
 from .model import sha256
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ def write_shard(uri: str, image_ids, uris, feats, grid, storage_options: dict | 
     data = shard_bytes(list(image_ids), list(uris), feats, grid)
     storage.write_bytes(uri, data, **(storage_options or {}))
     return {"sha256": sha256(data), "bytes": len(data)}
-
-
-class ShardError(RuntimeError):
-    """A feature shard that does not match its recorded sha256."""
 
 
 def read_shard(uri: str, storage_options: dict | None = None, rows: list[int] | None = None,
@@ -110,3 +107,31 @@ def gather_rows(indices: np.ndarray, layout: list[tuple[str, int, int]], storage
         out[sel] = flat[want[sel] - lo]
         out_extra[sel_x] = flat[extra[sel_x] - lo]
     return out, out_extra
+
+
+def copy_reused(rows: dict, reusable: dict, model: str, opts: dict) -> None:
+    """Copy the feature rows of unchanged images from the old model's shards into new shards of ``model``.
+
+    ``rows`` are the fit's per-image columns; ``reusable`` maps a content digest to (old shard URI,
+    row, sha256) (:func:`patchcore_dist.artifacts.model.reusable_features`). Each reused image's
+    shard, row, patches, shard_sha256 and shard_bytes are updated in place.
+    """
+    by_shard: dict[tuple[str, str], list[int]] = {}
+    for i, (unchanged, digest, split) in enumerate(zip(rows["unchanged"], rows["digest"], rows["split"])):
+        if unchanged:
+            by_shard.setdefault((reusable[digest][0], split), []).append(i)
+    for (old_shard, split), idx in sorted(by_shard.items()):
+        want = [reusable[rows["digest"][i]][1] for i in idx]
+        try:
+            meta, feats = read_shard(old_shard, opts, rows=want, sha256=reusable[rows["digest"][idx[0]]][2])
+        except ShardError as e:
+            raise JobError(f"--reuse: {e}; no model was written") from None
+        grid = (meta["grid_h"][0].as_py(), meta["grid_w"][0].as_py())
+        name = f"part-reused-{hashlib.sha256((old_shard + split).encode()).hexdigest()[:16]}.parquet"
+        info = write_shard(storage.join(model, split, name), [rows["digest"][i] for i in idx],
+                           [rows["uri"][i] for i in idx], feats, grid, opts)
+        for j, i in enumerate(idx):
+            rows["shard"][i], rows["row"][i], rows["patches"][i] = name, j, feats.shape[1]
+            rows["shard_sha256"][i], rows["shard_bytes"][i] = info["sha256"], info["bytes"]
+    log.info("reused the features of %d unchanged images from %d shards", sum(len(v) for v in by_shard.values()),
+             len(by_shard))

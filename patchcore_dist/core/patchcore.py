@@ -1,7 +1,7 @@
 """PatchCore as a plain in-process object: embed, fit (coreset + memory bank), predict.
 
-Pure torch/numpy/faiss: no Ray, no storage. The distributed job (:mod:`patchcore_dist.fit`,
-:mod:`patchcore_dist.score`) wraps the same pieces.
+Pure torch/numpy/faiss: no Ray, no storage. The distributed jobs (:mod:`patchcore_dist.pipeline`)
+wrap the same pieces.
 """
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import Config
 from . import coreset as coreset_mod
+from .backbones import WeightsReader, build_backbone, read_local
 from .devices import fp32_arithmetic, pick_device
-from .backbones import build_backbone, optimize_for_inference
-from .config import Config
 from .embedding import patch_features
+from .inference import optimize_for_inference
 from .memory_bank import MemoryBank, set_search_params
 from .preprocessing import normalize
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
@@ -30,11 +31,11 @@ class Prediction:
 class Embedder:
     """Backbone + locally aware patch features for batches of preprocessed uint8 crops."""
 
-    def __init__(self, config: Config, device: str | None = None):
+    def __init__(self, config: Config, device: str | None = None, read_weights: WeightsReader = read_local):
         self.config = config
         self.device = pick_device(device or config.runtime.device)
         b = config.backbone
-        backbone = build_backbone(b.name, b.layers, b.weights, config.storage.options())
+        backbone = build_backbone(b.name, b.layers, b.weights, read_weights)
         optimize = config.runtime.optimize_backbone
         self.backbone = (optimize_for_inference(backbone) if optimize else backbone).to(self.device)
         if self.device.type == "cuda":
@@ -67,10 +68,11 @@ class PatchCore:
     """The scorer: memory bank + nearest-neighbour search + maps; feature extraction via :class:`Embedder`."""
 
     def __init__(self, config: Config, bank: np.ndarray | None = None, embedder: Embedder | None = None,
-                 device: str | None = None, index=None):
+                 device: str | None = None, index=None, read_weights: WeightsReader = read_local):
         self.config = config
         self._index = index
         self._embedder = embedder
+        self._read_weights = read_weights
         self.device = embedder.device if embedder else pick_device(device or config.runtime.device)
         self.bank = self._bank(bank) if bank is not None else None
 
@@ -78,7 +80,7 @@ class PatchCore:
     def embedder(self) -> Embedder:
         """Built on first use: scoring pre-extracted features needs no backbone."""
         if self._embedder is None:
-            self._embedder = Embedder(self.config, str(self.device))
+            self._embedder = Embedder(self.config, str(self.device), self._read_weights)
         return self._embedder
 
     def _bank(self, bank: np.ndarray) -> MemoryBank:
@@ -127,9 +129,6 @@ def select_memory_bank(feats: torch.Tensor, config: Config) -> np.ndarray:
     """Coreset-reduce in-memory patch features [N, D] to the memory bank [K, D] (float32)."""
     c = config.coreset
     k = coreset_mod.coreset_size(len(feats), c.ratio, c.size)
-    if k >= len(feats):
-        return feats.float().numpy()
-    matrix = coreset_mod.projection_matrix(feats.shape[1], c.projection_dim, config.seed)
-    projected = coreset_mod.project(feats, matrix)
-    idx = coreset_mod.greedy_coreset(projected, k, config.seed, c.num_starting_points, c.device)
+    projected = coreset_mod.project(feats, coreset_mod.projection_matrix(feats.shape[1], c.projection_dim, config.seed))
+    idx = coreset_mod.select(projected, k, config.seed, c.num_starting_points, c.device)
     return feats[idx].float().numpy()

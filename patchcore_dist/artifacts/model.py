@@ -21,20 +21,21 @@ import platform
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
-from . import __version__, storage
-from .config import Config, ConfigError, load_config
+from .. import __version__
+from ..config import Config, load_config
+from ..errors import ConfigError, JobError, ModelError
+from . import storage
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 REQUIRED = ("memory_bank.npy", "index.faiss", "config.yaml")
-
-
-class ModelError(RuntimeError):
-    """A model directory that cannot be used: missing, uncommitted, corrupt or incompatible."""
+# Every file a fit writes besides the feature shards (features/, validation/) and the manifest.
+MODEL_FILES = ("memory_bank.npy", "index.faiss", "config.yaml", "images.parquet", "errors.parquet")
 
 
 def sha256(data: bytes) -> str:
@@ -165,8 +166,50 @@ def load_model(uri: str, storage_options: dict | None = None) -> LoadedModel:
         raise ModelError(f"{uri}: memory bank is {bank.dtype} {bank.shape}, manifest says float32 ({rows}, {dim})")
     if dim != config.embedding.target_dim:
         raise ModelError(f"{uri}: memory bank dimension {dim} != embedding.target_dim {config.embedding.target_dim}")
-    from .memory_bank import deserialize_index
+    from ..core.memory_bank import deserialize_index
     index = deserialize_index(index_bytes)
     if index.ntotal != rows or index.d != dim:
         raise ModelError(f"{uri}: index.faiss holds {index.ntotal} x {index.d}, bank is {rows} x {dim}")
     return LoadedModel(uri, manifest, config, bank, index)
+
+
+def clean_uncommitted(model: str, opts: dict) -> None:
+    """A model directory without a manifest is an interrupted fit: its files are never used; remove them.
+
+    Only files of the model layout are removed; a folder holding anything else is refused.
+    """
+    try:
+        leftovers = storage.list_files(model, None, **opts)
+    except FileNotFoundError:
+        return
+    foreign = [r for _, r in leftovers if not (r in MODEL_FILES or (
+        r.split("/")[0] in ("features", "validation") and r.endswith(".parquet") and r.count("/") == 1))]
+    if foreign:
+        raise JobError(f"{model} is not empty and not an interrupted model (it holds e.g. {foreign[0]}): "
+                       "write the model to a new, empty URI")
+    if leftovers:
+        log.warning("%s holds %d files of an interrupted fit (no manifest): removing them", model, len(leftovers))
+        for uri, _ in leftovers:
+            storage.delete(uri, **opts)
+
+
+def reusable_features(old: str, config: Config, opts: dict) -> dict:
+    """digest -> (feature shard URI, row, sha256) of every usable image of a committed model with the same
+    features (the sha256 from the old manifest: a reused shard is verified before it is copied)."""
+    try:
+        manifest = read_manifest(old, opts)
+    except ModelError as e:
+        raise JobError(f"--reuse: {e}") from None
+    if manifest.get("feature_digest") != config.feature_digest():
+        raise JobError(f"--reuse: {old} was extracted with other feature settings (backbone, image or embedding); "
+                       "its features cannot be reused")
+    images = pq.read_table(io.BytesIO(read_verified(old, manifest, "images.parquet", opts))).to_pylist()
+    out = {}
+    for r in images:
+        if not r["error"] and r["shard"]:
+            name = f"{r.get('split') or 'features'}/{r['shard']}"
+            entry = manifest["files"].get(name)
+            if entry is None:
+                raise JobError(f"--reuse: {old}/{name} is not listed in its manifest")
+            out[r["digest"]] = (storage.join(old, name), int(r["row"]), entry["sha256"])
+    return out

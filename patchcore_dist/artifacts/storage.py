@@ -16,9 +16,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-
-class StorageError(RuntimeError):
-    """An input or output location that cannot be used (missing, no permission, bad URI)."""
+from ..errors import StorageError
 
 
 def is_s3(uri: str) -> bool:

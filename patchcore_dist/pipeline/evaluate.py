@@ -1,34 +1,31 @@
 """evaluate: model + labelled test set (MVTec AD layout) -> metrics.json and report.html.
 
-The test split is scored by :func:`patchcore_dist.score.run_score` (the same Ray stages as `score`),
-with the patch-score grids kept in the score table; anomaly maps are rebuilt from them at the
-masks' resolution for the pixel metrics.
+The test split is scored by :func:`patchcore_dist.pipeline.score.run_score` (the same Ray stages as
+`score`), with the patch-score grids kept in the score table; anomaly maps are rebuilt from them at
+the masks' resolution for the pixel metrics.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import os
 from collections import defaultdict
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import storage
-from .config import load_config
-from .fit import JobError
-from .metrics import f1_threshold, image_auroc, pixel_auroc, pro_score
-from .preprocessing import geometry
-from .score import read_scores, run_score
-from .scoring import anomaly_map_original
+from ..artifacts import storage
+from ..artifacts.inputs import category_entry, category_test, mask_uri
+from ..artifacts.scores import read_scores
+from ..config import load_config
+from ..core.metrics import f1_threshold, image_auroc, pixel_auroc, pro_score
+from ..core.preprocessing import geometry
+from ..core.scoring import anomaly_map_original
+from ..errors import JobError
+from .score import run_score
 
 log = logging.getLogger(__name__)
-
-
-def mask_uri(dataset: str, defect: str, name: str) -> str:
-    return storage.join(dataset, "ground_truth", defect, f"{os.path.splitext(name)[0]}_mask.png")
 
 
 def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
@@ -43,9 +40,9 @@ def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
 
 def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | None = None,
                  overrides: list[str] | None = None) -> dict:
-    pre = load_config(config_file, overrides)
-    opts = pre.storage.options()
-    test = storage.join(dataset, "test")
+    """Score the test split of ``dataset`` and write metrics.json and report.html under ``output``."""
+    opts = load_config(config_file, overrides).storage.options()
+    test = category_test(dataset)
     if not storage.is_dir(test, **opts):
         raise JobError(f"{dataset} is not an MVTec AD category: no test/ folder")
     # Every test image is scored again: the score table must hold this model's patch-score grids.
@@ -54,18 +51,31 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
                        rescore="all")
     config, digest = scored["config"], scored["model"]
     prefix = test.rstrip("/") + "/"  # rows of other score runs into the same output are not ours
-    latest = {r["image"]: r for r in read_scores(output, opts, digest).to_pylist()
-              if r["image"].startswith(prefix)}
+    latest = {r["image"]: r for r in read_scores(output, opts, digest).to_pylist() if r["image"].startswith(prefix)}
+    rows, groups, errors, warnings = collect_labelled(latest, dataset, config, opts)
+    if not rows:
+        raise JobError(f"no test image of {dataset} could be scored")
+    computed = compute_metrics(rows, groups)
+    top = computed.pop("top")
+    metrics = {"model": digest, "dataset": dataset, "images": len(latest), "scored": len(rows), **computed,
+               "errors": errors, "warnings": warnings, "top": top}
+    write_results(metrics, rows, dataset, output, config, opts)
+    return metrics
+
+
+def collect_labelled(latest: dict, dataset: str, config, opts: dict) -> tuple[list, dict, list, list]:
+    """Per test image: label, score and (with its ground-truth mask) the anomaly map at the mask's
+    resolution. Returns the rows, the per-defect groups ("all" and one per defect type), the errors
+    and the warnings."""
     rows, errors, warnings = [], [], []
-    per_defect = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": []})
+    groups = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": []})
     for r in sorted(latest.values(), key=lambda r: r["image"]):
-        rel = r["image"][len(test.rstrip("/")) + 1:]
-        defect, name = rel.split("/", 1) if "/" in rel else ("good", rel)
+        _, defect, name = category_entry(dataset, r["image"])
         if r["error"]:
             errors.append({"image": r["image"], "error": r["error"]})
             continue
         label = 0 if defect == "good" else 1
-        amap = None
+        amap = mask = None
         if label == 0:
             amap = full_map(r, config, (r["height"], r["width"]))
             mask = np.zeros(amap.shape, bool)
@@ -76,34 +86,30 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
                 amap = full_map(r, config, mask.shape)
             except FileNotFoundError:
                 warnings.append(f"no ground-truth mask for {r['image']}: left out of the pixel metrics")
-                mask = None
         rows.append({"image": r["image"], "defect": defect, "label": label, "score": r["score"],
                      "heatmap": r["heatmap"]})
         for key in ("all", defect):
-            d = per_defect[key]
-            d["labels"].append(label)
-            d["scores"].append(r["score"])
+            g = groups[key]
+            g["labels"].append(label)
+            g["scores"].append(r["score"])
             if mask is not None:
-                d["masks"].append(mask)
-                d["maps"].append(amap)
-    if not rows:
-        raise JobError(f"no test image of {dataset} could be scored")
+                g["masks"].append(mask)
+                g["maps"].append(amap)
+    return rows, groups, errors, warnings
+
+
+def compute_metrics(rows: list[dict], groups: dict) -> dict:
+    """Image AUROC, pixel AUROC, PRO and the F1-optimal threshold; the same per defect type (each
+    against all normal test images); the ten highest-scored images."""
     labels = np.array([r["label"] for r in rows])
     scores = np.array([r["score"] for r in rows])
-    allm = per_defect["all"]
-    metrics = {
-        "model": digest, "dataset": dataset, "images": len(latest), "scored": len(rows),
-        "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(allm["masks"], allm["maps"]),
-        "pro": _pro(allm["masks"], allm["maps"]),
-    }
-    if labels.min() != labels.max():
-        metrics["threshold"], metrics["f1"] = f1_threshold(labels, scores)
-    else:
-        metrics["threshold"], metrics["f1"] = None, None
-    good = per_defect.get("good")
+    allm = groups["all"]
+    metrics = {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(allm["masks"], allm["maps"]),
+               "pro": _pro(allm["masks"], allm["maps"])}
+    metrics["threshold"], metrics["f1"] = f1_threshold(labels, scores) if labels.min() != labels.max() else (None, None)
+    good = groups.get("good")
     breakdown = {}
-    for defect, d in sorted(per_defect.items()):
+    for defect, d in sorted(groups.items()):
         if defect in ("all", "good"):
             continue
         lab = np.r_[good["labels"], d["labels"]] if good else np.array(d["labels"])
@@ -113,20 +119,21 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
         breakdown[defect] = {"images": len(d["labels"]), "image_auroc": image_auroc(lab, sc),
                              "pixel_auroc": pixel_auroc(mk, mp), "pro": _pro(mk, mp)}
     metrics["per_defect"] = breakdown
-    metrics["errors"] = errors
-    metrics["warnings"] = warnings
     order = np.argsort(-scores)
     metrics["top"] = [{"image": rows[i]["image"], "score": float(scores[i]), "label": int(labels[i])}
                       for i in order[:10]]
-    storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(_clean(metrics), indent=2).encode(),
-                        **opts)
-    from .report import render_report
+    return metrics
+
+
+def write_results(metrics: dict, rows: list[dict], dataset: str, output: str, config, opts: dict) -> None:
+    """metrics.json and the HTML report under ``output``."""
+    from ..render.report import render_report
+    storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(_clean(metrics), indent=2).encode(), **opts)
     html = render_report(metrics, rows, dataset, config, opts)
     storage.write_bytes(storage.join(output, "report.html"), html.encode(), **opts)
     log.info("evaluate: image AUROC %.3f, pixel AUROC %.3f, PRO %.3f, threshold %s; report %s",
              metrics["image_auroc"], metrics["pixel_auroc"], metrics["pro"], metrics["threshold"],
              storage.join(output, "report.html"))
-    return metrics
 
 
 def _pro(masks, maps) -> float:

@@ -16,11 +16,9 @@ consecutive neighbourhood values, so an output reads a short run of consecutive 
 therefore unfolds each level on its *own* grid, forms its output channels as a few "taps" (row
 gathers of the unfolded tensor, weighted and summed: :func:`_taps`), and resamples only the level's
 share of the output channels onto the finest grid, written channels-last into the final rows.
-No unfolded tensor on the fine grid, no pretrain_dim intermediate, no final pooling pass. On two CPU
-cores that is 2x faster for Lite0 than a dense 3x3 convolution per level and 1.4x faster for WRN50
-than pooling the unfolded rows (the two earlier paths), and far faster than the literal formulation,
-:func:`patch_features_reference`, kept as the test oracle and benchmark baseline. The same numbers
-up to float rounding.
+No unfolded tensor on the fine grid, no pretrain_dim intermediate, no final pooling pass: the
+same numbers as the literal formulation (:func:`.reference.patch_features_reference`, the test
+oracle) up to float rounding, at a fraction of its cost (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -99,29 +97,3 @@ def patch_features(features: list[torch.Tensor], patch_size: int = 3, pretrain_d
         out[..., split:hi] = y[..., split - lo:]
         written = max(written, hi)
     return out.reshape(b * h0 * w0, target_dim), (h0, w0)
-
-
-def patch_features_reference(features: list[torch.Tensor], patch_size: int = 3, pretrain_dim: int = 1024,
-                             target_dim: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The literal original formulation (unfold -> resample every patch component -> pool)."""
-    p = patch_size
-    patches, shapes = [], []
-    for fmap in features:
-        b, c, h, w = fmap.shape
-        cols = F.unfold(fmap.float(), kernel_size=p, padding=p // 2, stride=1)
-        patches.append(cols.reshape(b, c, p, p, h * w).permute(0, 4, 1, 2, 3))  # [B, h*w, C, p, p]
-        shapes.append((h, w))
-    ref_h, ref_w = shapes[0]
-    for i in range(1, len(patches)):
-        x = patches[i]
-        b, _, c = x.shape[:3]
-        h, w = shapes[i]
-        x = x.reshape(b, h, w, c, p, p).permute(0, 3, 4, 5, 1, 2).reshape(-1, h, w)
-        x = F.interpolate(x.unsqueeze(1), size=(ref_h, ref_w), mode="bilinear", align_corners=False).squeeze(1)
-        x = x.reshape(b, c, p, p, ref_h, ref_w).permute(0, 4, 5, 1, 2, 3).reshape(b, ref_h * ref_w, c, p, p)
-        patches[i] = x
-    flat = [x.reshape(-1, *x.shape[-3:]) for x in patches]  # [B*h0*w0, C, p, p]
-    pooled = [F.adaptive_avg_pool1d(x.reshape(len(x), 1, -1), pretrain_dim).squeeze(1) for x in flat]
-    stacked = torch.stack(pooled, dim=1)  # [N, L, pretrain_dim]
-    out = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), target_dim).reshape(len(stacked), -1)
-    return out, (ref_h, ref_w)

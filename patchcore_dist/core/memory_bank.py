@@ -295,8 +295,3 @@ def remeasure(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tenso
         out_d.append(v)
         out_i.append(cand.gather(1, order))
     return torch.cat(out_d), torch.cat(out_i)
-
-
-def search_reference(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Nearest distances by brute force in float32 torch (benchmark baseline and test oracle)."""
-    return torch.cdist(queries.float(), bank.float()).min(1).values

@@ -12,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..errors import ImageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class ImageError(ValueError):
-    """An input that cannot be used as an image; the message is the reason written to error rows."""
 
 
 def _to_rgb8(img: Image.Image) -> Image.Image:

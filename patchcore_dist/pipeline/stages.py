@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import logging
 import time
 import uuid
 
 import numpy as np
 
-from . import storage
-from .config import Config
-from .preprocessing import ImageError, decode_image, geometry, resize_crop
+from ..artifacts import storage
+from ..config import Config
+from ..core.preprocessing import decode_image, geometry, resize_crop
+from ..errors import ImageError
+from ..render.heatmap import colorize, encode, overlay
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ def _per_image_ms(t0: float, n: int) -> np.ndarray:
     return np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32)
 
 
+def _reader(opts: dict):
+    """The backbone's weights reader: any storage URI (the algorithm itself reads local files only)."""
+    return functools.partial(storage.read_bytes, **opts)
+
+
 def _threads(config: Config) -> None:
     import torch
     n = config.runtime.torch_threads or max(1, int(round(config.runtime.actor_cpus)))
@@ -104,15 +110,15 @@ class Extract:
     """Fit's actor: backbone + patch features, written to a Parquet shard per batch."""
 
     def __init__(self, config: dict, model_uri: str):
-        from .patchcore import Embedder
+        from ..core.patchcore import Embedder
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
-        self.embedder = Embedder(self.cfg)
-        self.model_uri = model_uri
         self.opts = self.cfg.storage.options()
+        self.embedder = Embedder(self.cfg, read_weights=_reader(self.opts))
+        self.model_uri = model_uri
 
     def __call__(self, batch: dict) -> dict:
-        from .features import write_shard
+        from ..artifacts.features import write_shard
         n = len(batch["uri"])
         shard = np.array([""] * n, object)
         row = np.full(n, -1, np.int32)
@@ -148,12 +154,13 @@ class Score:
     """Score's actor: backbone + memory bank; returns image scores and patch-score grids."""
 
     def __init__(self, model_uri: str, config: dict):
-        from .model import load_model
-        from .patchcore import PatchCore
+        from ..artifacts.model import load_model
+        from ..core.patchcore import PatchCore
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
-        model = load_model(model_uri, self.cfg.storage.options())
-        self.pc = PatchCore(self.cfg, model.bank, index=model.index)
+        opts = self.cfg.storage.options()
+        model = load_model(model_uri, opts)
+        self.pc = PatchCore(self.cfg, model.bank, index=model.index, read_weights=_reader(opts))
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uri"])
@@ -179,35 +186,12 @@ class Score:
                              score_ms=_per_image_ms(t0, n))
 
 
-@functools.lru_cache(maxsize=1)
-def _jet() -> np.ndarray:
-    from matplotlib import colormaps
-    return (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-
-
-def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
-    lo, hi = vrange
-    return np.clip((amap - lo) / (hi - lo), 0, 1)
-
-
-def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
-    """Anomaly map -> RGB uint8 with the 'jet' colour map on the fixed scale [lo, hi]."""
-    return _jet()[np.rint(heat_level(amap, vrange) * 255).astype(np.int32)]
-
-
-def _encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
 def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float]) -> dict:
     """Render task: anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under
     ``heatmaps_uri``, mirroring each input's relative path with its extension (cat.jpg -> cat.jpg.png,
     so cat.png and cat.jpg stay apart). Only in the pipeline when output.heatmaps is on."""
     import torch
-    from .scoring import anomaly_map_original
+    from ..core.scoring import anomaly_map_original
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
     n = len(batch["uri"])
@@ -223,15 +207,14 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
             full = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma)
             rgb = colorize(full, vrange)
             base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
-            storage.write_bytes(base + ".png", _encode(rgb), **opts)
+            storage.write_bytes(base + ".png", encode(rgb), **opts)
             heatmap[i] = base + ".png"
             if cfg.output.overlay:
                 # the bytes the decode task read (keep_bytes), else a second read
                 data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
                 orig = decode_image(bytes(data), cfg.image.max_pixels, cfg.image.min_side)
-                alpha = (0.25 + 0.5 * heat_level(full, vrange))[..., None]
-                over = (orig * (1 - alpha) + rgb * alpha).astype(np.uint8)
-                storage.write_bytes(base + "_overlay.jpg", _encode(over, "JPEG", quality=90), **opts)
+                storage.write_bytes(base + "_overlay.jpg", encode(overlay(orig, rgb, full, vrange), "JPEG", quality=90),
+                                    **opts)
         except Exception as e:
             log.exception("heatmap failed for %s", batch["uri"][i])
             errors[i] = f"heatmap failed: {_err(e)}"

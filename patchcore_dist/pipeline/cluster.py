@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
-from .config import Config
+from ..config import Config
+from ..errors import JobError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,21 @@ def actor_pool(config: Config) -> dict:
         return {"compute": ActorPoolStrategy(size=size), "num_gpus": 1, "num_cpus": 1,
                 "batch_size": rt.batch_for("cuda")}
     if rt.device == "cuda":
-        raise RuntimeError("runtime.device=cuda but the Ray cluster has no GPUs")
+        raise JobError("runtime.device=cuda but the Ray cluster has no GPUs: use runtime.device=auto or cpu")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = rt.num_actors or max(1, int((cpus - 1) // rt.actor_cpus) if cpus > 2 else 1)
     log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_for("cpu"))
     return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu")}
+
+
+def iterate_with_progress(ds, total: int, what: str, every: float = 5.0):
+    """The dataset's output batches (numpy); every ``every`` seconds one line: images done, errors, rate."""
+    t0 = last = time.time()
+    done = errors = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        done += len(batch["uri"])
+        errors += sum(1 for e in batch["error"] if isinstance(e, str) and e)
+        yield batch
+        if time.time() - last > every:
+            last = time.time()
+            log.info("%s: %d / %d images (%d errors), %.1f images/s", what, done, total, errors, done / (last - t0))

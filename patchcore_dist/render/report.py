@@ -8,13 +8,13 @@ import io
 import numpy as np
 from PIL import Image
 
-from . import storage
+from ..artifacts import storage
+from ..artifacts.inputs import category_entry, mask_uri
+from .heatmap import encode
 
 
 def _b64_png(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(encode(np.asarray(img))).decode()
 
 
 def _thumb(uri: str | None, opts: dict, size: int = 200, mode: str = "RGB") -> str:
@@ -55,12 +55,8 @@ def _fmt(x) -> str:
 
 
 def render_report(metrics: dict, rows: list[dict], dataset: str, config, opts: dict, n: int = 8) -> str:
-    from .evaluate import mask_uri
-    test = storage.join(dataset, "test")
-
     def triple(r):
-        rel = r["image"][len(test.rstrip("/")) + 1:]
-        defect, name = rel.split("/", 1) if "/" in rel else ("good", rel)
+        rel, defect, name = category_entry(dataset, r["image"])
         overlay = r["heatmap"][:-4] + "_overlay.jpg" if r.get("heatmap") else None
         mask = "" if defect == "good" else _thumb(mask_uri(dataset, defect, name), opts, mode="L")
         cells = [_thumb(r["image"], opts), _thumb(overlay, opts) or _thumb(r.get("heatmap"), opts), mask]

@@ -12,12 +12,14 @@ import contextlib
 
 import torch
 
+from ..errors import DeviceError
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was asked for (runtime.device / coreset.device) but no GPU is visible")
+        raise DeviceError("device cuda was asked for (runtime.device / coreset.device) but no GPU is visible")
     return torch.device(device)
 
 

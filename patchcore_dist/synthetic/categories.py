@@ -4,62 +4,23 @@
     <output>/test/good/*.png                  held-out normal images
     <output>/test/<kind>/*.png                held-out images with one injected defect
     <output>/ground_truth/<kind>/<name>_mask.png
-
-Also the demo's source of normal images: variations of real photographs shipped with
-scikit-image (random crops of textures; small shifts and lighting changes of objects).
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Iterable
 
 import numpy as np
-from PIL import Image
 
-from . import storage
+from ..artifacts import storage
+from ..artifacts.inputs import list_images
+from ..core.preprocessing import decode_image
+from ..errors import ImageError, JobError
+from ..render.heatmap import encode as encode_png
 from .defects import DEFECT_KINDS, inject
+from .photos import photo_variants
 
 log = logging.getLogger(__name__)
-
-TEXTURES = ("brick", "gravel", "grass")
-OBJECTS = ("coffee", "chelsea", "astronaut", "rocket", "coins", "camera")
-
-
-def _photo(name: str) -> np.ndarray:
-    import skimage.data
-    img = getattr(skimage.data, name)()
-    if img.ndim == 2:
-        img = np.stack([img] * 3, -1)
-    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
-
-
-def photo_variants(name: str, n: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` normal variations (size x size RGB) of one scikit-image photograph."""
-    rng = np.random.default_rng(seed)
-    img = _photo(name)
-    h, w = img.shape[:2]
-    out = []
-    for _ in range(n):
-        if name in TEXTURES:
-            side = int(min(h, w) * rng.uniform(0.45, 0.55))
-        else:
-            side = int(min(h, w) * rng.uniform(0.9, 0.97))
-        y = rng.integers(0, h - side + 1)
-        x = rng.integers(0, w - side + 1)
-        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
-        arr = np.asarray(crop).astype(np.float32)
-        if name in TEXTURES and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        arr = arr * rng.uniform(0.93, 1.07) + rng.uniform(-6, 6)
-        out.append(np.clip(arr, 0, 255).astype(np.uint8))
-    return out
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def make_category(normal: list[np.ndarray], output: str, kinds: Iterable[str] = DEFECT_KINDS,
@@ -121,8 +82,6 @@ def synthesize_folder(normal: str, output: str, kinds: Iterable[str] = DEFECT_KI
                       defects_per_kind: int | None = None, seed: int = 0, storage_options: dict | None = None,
                       max_pixels: int = 100_000_000) -> dict:
     """A folder of normal images (local or s3) -> an MVTec-layout category under ``output``."""
-    from .fit import JobError, list_images
-    from .preprocessing import ImageError, decode_image
     opts = storage_options or {}
     files = list_images(normal, opts, "normal images")
     images, names, skipped = [], [], []

@@ -1,0 +1,70 @@
+"""Inputs on storage: listing image folders, the MVTec AD layout, the fit's hold-out split.
+
+MVTec AD layout of a category root:
+
+    <root>/train/good/*.png                    normal images to fit on
+    <root>/test/<defect or good>/*.png         test images, labelled by their folder
+    <root>/ground_truth/<defect>/<name>_mask.png
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+from ..core.preprocessing import IMAGE_EXTENSIONS
+from ..errors import JobError, StorageError
+from . import storage
+
+log = logging.getLogger(__name__)
+
+
+def list_images(uri: str, opts: dict, what: str) -> list[dict]:
+    """Image files under ``uri`` (entries: uri, rel, size, mtime); a clear JobError when there are none."""
+    try:
+        files = storage.list_entries(uri, IMAGE_EXTENSIONS, **opts)
+    except FileNotFoundError:
+        raise JobError(f"{what} not found: {uri}") from None
+    except StorageError as e:
+        raise JobError(f"cannot list {what} {uri}: {e}") from None
+    if not files:
+        raise JobError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {what} {uri}")
+    return files
+
+
+def resolve_train_root(uri: str, opts: dict) -> str:
+    """An MVTec AD category root (with train/good) stands for its train/good folder."""
+    candidate = storage.join(uri, "train", "good")
+    if storage.is_dir(candidate, **opts):
+        log.info("%s is an MVTec AD category: fitting on train/good", uri)
+        return candidate
+    return uri
+
+
+def category_test(dataset: str) -> str:
+    """The test/ folder of an MVTec AD category."""
+    return storage.join(dataset, "test")
+
+
+def category_entry(dataset: str, image_uri: str) -> tuple[str, str, str]:
+    """A test image's (path relative to test/, defect type or "good", file name)."""
+    rel = image_uri[len(category_test(dataset).rstrip("/")) + 1:]
+    defect, name = rel.split("/", 1) if "/" in rel else ("good", rel)
+    return rel, defect, name
+
+
+def mask_uri(dataset: str, defect: str, name: str) -> str:
+    """The ground-truth mask of test image ``name`` of ``defect``."""
+    return storage.join(dataset, "ground_truth", defect, f"{os.path.splitext(name)[0]}_mask.png")
+
+
+def holdout(entries: list[tuple[str, str]], fraction: float, seed: int) -> set[str]:
+    """A deterministic held-out subset of (uri, rel) entries, by a seeded hash of the URI (so it is
+    stable as data grows)."""
+    if fraction <= 0:
+        return set()
+    keyed = sorted(entries, key=lambda e: hashlib.sha256(f"{seed}:{e[0]}".encode()).hexdigest())
+    n = max(1, int(round(len(entries) * fraction)))
+    if n >= len(entries):
+        raise JobError(f"fit.holdout_fraction={fraction} leaves no training images of {len(entries)}")
+    return {u for u, _ in keyed[:n]}

@@ -1,0 +1,84 @@
+"""The commands: fit, score, evaluate, synthesize, demo. Each has ``add_<name>_arguments(parser)`` and
+``<name>(args)``; the `patchcore` command and the `patchcore-<name>` scripts share them. The jobs'
+modules are imported when a command runs, so ``--help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="folder of normal images, or an MVTec AD category root")
+    p.add_argument("--model", required=True, help="new model directory (local path, file:// or s3://)")
+    p.add_argument("--reuse", help="an earlier model: reuse its features of unchanged images")
+    p.add_argument("--validation", help="normal images to calibrate the decision threshold on "
+                                        "(else fit.holdout_fraction of the training images, if set)")
+
+
+def fit(a: argparse.Namespace) -> None:
+    from ..config import load_config
+    from ..pipeline.fit import run_fit
+    run_fit(a.train, a.model, load_config(a.config, a.overrides), reuse=a.reuse, validation=a.validation)
+
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory written by fit")
+    p.add_argument("--images", required=True, help="folder of images to score")
+    p.add_argument("--output", required=True, help="where the score table and heatmaps go")
+    p.add_argument("--rescore", choices=["changed", "all"], default="changed",
+                   help="changed (default): skip images this model already scored; all: score everything again")
+
+
+def score(a: argparse.Namespace) -> None:
+    from ..pipeline.score import run_score
+    run_score(a.model, a.images, a.output, a.config, a.overrides, rescore=a.rescore)
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory written by fit")
+    p.add_argument("--dataset", required=True, help="MVTec AD category root (train/, test/, ground_truth/)")
+    p.add_argument("--output", required=True, help="where metrics.json, report.html, scores and heatmaps go")
+
+
+def evaluate(a: argparse.Namespace) -> None:
+    from ..pipeline.evaluate import run_evaluate
+    m = run_evaluate(a.model, a.dataset, a.output, a.config, a.overrides)
+    print(f"image AUROC {m['image_auroc']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  PRO {m['pro']:.3f}  "
+          f"threshold {m['threshold']}  ->  {a.output}/metrics.json, {a.output}/report.html")
+
+
+def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normal", required=True, help="folder of normal images")
+    p.add_argument("--output", required=True, help="new category root")
+    p.add_argument("--kinds", default="scratch,stain,foreign,hole,deformation")
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--defects-per-kind", type=int, default=None)
+
+
+def synthesize(a: argparse.Namespace) -> None:
+    from ..config import load_config
+    from ..synthetic.categories import synthesize_folder
+    cfg = load_config(a.config, a.overrides)
+    counts = synthesize_folder(a.normal, a.output, a.kinds.split(","), a.test_fraction, a.defects_per_kind,
+                               cfg.seed, cfg.storage.options(), cfg.image.max_pixels)
+    print(f"wrote {a.output}: {counts}")
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="demo_out")
+    p.add_argument("--categories", default="brick,gravel,coffee")
+    p.add_argument("--images", type=int, default=24, help="normal images per category")
+
+
+def demo(a: argparse.Namespace) -> None:
+    from .demo import run_demo
+    run_demo(a.output, [c.strip() for c in a.categories.split(",") if c.strip()], a.images, a.overrides)
+
+
+COMMANDS = {
+    "fit": (add_fit_arguments, fit, "fit a PatchCore model on normal images"),
+    "score": (add_score_arguments, score, "score an image archive: score table + heatmaps (incremental)"),
+    "evaluate": (add_evaluate_arguments, evaluate, "evaluate a model on an MVTec-layout category: metrics + report"),
+    "synthesize": (add_synthesize_arguments, synthesize,
+                   "turn normal images into an MVTec-layout validation category with synthetic defects"),
+    "demo": (add_demo_arguments, demo, "build the demo benchmark from real photographs, fit, score and evaluate it"),
+}

@@ -1,0 +1,102 @@
+"""The fit's memory bank from its feature shards, on the driver and on Ray tasks.
+
+The shards are streamed and projected on the fly (only the N x projection_dim matrix is held), the
+greedy coreset runs on the driver (``single``) or in two rounds (``two_round``: one Ray task per
+part, then the driver over the union), and only the selected full-dimension rows are read back.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from ..artifacts.features import gather_rows, project_shards
+from ..config import Config
+from ..core import calibration
+from ..core import coreset as greedy
+from ..core.memory_bank import MemoryBank
+
+log = logging.getLogger(__name__)
+
+
+def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, opts: dict
+                      ) -> tuple[np.ndarray, dict]:
+    """Shards -> coreset (streamed, projected) -> full-dimension memory bank + score statistics."""
+    selected, layout, info = select_coreset(shard_uris, counts, config, opts)
+    n = info["patches"]
+    # A sample of training patches, scored against the bank, fixes the model's score scale.
+    rng = np.random.default_rng(config.seed)
+    sample = rng.choice(n, size=min(n, calibration.SCALE_SAMPLE), replace=False)
+    bank, sample_feats = gather_rows(selected, layout, opts, extra=sample)
+    d, _ = MemoryBank.from_config(bank, config).search(sample_feats, 1)
+    q = calibration.patch_score_quantiles(d[:, 0].numpy())
+    heatmap_min, heatmap_max = calibration.heatmap_scale(q)
+    stats = {"patches": int(n), "coreset": {k: v for k, v in info.items() if k != "patches"},
+             "train_patch_score": q, "heatmap_min": heatmap_min, "heatmap_max": heatmap_max}
+    log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.3f p99 %.3f; "
+             "heatmap scale [%.3f, %.3f]", info["method"], info["coreset_seconds"], len(selected), n, q["p50"],
+             q["p99"], heatmap_min, heatmap_max)
+    return bank, stats
+
+
+def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opts: dict
+                   ) -> tuple[np.ndarray, list, dict]:
+    """Global indices of the memory bank's patches, the shard layout, and timing facts."""
+    c = config.coreset
+    t0 = time.time()
+    matrix = greedy.projection_matrix(config.embedding.target_dim, c.projection_dim, config.seed)
+    n = int(sum(counts))
+    k = greedy.coreset_size(n, c.ratio, c.size)
+    method = c.method if c.method != "auto" else ("two_round" if n >= c.two_round_min_patches else "single")
+    if k >= n:
+        method = "all"
+    info = {"patches": n, "method": method, "k": k}
+    if method == "two_round":
+        selected, layout = _two_rounds(shard_uris, counts, matrix, k, config, opts, info)
+    else:
+        projected, layout = project_shards(shard_uris, matrix, opts)
+        log.info("coreset: %d patches projected to %d dims in %.1f s; selecting %d (%.2f%%)", n,
+                 projected.shape[1], time.time() - t0, k, 100.0 * k / n)
+        selected = greedy.select(projected, k, config.seed, c.num_starting_points, c.device).numpy()
+        del projected
+    info["coreset_seconds"] = round(time.time() - t0, 3)
+    return selected, layout, info
+
+
+def _first_round_task(shard_uris: list[str], matrix, k_part: int, seed: int, num_starting_points: int,
+                      device: str, opts: dict):
+    """One Ray task per part: project its shards, greedy k-center over them."""
+    proj, layout = project_shards(shard_uris, None if matrix is None else torch.from_numpy(matrix), opts)
+    local, rows = greedy.first_round(proj, k_part, seed, num_starting_points, device)
+    return local, rows, layout
+
+
+def _two_rounds(shard_uris: list[str], counts: list[int], matrix, k: int, config: Config, opts: dict,
+                info: dict) -> tuple[np.ndarray, list]:
+    """The first round as Ray tasks over groups of shards (part j seeded with seed + j), the second
+    on the driver; the same composition as :func:`patchcore_dist.core.coreset.two_round_coreset`."""
+    import ray
+    c = config.coreset
+    t0 = time.time()
+    parts = min(len(shard_uris), c.parts or max(1, int(ray.cluster_resources().get("CPU", 1))))
+    groups = [list(g) for g in np.array_split(np.arange(len(shard_uris)), parts) if len(g)]
+    gpu = c.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_first_round_task)
+    mat = None if matrix is None else matrix.numpy()
+    n = int(sum(counts))
+    refs = [task.remote([shard_uris[i] for i in g], mat,
+                        greedy.part_size(k, int(sum(counts[i] for i in g)), n, c.oversample),
+                        config.seed + j, c.num_starting_points, c.device, opts) for j, g in enumerate(groups)]
+    log.info("coreset (two rounds): %d patches in %d parts on Ray, keeping %.1fx their share of k=%d",
+             n, len(groups), c.oversample, k)
+    layout, results = [], []
+    for local, rows, part_layout in ray.get(refs):
+        layout.extend(part_layout)
+        results.append((local, rows, sum(ni * l for _, ni, l in part_layout)))
+    t1 = time.time()
+    selected = greedy.second_round(results, k, config.seed, c.num_starting_points, c.device).numpy()
+    info.update(parts=len(groups), union=int(sum(len(r[0]) for r in results)), first_round_s=round(t1 - t0, 3),
+                second_round_s=round(time.time() - t1, 3))
+    return selected, layout

@@ -1,0 +1,188 @@
+"""fit: normal images -> model directory (memory bank + faiss index + manifest), on Ray.
+
+Three steps: :func:`plan_fit` (checks and listing, before any work), :func:`extract_features`
+(Ray: decode tasks and backbone actors write float16 feature shards under <model>/features/), and
+:func:`commit_model` (the driver: coreset over the streamed shards, memory bank, index, threshold;
+the manifest last).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..artifacts import storage
+from ..artifacts.features import copy_reused, read_shard
+from ..artifacts.inputs import holdout, list_images, resolve_train_root
+from ..artifacts.model import MANIFEST, ModelWriter, clean_uncommitted, config_yaml, npy_bytes, reusable_features
+from ..config import Config
+from ..core import calibration
+from ..core.memory_bank import build_index, serialize_index
+from ..errors import JobError
+from .cluster import actor_pool, init_ray, iterate_with_progress
+from .coreset import build_memory_bank
+from .stages import Extract, decode_batch
+
+log = logging.getLogger(__name__)
+
+# Per-image columns of the extraction, kept in images.parquet (but the shard checksums).
+COLUMNS = ("uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row", "patches",
+           "shard_sha256", "shard_bytes")
+
+
+@dataclass
+class FitPlan:
+    model: str
+    root: str                  # the training folder (train/good of an MVTec category)
+    items: list[dict]          # uri, rel, split ("features" or "validation"), in listing order
+    training: int              # training images (not held out)
+    held: set = field(default_factory=set)
+    reusable: dict = field(default_factory=dict)
+    reuse: str | None = None
+    validation: str | None = None
+
+
+def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
+    """Fit a model on the normal images under ``train``; returns its manifest."""
+    t_start = time.time()
+    plan = plan_fit(train, model, config, reuse, validation)
+    rows = extract_features(plan, config)
+    t_extract = time.time() - t_start
+    manifest = commit_model(plan, rows, config)
+    t = manifest["training"]
+    log.info("fit done: %d images (%d errors, %d reused), %d patches -> memory bank %d x %d, extraction %.1f s, "
+             "total %.1f s; model %s (digest %s)", len(plan.items), t["errors"], t["reused"], t["patches"],
+             manifest["bank"]["rows"], manifest["bank"]["dim"], t_extract, time.time() - t_start, model,
+             manifest["model_digest"])
+    return manifest
+
+
+def plan_fit(train: str, model: str, config: Config, reuse: str | None, validation: str | None) -> FitPlan:
+    """Everything checked and listed before any work: a new model URI, the images, the hold-out split,
+    the features an earlier model can lend; an interrupted fit's leftovers are removed."""
+    opts = config.storage.options()
+    if storage.exists(storage.join(model, MANIFEST), **opts):
+        raise JobError(f"{model} already holds a committed model; models are never changed in place: "
+                       "write the new model to a new URI")
+    if reuse and (reuse.rstrip("/") == model.rstrip("/") or reuse.rstrip("/").startswith(model.rstrip("/") + "/")):
+        raise JobError("--reuse must name another (committed) model than --model, outside it")
+    root = resolve_train_root(train, opts)
+    files = [(e["uri"], e["rel"]) for e in list_images(root, opts, "training images")]
+    held = holdout(files, config.fit.holdout_fraction, config.seed) if not validation else set()
+    items = [{"uri": u, "rel": r, "split": "validation" if u in held else "features"} for u, r in files]
+    if validation:
+        items += [{"uri": e["uri"], "rel": e["rel"], "split": "validation"}
+                  for e in list_images(validation, opts, "validation images")]
+    plan = FitPlan(model, root, items, len(files) - len(held), held, validation=validation, reuse=reuse)
+    plan.reusable = reusable_features(reuse, config, opts) if reuse else {}
+    clean_uncommitted(model, opts)
+    n_val = len(items) - plan.training
+    log.info("fit: %d training images under %s%s -> model %s", plan.training, root,
+             f", {n_val} validation images" if n_val else "", model)
+    return plan
+
+
+def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
+    """Ray: decode tasks and backbone actors; the actors write the feature shards. Returns the
+    per-image columns (:data:`COLUMNS`) in listing order."""
+    ray = init_ray(config)
+    cfg = config.to_dict()
+    # Same inputs, same model: keep the listing order through the pipeline, so every run forms the same
+    # batches (a backbone's float rounding may depend on the batch) and the coreset sees the patches in
+    # the same order (its greedy choice depends on it).
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        pool = actor_pool(config)  # its batch size suits the actors' device
+        ds = ray.data.from_items(plan.items, override_num_blocks=max(1, min(len(plan.items), 200)))
+        ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable)},
+                            batch_size=pool["batch_size"], num_cpus=0.5)
+        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model), **pool)
+        rows = {c: [] for c in COLUMNS}
+        for batch in iterate_with_progress(ds, len(plan.items), "extracting"):
+            for c in COLUMNS:
+                rows[c].extend(batch[c].tolist())
+    finally:
+        context.execution_options.preserve_order = preserve_order
+    return rows
+
+
+def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
+    """The driver's part: memory bank, index, threshold and tables written; the manifest last."""
+    opts = config.storage.options()
+    if plan.reusable:
+        copy_reused(rows, plan.reusable, plan.model, opts)
+    ok = [not e for e in rows["error"]]
+    train_ok = [o and s == "features" for o, s in zip(ok, rows["split"])]
+    errors = len(ok) - sum(ok)
+    if not any(train_ok):
+        raise JobError(f"none of the {plan.training + len(plan.held)} training images could be used; first errors: "
+                       + "; ".join(f"{r}: {e}" for r, e in zip(rows["rel"], rows["error"]) if e)[:800]
+                       + " (no model was written)")
+    if errors:
+        log.warning("%d of %d images could not be used (listed in %s/errors.parquet)", errors, len(ok), plan.model)
+    writer = ModelWriter(plan.model, opts)
+    for o, split, name, sha, nb in zip(ok, rows["split"], rows["shard"], rows["shard_sha256"], rows["shard_bytes"]):
+        if o:
+            writer.record(f"{split}/{name}", sha, int(nb))
+    shards, counts = _training_shards(rows, train_ok)
+    bank, stats = build_memory_bank([storage.join(plan.model, "features", s) for s in shards], counts, config, opts)
+    val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
+    if val_shards:
+        stats.update(calibrate([storage.join(plan.model, "validation", s) for s in val_shards], bank, config, opts))
+    _write_model_files(writer, bank, rows, ok, config, stats)
+    digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], train_ok) if t)).encode()).hexdigest()
+    training = {"uri": plan.root, "images": plan.training, "used": int(sum(train_ok)), "errors": errors,
+                "reused": int(sum(rows["unchanged"])), "digest": digest[:16], "patches": stats.pop("patches"),
+                "reuse_from": plan.reuse,
+                "validation": plan.validation or (f"{len(plan.held)} held out" if plan.held else None)}
+    return writer.commit(config, bank.shape, training, stats)
+
+
+def _training_shards(rows: dict[str, list], train_ok: list[bool]) -> tuple[list[str], list[int]]:
+    """The training feature shards in listing order (not by their random names: the coreset's choice
+    depends on the patch order) and the patches each holds, from the extraction rows (no shard I/O)."""
+    patches: dict[str, int] = {}
+    for name, t, p in zip(rows["shard"], train_ok, rows["patches"]):
+        if t:
+            patches[name] = patches.get(name, 0) + int(p)
+    return list(patches), list(patches.values())
+
+
+def _write_model_files(writer: ModelWriter, bank: np.ndarray, rows: dict[str, list], ok: list[bool],
+                       config: Config, stats: dict) -> None:
+    """memory_bank.npy, index.faiss, config.yaml, images.parquet and errors.parquet."""
+    writer.put("memory_bank.npy", npy_bytes(bank))
+    index = build_index(bank, config.index, config.seed)
+    stats["index"] = type(index).__name__
+    writer.put("index.faiss", serialize_index(index))
+    writer.put("config.yaml", config_yaml(config))
+    images = pa.table({c: rows[c] for c in COLUMNS if c not in ("shard_sha256", "shard_bytes")})
+    writer.put("images.parquet", storage.parquet_bytes(images))
+    err_idx = [i for i, o in enumerate(ok) if not o]
+    writer.put("errors.parquet", storage.parquet_bytes(pa.table({
+        "image": [rows["uri"][i] for i in err_idx], "error": [rows["error"][i] for i in err_idx]},
+        schema=pa.schema([("image", pa.string()), ("error", pa.string())]))))
+
+
+def calibrate(shard_uris: list[str], bank: np.ndarray, config: Config, opts: dict) -> dict:
+    """Decision threshold from normal validation images: at most ``fit.target_fpr`` of them score above it."""
+    from ..core.patchcore import PatchCore
+    pc = PatchCore(config, bank, device="cpu")
+    scores = []
+    for uri in shard_uris:
+        meta, feats = read_shard(uri, opts)
+        grid = (meta["grid_h"][0].as_py(), meta["grid_w"][0].as_py())
+        pred = pc.predict_features(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32)), grid,
+                                   len(feats), maps=False)
+        scores.extend(pred.image_scores.tolist())
+    stats = calibration.calibration_stats(np.asarray(scores), config.fit.target_fpr)
+    log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", stats["threshold"],
+             stats["validation_images"], config.fit.target_fpr)
+    return stats

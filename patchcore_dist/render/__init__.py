@@ -1,0 +1,1 @@
+"""What people look at: heatmap colouring and encoding, the HTML evaluation report."""
