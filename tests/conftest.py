@@ -17,9 +17,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-SIZE = 160   # demo images, pixels
-CROP = 128   # model input for the fast tests (resize = crop: the whole image)
-SMALL = [f"image.resize={CROP}", f"image.crop={CROP}", "runtime.batch_size=8", "runtime.num_actors=1"]
+from helpers import SIZE  # noqa: E402  (tests/ is on the path: pytest puts conftest's folder there)
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +78,3 @@ def ray_local():
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def crops(paths, size=CROP):
-    from PIL import Image
-    from patchcore_dist.core.preprocessing import resize_crop
-    return np.stack([resize_crop(np.asarray(Image.open(p).convert("RGB")), size, size) for p in paths])

@@ -20,9 +20,8 @@ from patchcore_dist.artifacts.model import load_model
 from patchcore_dist.artifacts.scores import read_scores
 from patchcore_dist.pipeline.score import run_score
 
-from conftest import SMALL
+from helpers import ROOT, SMALL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _check_scores(table, n_images, opts=None):

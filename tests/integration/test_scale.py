@@ -14,7 +14,7 @@ from patchcore_dist.core.preprocessing import normalize
 from patchcore_dist.artifacts.scores import read_scores
 from patchcore_dist.pipeline.score import run_score
 
-from conftest import SMALL, crops
+from helpers import SMALL, crops
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 
+from helpers import ROOT
 from patchcore_dist.artifacts.scores import read_scores
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 

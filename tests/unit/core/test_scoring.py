@@ -17,7 +17,7 @@ from patchcore_dist.errors import ImageError
 from patchcore_dist.core.preprocessing import decode_image, geometry, resize_crop, to_original
 from patchcore_dist.core.scoring import gaussian_blur
 
-from conftest import CROP, SMALL, crops
+from helpers import CROP, SMALL, crops
 
 
 def _split(cat):

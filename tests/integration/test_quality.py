@@ -10,7 +10,7 @@ from patchcore_dist.pipeline.evaluate import run_evaluate
 from patchcore_dist.pipeline.fit import run_fit
 from patchcore_dist.synthetic.categories import make_demo_benchmark
 
-from conftest import SMALL
+from helpers import SMALL
 
 
 def test_quality_on_textures_and_objects(ray_local, tmp_path):

@@ -8,7 +8,7 @@ from patchcore_dist.core.reference import greedy_coreset_reference
 from patchcore_dist.core.embedding import patch_features
 from patchcore_dist.core.preprocessing import normalize
 
-from conftest import crops
+from helpers import crops
 
 
 @pytest.fixture(scope="module")
