@@ -1,4 +1,4 @@
-"""The command line: ``patchcore {fit,score,evaluate,synthesize,demo}`` and the ``patchcore-<command>``
+"""The command line: ``patchcore {fit,score,evaluate,synthesize,demo,runs}`` and the ``patchcore-<command>``
 scripts (the same commands); ``jobs/*.py`` call them for ``ray job submit``."""
 from __future__ import annotations
 

@@ -74,6 +74,42 @@ def demo(a: argparse.Namespace) -> None:
     run_demo(a.output, [c.strip() for c in a.categories.split(",") if c.strip()], a.images, a.overrides)
 
 
+def add_runs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="a score output (or a model directory, for its fit)")
+    p.add_argument("--last", type=int, default=10, help="how many of the latest runs (default 10)")
+
+
+def runs(a: argparse.Namespace) -> None:
+    from ..artifacts.runs import read_runs
+    from ..config import load_config
+    records = read_runs(a.output, load_config(a.config, a.overrides).storage.options())[-a.last:]
+    print(format_runs(records) if records else f"no runs recorded under {a.output}")
+
+
+RUN_COLUMNS = (("started", 25), ("job", 5), ("model", 16), ("listed", 7), ("scored", 7), ("skipped", 7),
+               ("errors", 6), ("anomalies", 9), ("p99", 9), ("img/s", 7), ("note", 0))
+
+
+def format_runs(records: list[dict]) -> str:
+    """Run records as a fixed-width table, oldest first; errors by reason and drift warnings as notes."""
+    def cells(r):
+        q = r.get("score_quantiles") or {}
+        rate = r.get("anomaly_rate")
+        notes = [f"{n} x {reason}" for reason, n in (r.get("errors_by_reason") or {}).items()]
+        if (r.get("drift") or {}).get("warning"):
+            notes.insert(0, f"DRIFT: {100 * r['drift']['share_above']:.1f}% above normal p99")
+        if r.get("error"):
+            notes.insert(0, r["error"])
+        return [r.get("started", ""), r.get("job", ""), r.get("model", ""), r.get("images_listed", ""),
+                r.get("scored", ""), r.get("skipped", ""), r.get("errors", ""),
+                "" if rate is None else f"{r.get('anomalies')} ({100 * rate:.1f}%)",
+                f"{q['p99']:.3f}" if q else "", r.get("images_per_s", ""), "; ".join(notes)]
+    lines = ["  ".join(f"{name:<{w}}" for name, w in RUN_COLUMNS)]
+    for r in records:
+        lines.append("  ".join(f"{str(c):<{w}}" for c, (_, w) in zip(cells(r), RUN_COLUMNS)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
 COMMANDS = {
     "fit": (add_fit_arguments, fit, "fit a PatchCore model on normal images"),
     "score": (add_score_arguments, score, "score an image archive: score table + heatmaps (incremental)"),
@@ -81,4 +117,5 @@ COMMANDS = {
     "synthesize": (add_synthesize_arguments, synthesize,
                    "turn normal images into an MVTec-layout validation category with synthetic defects"),
     "demo": (add_demo_arguments, demo, "build the demo benchmark from real photographs, fit, score and evaluate it"),
+    "runs": (add_runs_arguments, runs, "list the latest fit / score runs recorded under an output"),
 }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..errors import PatchCoreError
@@ -23,20 +24,27 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """--config FILE and the key=value overrides."""
     p.add_argument("--config", help="YAML config (default: the packaged configs/default.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own INFO logs and our debug lines")
 
 
-def setup_logging() -> None:
-    """Our progress lines at INFO; the libraries' own loggers at WARNING."""
+def setup_logging(verbose: bool = False) -> None:
+    """Our progress lines at INFO (DEBUG with ``verbose``); the libraries' own loggers at WARNING.
+    Ray's loggers are quietened again once Ray is imported (:func:`patchcore_dist.pipeline.cluster.quiet_ray_logs`,
+    told by the PATCHCORE_VERBOSE environment variable, which workers inherit too)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("ray", "ray.data", "botocore", "urllib3", "timm", "faiss", "faiss.loader"):
+    if verbose:
+        logging.getLogger("patchcore_dist").setLevel(logging.DEBUG)
+        os.environ["PATCHCORE_VERBOSE"] = "1"
+        return
+    for noisy in ("ray", "ray.data", "botocore", "urllib3", "timm", "faiss", "faiss.loader", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_job(run, args) -> int:
     """Run ``run(args)``; a known failure (:class:`PatchCoreError`, a missing file) prints one clear
     message and returns its exit code; anything else is a bug and keeps its traceback."""
-    setup_logging()
+    setup_logging(bool(getattr(args, "verbose", False)))
     try:
         run(args)
     except PatchCoreError as e:

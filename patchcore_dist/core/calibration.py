@@ -16,11 +16,38 @@ def patch_score_quantiles(patch_scores: np.ndarray) -> dict[str, float]:
     return {f"p{p}": float(np.percentile(patch_scores, p)) for p in PATCH_PERCENTILES}
 
 
-def heatmap_scale(quantiles: dict[str, float]) -> tuple[float, float]:
-    """The heatmap colour scale, fixed per model: typical normal patches (the median) at the cold
-    end, twice the 99th percentile of normal patch scores at the hot end."""
-    lo = quantiles["p50"]
-    return lo, max(2.0 * quantiles["p99"], lo + 1e-6)
+def peak_normalised(anomaly_map: np.ndarray, image_score: float) -> np.ndarray:
+    """The anomaly map scaled so that its maximum equals the image score.
+
+    Bilinear upsampling and Gaussian smoothing lower a map's peaks below the largest patch score,
+    so an unscaled map of a defect that the image score flags can stay in the cold colours. Scaled,
+    the map keeps its shape and its hottest pixel reads the image score itself: on a scale whose
+    centre is the decision threshold, an image above the threshold is hot at its defect and an image
+    below it never reaches the threshold colour.
+    """
+    peak = float(anomaly_map.max())
+    if not np.isfinite(image_score) or peak <= 0:
+        return anomaly_map
+    return anomaly_map * np.float32(image_score / peak)
+
+
+def normal_reference(image_scores: np.ndarray, anomaly_maps: list[np.ndarray]) -> dict:
+    """What drawn normal images look like: the median pixel of their peak-normalised anomaly maps (the
+    heatmap's cold end) and the quantiles of their image scores."""
+    s = np.asarray(image_scores, dtype=np.float64)
+    pixels = np.concatenate([peak_normalised(m, v).ravel() for m, v in zip(anomaly_maps, s)])
+    return {"cold": float(np.median(pixels)), "images": int(len(s)), "p50": float(np.percentile(s, 50)),
+            "p99": float(np.percentile(s, 99)), "max": float(s.max())}
+
+
+def heatmap_scale(cold: float, threshold: float) -> tuple[float, float]:
+    """The heatmap colour scale [lo, hi], fixed per model: normal images' typical level at the cold end
+    and the decision threshold at the centre (:data:`THRESHOLD_LEVEL`), so hi = 2 x threshold - cold."""
+    return cold, max(2.0 * threshold - cold, cold + 1e-6)
+
+
+# Where the decision threshold sits on the heatmap scale (0 = cold end, 1 = hot end).
+THRESHOLD_LEVEL = 0.5
 
 
 def threshold_at_fpr(image_scores: np.ndarray, target_fpr: float) -> float:
@@ -35,3 +62,31 @@ def calibration_stats(image_scores: np.ndarray, target_fpr: float) -> dict:
     v = np.sort(np.asarray(image_scores, dtype=np.float64))
     return {"threshold": threshold_at_fpr(v, target_fpr), "target_fpr": target_fpr, "validation_images": len(v),
             "validation_scores": {"min": float(v[0]), "median": float(np.median(v)), "max": float(v[-1])}}
+
+
+def quantiles(scores: np.ndarray) -> dict[str, float] | None:
+    """p50 / p90 / p99 / max of image scores (None for no scores)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if not len(s):
+        return None
+    return {"p50": float(np.percentile(s, 50)), "p90": float(np.percentile(s, 90)),
+            "p99": float(np.percentile(s, 99)), "max": float(s.max())}
+
+
+# Drift: normal images exceed their own 99th percentile 1 % of the time; warn when a run's share is
+# at least DRIFT_FACTOR times that and a one-sided binomial test puts it beyond chance (p < DRIFT_P).
+DRIFT_EXPECTED = 0.01
+DRIFT_FACTOR = 3.0
+DRIFT_P = 1e-3
+
+
+def drift(scores: np.ndarray, normal_p99: float) -> dict:
+    """Share of ``scores`` above the normal images' p99 image score, against the 1 % normal data
+    predicts; ``warning`` when it is far above (see :data:`DRIFT_FACTOR`, :data:`DRIFT_P`)."""
+    from scipy.stats import binomtest
+    s = np.asarray(scores, dtype=np.float64)
+    above = int((s > normal_p99).sum())
+    p = float(binomtest(above, len(s), DRIFT_EXPECTED, alternative="greater").pvalue) if len(s) else 1.0
+    share = above / len(s) if len(s) else 0.0
+    return {"reference_p99": float(normal_p99), "above": above, "share_above": share, "expected": DRIFT_EXPECTED,
+            "p_value": p, "warning": bool(share >= DRIFT_FACTOR * DRIFT_EXPECTED and p < DRIFT_P)}

@@ -93,6 +93,21 @@ def deserialize_index(data: bytes):
     return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
+def search_excluding(index, queries: np.ndarray, exclude: np.ndarray, k: int = 1) -> np.ndarray:
+    """Euclidean distances [N, k] to the k nearest rows of a faiss flat ``index`` other than the rows
+    ``exclude`` (e.g. a training image's own patches, to score it as if it were unseen). Excluding
+    every row would leave nothing to search: then none is excluded."""
+    faiss = _faiss()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, index.ntotal - len(exclude)) if len(exclude) < index.ntotal else min(k, index.ntotal)
+    if len(exclude) == 0 or len(exclude) >= index.ntotal:
+        d2, _ = index.search(q, k)
+    else:
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
+        d2, _ = index.search(q, k, params=faiss.SearchParameters(sel=faiss.IDSelectorNot(batch)))
+    return np.sqrt(np.maximum(d2, 0))
+
+
 class PrunedFlatSearch:
     """Exact k-NN on the CPU with fewer flops than brute force: lower bounds, exact re-rank, proof.
 

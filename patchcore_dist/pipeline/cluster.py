@@ -11,29 +11,65 @@ from ..errors import JobError
 log = logging.getLogger(__name__)
 
 
-def _quiet_data_progress() -> None:
-    """Our jobs log their own progress (images done, errors, images/s); Ray Data's per-operator
-    progress blocks every few seconds would drown it in non-interactive logs."""
+VERBOSE_ENV = "PATCHCORE_VERBOSE"  # set by the command line's --verbose: Ray's own INFO logs too
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+class _DropNotices(logging.Filter):
+    """Ray's start-up notices that say nothing about the job (token authentication is on by default)."""
+    NOTICES = ("Token authentication is enabled",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def quiet_ray_logs() -> None:
+    """The console shows the job's own progress lines and Ray's warnings and errors only (everything
+    with ``--verbose``); Ray Data's full logs still go to its session log files.
+
+    Ray configures its loggers when it is imported, so this runs after the import. Ray Data's progress
+    bars stay off (we draw our own), and so does its notice that they are off. Ray's C++ core logs
+    (e.g. a notice about actor constructor arguments in the object store, printed at error level for
+    every actor pool) go straight to stderr and only obey ``RAY_BACKEND_LOG_LEVEL``: set to ``fatal``
+    unless the user set it or asked for ``--verbose`` (Ray then prints one line saying so). The workers'
+    own output is forwarded to the driver with ``--verbose`` only (``log_to_driver``); it is always
+    in Ray's session logs, and a failing image's reason is always in its error row.
+    """
+    import ray
     import ray.data
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    from ray.util import log_once
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
+    if verbose():
+        return
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+                handler.setLevel(logging.WARNING)
+            handler.addFilter(_DropNotices())
 
 
 def init_ray(config: Config):
+    """Join the cluster at RAY_ADDRESS, or start a local instance (once per process)."""
     import ray
-    _quiet_data_progress()
+    quiet_ray_logs()
     if ray.is_initialized():
         return ray
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose())
     else:
         # A local instance. Leave room for the decode tasks beside the actors: with every CPU
         # held by actors the read/decode tasks starve (seen on 2 cores).
         num_cpus = config.runtime.ray_num_cpus or max(2, (os.cpu_count() or 2) + 1)
         log.info("starting a local Ray instance (%d logical CPUs)", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose())
     return ray
 
 
@@ -58,13 +94,28 @@ def actor_pool(config: Config) -> dict:
 
 
 def iterate_with_progress(ds, total: int, what: str, every: float = 5.0):
-    """The dataset's output batches (numpy); every ``every`` seconds one line: images done, errors, rate."""
+    """The dataset's output batches (numpy), with progress: a bar with rate and ETA on a terminal,
+    else one line every ``every`` seconds (images done, errors, rate)."""
+    import sys
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=what, unit="img", dynamic_ncols=True, leave=False)
     t0 = last = time.time()
     done = errors = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        done += len(batch["uri"])
-        errors += sum(1 for e in batch["error"] if isinstance(e, str) and e)
-        yield batch
-        if time.time() - last > every:
-            last = time.time()
-            log.info("%s: %d / %d images (%d errors), %.1f images/s", what, done, total, errors, done / (last - t0))
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch["uri"])
+            done += n
+            errors += sum(1 for e in batch["error"] if isinstance(e, str) and e)
+            yield batch
+            if bar is not None:
+                bar.set_postfix(errors=errors, refresh=False)
+                bar.update(n)
+            elif time.time() - last > every:
+                last = time.time()
+                log.info("%s: %d / %d images (%d errors), %.1f images/s", what, done, total, errors,
+                         done / (last - t0))
+    finally:
+        if bar is not None:
+            bar.close()

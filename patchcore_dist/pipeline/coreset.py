@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, opts: dict
-                      ) -> tuple[np.ndarray, dict]:
-    """Shards -> coreset (streamed, projected) -> full-dimension memory bank + score statistics."""
+                      ) -> tuple[np.ndarray, dict, np.ndarray, list]:
+    """Shards -> coreset (streamed, projected) -> full-dimension memory bank + training patch-score
+    statistics; also the selected global patch indices (bank row i is patch ``selected[i]``) and the
+    shard layout (uri, images, patches per image) that maps them back to images."""
     selected, layout, info = select_coreset(shard_uris, counts, config, opts)
     n = info["patches"]
     # A sample of training patches, scored against the bank, fixes the model's score scale.
@@ -32,13 +34,10 @@ def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, 
     bank, sample_feats = gather_rows(selected, layout, opts, extra=sample)
     d, _ = MemoryBank.from_config(bank, config).search(sample_feats, 1)
     q = calibration.patch_score_quantiles(d[:, 0].numpy())
-    heatmap_min, heatmap_max = calibration.heatmap_scale(q)
-    stats = {"patches": int(n), "coreset": {k: v for k, v in info.items() if k != "patches"},
-             "train_patch_score": q, "heatmap_min": heatmap_min, "heatmap_max": heatmap_max}
-    log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.3f p99 %.3f; "
-             "heatmap scale [%.3f, %.3f]", info["method"], info["coreset_seconds"], len(selected), n, q["p50"],
-             q["p99"], heatmap_min, heatmap_max)
-    return bank, stats
+    stats = {"patches": int(n), "coreset": {k: v for k, v in info.items() if k != "patches"}, "train_patch_score": q}
+    log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.3f p99 %.3f",
+             info["method"], info["coreset_seconds"], len(selected), n, q["p50"], q["p99"])
+    return bank, stats, selected, layout
 
 
 def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opts: dict

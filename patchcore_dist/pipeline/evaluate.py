@@ -19,11 +19,13 @@ from ..artifacts import storage
 from ..artifacts.inputs import category_entry, category_test, mask_uri
 from ..artifacts.scores import read_scores
 from ..config import load_config
+from ..core import calibration
 from ..core.metrics import f1_threshold, image_auroc, pixel_auroc, pro_score
 from ..core.preprocessing import geometry
 from ..core.scoring import anomaly_map_original
 from ..errors import JobError
 from .score import run_score
+from .stages import render_batch
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,17 @@ def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
 def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | None = None,
                  overrides: list[str] | None = None) -> dict:
     """Score the test split of ``dataset`` and write metrics.json and report.html under ``output``."""
-    opts = load_config(config_file, overrides).storage.options()
+    user = load_config(config_file, overrides)
+    opts = user.storage.options()
     test = category_test(dataset)
     if not storage.is_dir(test, **opts):
         raise JobError(f"{dataset} is not an MVTec AD category: no test/ folder")
     # Every test image is scored again: the score table must hold this model's patch-score grids.
     # The maps are rebuilt with the scoring run's own config (the model's, plus the user's settings).
-    scored = run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"],
-                       rescore="all")
+    # Heatmaps are drawn afterwards, on a scale centred on this test set's F1-optimal threshold.
+    scored = run_score(model_uri, test, output, config_file,
+                       list(overrides or []) + ["output.patch_scores=true", "output.heatmaps=false"], rescore="all",
+                       job="evaluate")
     config, digest = scored["config"], scored["model"]
     prefix = test.rstrip("/") + "/"  # rows of other score runs into the same output are not ours
     latest = {r["image"]: r for r in read_scores(output, opts, digest).to_pylist() if r["image"].startswith(prefix)}
@@ -59,8 +64,45 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
     top = computed.pop("top")
     metrics = {"model": digest, "dataset": dataset, "images": len(latest), "scored": len(rows), **computed,
                "errors": errors, "warnings": warnings, "top": top}
+    metrics["heatmap"] = _evaluation_scale(scored, metrics["threshold"], user)
+    if user.output.heatmaps:
+        drawn = render_heatmaps(latest, dataset, output, scored, tuple(metrics["heatmap"]["scale"]))
+        for r in rows:
+            r["heatmap"] = drawn.get(r["image"])
     write_results(metrics, rows, dataset, output, config, opts)
     return metrics
+
+
+def _evaluation_scale(scored: dict, f1_threshold: float | None, user) -> dict:
+    """The heatmap scale of the evaluation: the model's cold end and the F1-optimal threshold at the
+    centre (the model's own scale when the test set has one class only or the user fixed the scale)."""
+    lo, hi = scored["heatmap_scale"]
+    if f1_threshold is None or user.output.heatmap_min is not None or user.output.heatmap_max is not None:
+        return {"scale": [lo, hi], "threshold": scored["heatmap_threshold"],
+                "threshold_source": scored["heatmap_threshold_source"]}
+    lo, hi = calibration.heatmap_scale(lo, f1_threshold)
+    return {"scale": [lo, hi], "threshold": f1_threshold, "threshold_source": "F1-optimal threshold of this test set"}
+
+
+def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrange: tuple[float, float]) -> dict:
+    """Heatmap PNGs and overlays of the scored test images (Ray render tasks); image URI -> heatmap URI."""
+    import ray
+    ok = [r for r in latest.values() if not r["error"]]
+    if not ok:
+        return {}
+    items = [{"uri": r["image"], "rel": category_entry(dataset, r["image"])[0], "error": "", "unchanged": False,
+              "score": r["score"], "height": r["height"], "width": r["width"], "grid_h": r["grid_h"],
+              "grid_w": r["grid_w"], "patch_scores": np.asarray(r["patch_scores"], np.float32)} for r in ok]
+    config = scored["config"].model_copy(update={"output": scored["config"].output.model_copy(update={"heatmaps": True})})
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    ds = ds.map_batches(render_batch, fn_kwargs={"config": config.to_dict(), "vrange": vrange,
+                                                 "heatmaps_uri": storage.join(output, "heatmaps", scored["model"])},
+                        batch_size=8, num_cpus=0.5)
+    drawn = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for uri, heatmap in zip(batch["uri"], batch["heatmap"]):
+            drawn[str(uri)] = heatmap if isinstance(heatmap, str) else None
+    return drawn
 
 
 def collect_labelled(latest: dict, dataset: str, config, opts: dict) -> tuple[list, dict, list, list]:
@@ -129,7 +171,7 @@ def write_results(metrics: dict, rows: list[dict], dataset: str, output: str, co
     """metrics.json and the HTML report under ``output``."""
     from ..render.report import render_report
     storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(_clean(metrics), indent=2).encode(), **opts)
-    html = render_report(metrics, rows, dataset, config, opts)
+    html = render_report(metrics, rows, dataset, config, opts, output=output)
     storage.write_bytes(storage.join(output, "report.html"), html.encode(), **opts)
     log.info("evaluate: image AUROC %.3f, pixel AUROC %.3f, PRO %.3f, threshold %s; report %s",
              metrics["image_auroc"], metrics["pixel_auroc"], metrics["pro"], metrics["threshold"],

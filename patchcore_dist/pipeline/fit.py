@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .. import __version__
 from ..artifacts import storage
 from ..artifacts.features import copy_reused, read_shard
 from ..artifacts.inputs import holdout, list_images, resolve_train_root
 from ..artifacts.model import MANIFEST, ModelWriter, clean_uncommitted, config_yaml, npy_bytes, reusable_features
+from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..config import Config
 from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
@@ -30,6 +32,9 @@ from .stages import Extract, decode_batch
 
 log = logging.getLogger(__name__)
 
+# Normal images whose anomaly maps fix the heatmap scale (and, without validation images, whose image
+# scores centre it).
+NORMAL_SAMPLE = 128
 # Per-image columns of the extraction, kept in images.parquet (but the shard checksums).
 COLUMNS = ("uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row", "patches",
            "shard_sha256", "shard_bytes")
@@ -50,16 +55,29 @@ class FitPlan:
 def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
     """Fit a model on the normal images under ``train``; returns its manifest."""
     t_start = time.time()
+    run_id, started = new_run_id()
     plan = plan_fit(train, model, config, reuse, validation)
     rows = extract_features(plan, config)
     t_extract = time.time() - t_start
     manifest = commit_model(plan, rows, config)
     t = manifest["training"]
+    elapsed = time.time() - t_start
     log.info("fit done: %d images (%d errors, %d reused), %d patches -> memory bank %d x %d, extraction %.1f s, "
              "total %.1f s; model %s (digest %s)", len(plan.items), t["errors"], t["reused"], t["patches"],
-             manifest["bank"]["rows"], manifest["bank"]["dim"], t_extract, time.time() - t_start, model,
-             manifest["model_digest"])
+             manifest["bank"]["rows"], manifest["bank"]["dim"], t_extract, elapsed, model, manifest["model_digest"])
+    write_run(model, _fit_record(plan, rows, manifest, run_id, started, elapsed), config.storage.options())
     return manifest
+
+
+def _fit_record(plan: FitPlan, rows: dict, manifest: dict, run_id: str, started: str, elapsed: float) -> dict:
+    """The fit's run record (``<model>/runs/``)."""
+    t = manifest["training"]
+    return {"run_id": run_id, "job": "fit", "started": started, "ended": now_iso(), "model": manifest["model_digest"],
+            "model_uri": plan.model, "inputs": plan.root, "output": plan.model, "images_listed": len(plan.items),
+            "scored": t["used"], "skipped": t["reused"], "errors": t["errors"],
+            "errors_by_reason": error_reasons([e for e in rows["error"] if e]), "patches": t["patches"],
+            "bank_rows": manifest["bank"]["rows"], "threshold": manifest["stats"].get("threshold"),
+            "seconds": round(elapsed, 2), "images_per_s": round(len(plan.items) / elapsed, 2), "version": __version__}
 
 
 def plan_fit(train: str, model: str, config: Config, reuse: str | None, validation: str | None) -> FitPlan:
@@ -132,10 +150,11 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
         if o:
             writer.record(f"{split}/{name}", sha, int(nb))
     shards, counts = _training_shards(rows, train_ok)
-    bank, stats = build_memory_bank([storage.join(plan.model, "features", s) for s in shards], counts, config, opts)
+    train_uris = [storage.join(plan.model, "features", s) for s in shards]
+    bank, stats, selected, layout = build_memory_bank(train_uris, counts, config, opts)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
-    if val_shards:
-        stats.update(calibrate([storage.join(plan.model, "validation", s) for s in val_shards], bank, config, opts))
+    stats.update(calibrate([storage.join(plan.model, "validation", s) for s in val_shards], bank, selected, layout,
+                           config, opts))
     _write_model_files(writer, bank, rows, ok, config, stats)
     digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], train_ok) if t)).encode()).hexdigest()
     training = {"uri": plan.root, "images": plan.training, "used": int(sum(train_ok)), "errors": errors,
@@ -171,18 +190,71 @@ def _write_model_files(writer: ModelWriter, bank: np.ndarray, rows: dict[str, li
         schema=pa.schema([("image", pa.string()), ("error", pa.string())]))))
 
 
-def calibrate(shard_uris: list[str], bank: np.ndarray, config: Config, opts: dict) -> dict:
-    """Decision threshold from normal validation images: at most ``fit.target_fpr`` of them score above it."""
+def calibrate(validation_uris: list[str], bank: np.ndarray, selected: np.ndarray, layout: list, config: Config,
+              opts: dict) -> dict:
+    """The model's decision threshold and heatmap scale from normal images.
+
+    With validation images: the threshold that at most ``fit.target_fpr`` of them exceed, and the
+    heatmap scale from them. Without: no threshold; the heatmap scale from a sample of the training
+    images, each scored without its own patches in the bank (as if unseen), centred on the 99th
+    percentile of their image scores.
+    """
+    if validation_uris:
+        scores, maps = score_normal(validation_uris, bank, config, opts)
+        stats = calibration.calibration_stats(scores, config.fit.target_fpr)
+        log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", stats["threshold"],
+                 stats["validation_images"], config.fit.target_fpr)
+        centre, source, of = stats["threshold"], "calibrated threshold", "validation"
+    else:
+        scores, maps = score_held_out(layout, selected, bank, config, opts)
+        stats, of = {}, "training, each without its own patches"
+    ref = calibration.normal_reference(scores, maps)
+    if not validation_uris:
+        centre, source = ref["p99"], "p99 of held-out training image scores (no calibrated threshold)"
+    lo, hi = calibration.heatmap_scale(ref["cold"], centre)
+    stats.update(normal_image_score={**ref, "images_of": of}, heatmap_min=lo, heatmap_max=hi,
+                 heatmap_threshold=centre, heatmap_threshold_source=source)
+    log.info("heatmap scale [%.3f, %.3f]: cold = typical normal pixel, centre %.3f = %s", lo, hi, centre, source)
+    return stats
+
+
+def score_normal(shard_uris: list[str], bank: np.ndarray, config: Config, opts: dict
+                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Image scores of every normal image in ``shard_uris`` and the anomaly maps (model resolution) of
+    the first :data:`NORMAL_SAMPLE` of them."""
     from ..core.patchcore import PatchCore
     pc = PatchCore(config, bank, device="cpu")
-    scores = []
+    scores, maps = [], []
     for uri in shard_uris:
         meta, feats = read_shard(uri, opts)
         grid = (meta["grid_h"][0].as_py(), meta["grid_w"][0].as_py())
         pred = pc.predict_features(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32)), grid,
-                                   len(feats), maps=False)
+                                   len(feats), maps=len(maps) < NORMAL_SAMPLE)
         scores.extend(pred.image_scores.tolist())
-    stats = calibration.calibration_stats(np.asarray(scores), config.fit.target_fpr)
-    log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", stats["threshold"],
-             stats["validation_images"], config.fit.target_fpr)
-    return stats
+        if pred.anomaly_maps is not None:
+            maps.extend(pred.anomaly_maps[:NORMAL_SAMPLE - len(maps)])
+    return np.asarray(scores), maps
+
+
+def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config: Config, opts: dict
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Image scores and anomaly maps of the first :data:`NORMAL_SAMPLE` training images, each searched
+    against the bank without the rows that came from its own patches (a training image scored against
+    its own patches would look far more normal than an unseen one)."""
+    from ..core.memory_bank import search_excluding
+    from ..core.scoring import anomaly_maps
+    index = build_index(bank, config.index.model_copy(update={"type": "flat"}))
+    scores, maps, offset = [], [], 0
+    for uri, n_img, per_image in layout:
+        if len(scores) >= NORMAL_SAMPLE:
+            break
+        meta, feats = read_shard(uri, opts, rows=list(range(min(n_img, NORMAL_SAMPLE - len(scores)))))
+        grid = (meta["grid_h"][0].as_py(), meta["grid_w"][0].as_py())
+        for j, f in enumerate(feats):
+            lo = offset + j * per_image
+            own = np.flatnonzero((selected >= lo) & (selected < lo + per_image))
+            patch = search_excluding(index, f.astype(np.float32), own, config.scoring.num_neighbors).mean(1)
+            scores.append(float(patch.max()))
+            maps.append(anomaly_maps(torch.from_numpy(patch), grid, config.image.crop, config.scoring.sigma)[0].numpy())
+        offset += n_img * per_image
+    return np.asarray(scores), maps

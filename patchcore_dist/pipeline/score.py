@@ -14,16 +14,19 @@ import datetime as _dt
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from .. import __version__
 from ..artifacts import storage
 from ..artifacts.inputs import list_images
 from ..artifacts.model import LoadedModel, load_model
+from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..artifacts.scores import compact, read_parts, scores_uri, table_schema, write_part
 from ..config import Config, load_config
+from ..core import calibration
 from ..errors import JobError, ModelError
 from .cluster import actor_pool, init_ray, iterate_with_progress
 from .stages import Score, decode_batch, render_batch
@@ -43,6 +46,15 @@ class ScorePlan:
     parts_before: list          # the model's score parts before this run, as (uri, table)
     vrange: tuple[float, float]  # heatmap colour scale
     threshold: float | None     # the model's calibrated decision threshold
+    images: str = ""            # the listed URI
+
+    @property
+    def heatmap_threshold(self) -> tuple[float | None, str]:
+        """The score at the centre of the heatmap scale, and where it comes from."""
+        st = self.model.manifest["stats"]
+        if "heatmap_threshold" in st:
+            return st["heatmap_threshold"], st["heatmap_threshold_source"]
+        return None, "none (a model fitted before the scale was centred on a threshold)"
 
     @property
     def digest(self) -> str:
@@ -83,24 +95,32 @@ def _text(v) -> str | None:
 
 
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
-              overrides: list[str] | None = None, rescore: str = "changed", part_rows: int = 50000) -> dict:
+              overrides: list[str] | None = None, rescore: str = "changed", part_rows: int = 50000,
+              job: str = "score") -> dict:
     """Score every image under ``images``; incremental unless ``rescore == "all"``.
 
     An image is skipped when this model already has a successful row for it with the same size and
     modification time, or (checked after reading it) the same content digest. Failed images are
-    retried. One row per image and model, always.
+    retried. One row per image and model, always. ``job`` names the run in its record (``evaluate``
+    scores a labelled test set: no drift warning there).
     """
     if rescore not in ("changed", "all"):
         raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
     t_start = time.time()
+    run_id, started = new_run_id()
     plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore)
+    plan.images = images
     if not plan.todo:
         log.info("score: all %d images already have rows for model %s in %s: nothing to do (no backbone work; "
                  "--rescore all forces it)", len(plan.entries), plan.digest, scores_uri(output, plan.digest))
-        return _summary(plan, set(), [], 0, 0, t_start)
-    seen, parts, errors, unchanged = write_rows(plan, score_dataset(plan), part_rows)
-    compact(plan.parts_before, plan.config.storage.options(), superseded=seen)
-    return _summary(plan, seen, parts, errors, unchanged, t_start)
+        seen, parts, tally = set(), [], Tally()
+    else:
+        seen, parts, tally = write_rows(plan, score_dataset(plan), part_rows)
+        compact(plan.parts_before, plan.config.storage.options(), superseded=seen)
+    summary = _summary(plan, seen, parts, tally, t_start)
+    record = score_record(plan, summary, tally, run_id, started, job)
+    summary["run"] = write_run(output, record, plan.config.storage.options())
+    return summary
 
 
 def plan_score(model_uri: str, images: str, output: str, config_file: str | None, overrides: list[str],
@@ -163,17 +183,33 @@ def score_dataset(plan: ScorePlan):
     return ds
 
 
-def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], int, int]:
+@dataclass
+class Tally:
+    """What one run's rows add up to (for the summary and the run record)."""
+    errors: list = field(default_factory=list)     # this run's error messages
+    unchanged: int = 0                             # read, same content as before: the old row kept
+    scores: list = field(default_factory=list)     # this run's new image scores
+    anomalies: int = 0                             # of them, above the model's calibrated threshold
+
+    def add(self, row: dict, unchanged: bool) -> None:
+        if unchanged:
+            self.unchanged += 1
+        elif row["error"]:
+            self.errors.append(row["error"])
+        else:
+            self.scores.append(row["score"])
+            self.anomalies += bool(row["is_anomaly"])
+
+
+def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], Tally]:
     """One row per image from the dataset's batches (a retried task's repeated rows are dropped),
-    written as Parquet parts of ``part_rows``. Returns the images written, the part URIs, and the
-    counts of errors and of unchanged images."""
+    written as Parquet parts of ``part_rows``. Returns the images written, the part URIs, and the tally."""
     opts = plan.config.storage.options()
     schema = table_schema(plan.config.output.patch_scores)
     run = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     now = _dt.datetime.now(_dt.timezone.utc)
     meta = {e["uri"]: e for e in plan.todo}
-    pending, parts, seen = {}, [], set()
-    errors = unchanged = 0
+    pending, parts, seen, tally = {}, [], set(), Tally()
     for batch in iterate_with_progress(ds, len(plan.todo), "scoring"):
         for i in range(len(batch["uri"])):
             uri = str(batch["uri"][i])
@@ -181,8 +217,7 @@ def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], int
                 continue
             row = _row(batch, i, plan, meta[uri], now, schema)
             pending[uri] = row
-            unchanged += bool(batch["unchanged"][i])
-            errors += bool(row["error"]) and not batch["unchanged"][i]
+            tally.add(row, bool(batch["unchanged"][i]))
         if len(pending) >= part_rows:
             parts.append(write_part(plan.output, plan.digest, run, len(parts), list(pending.values()), schema, opts))
             seen.update(pending)
@@ -192,7 +227,7 @@ def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], int
         seen.update(pending)
     if len(seen) != len(plan.todo):
         raise JobError(f"internal error: {len(seen)} results for {len(plan.todo)} images; rows written so far are kept")
-    return seen, parts, errors, unchanged
+    return seen, parts, tally
 
 
 def _row(batch: dict, i: int, plan: ScorePlan, entry: dict, now, schema: pa.Schema) -> dict:
@@ -220,18 +255,40 @@ def _row(batch: dict, i: int, plan: ScorePlan, entry: dict, now, schema: pa.Sche
     return row
 
 
-def _summary(plan: ScorePlan, seen: set, parts: list[str], errors: int, unchanged: int, t_start: float) -> dict:
+def _summary(plan: ScorePlan, seen: set, parts: list[str], tally: Tally, t_start: float) -> dict:
     """What the run did, logged in one line and returned."""
     elapsed = time.time() - t_start
     config, digest = plan.config, plan.digest
-    summary = {"images": len(plan.entries), "scored": len(seen) - unchanged,
-               "skipped": len(plan.entries) - len(plan.todo) + unchanged, "rows": len(seen), "errors": errors,
-               "seconds": round(elapsed, 2), "images_per_s": round(len(plan.todo) / elapsed, 2) if plan.todo else 0.0,
+    summary = {"images": len(plan.entries), "scored": len(seen) - tally.unchanged,
+               "skipped": len(plan.entries) - len(plan.todo) + tally.unchanged, "rows": len(seen),
+               "errors": len(tally.errors), "seconds": round(elapsed, 2),
+               "images_per_s": round(len(plan.todo) / elapsed, 2) if plan.todo else 0.0,
                "scores": scores_uri(plan.output, digest),
                "heatmaps": storage.join(plan.output, "heatmaps", digest) if config.output.heatmaps else None,
-               "model": digest, "parts": parts, "config": config}
+               "model": digest, "parts": parts, "config": config, "heatmap_scale": plan.vrange,
+               "heatmap_threshold": plan.heatmap_threshold[0], "heatmap_threshold_source": plan.heatmap_threshold[1]}
     if plan.todo:
         log.info("score done: %d images (%d scored, %d skipped as unchanged), %d errors, %.1f images/s; scores in "
-                 "%s%s", summary["images"], summary["scored"], summary["skipped"], errors, summary["images_per_s"],
-                 summary["scores"], f", heatmaps in {summary['heatmaps']}" if summary["heatmaps"] else "")
+                 "%s%s", summary["images"], summary["scored"], summary["skipped"], summary["errors"],
+                 summary["images_per_s"], summary["scores"],
+                 f", heatmaps in {summary['heatmaps']}" if summary["heatmaps"] else "")
     return summary
+
+
+def score_record(plan: ScorePlan, summary: dict, tally: Tally, run_id: str, started: str, job: str) -> dict:
+    """The run record (``<output>/runs/``): counts, errors by reason, anomaly rate, score quantiles, drift."""
+    scores = np.asarray(tally.scores, dtype=np.float64)
+    reference = plan.model.manifest["stats"].get("normal_image_score", {}).get("p99")
+    drift = calibration.drift(scores, reference) if reference is not None else None
+    if drift and drift["warning"] and job == "score":
+        log.warning("drift: %.1f%% of this run's %d images score above the model's normal p99 image score %.3f "
+                    "(normal images: about %.0f%%); the line or the camera may have changed, or the model is stale",
+                    100 * drift["share_above"], len(scores), reference, 100 * drift["expected"])
+    return {"run_id": run_id, "job": job, "started": started, "ended": now_iso(), "model": plan.digest,
+            "model_uri": plan.model_uri, "inputs": plan.images, "output": plan.output,
+            "images_listed": summary["images"], "scored": summary["scored"], "skipped": summary["skipped"],
+            "errors": summary["errors"], "errors_by_reason": error_reasons(tally.errors),
+            "threshold": plan.threshold, "anomalies": tally.anomalies if plan.threshold is not None else None,
+            "anomaly_rate": (tally.anomalies / len(scores) if len(scores) else 0.0) if plan.threshold is not None else None,
+            "score_quantiles": calibration.quantiles(scores), "drift": drift, "seconds": summary["seconds"],
+            "images_per_s": summary["images_per_s"], "version": __version__}

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..artifacts import storage
 from ..config import Config
+from ..core.calibration import peak_normalised
 from ..core.preprocessing import decode_image, geometry, resize_crop
 from ..errors import ImageError
 from ..render.heatmap import colorize, encode, overlay
@@ -189,7 +190,8 @@ class Score:
 def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float]) -> dict:
     """Render task: anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under
     ``heatmaps_uri``, mirroring each input's relative path with its extension (cat.jpg -> cat.jpg.png,
-    so cat.png and cat.jpg stay apart). Only in the pipeline when output.heatmaps is on."""
+    so cat.png and cat.jpg stay apart). The map is peak-normalised (its maximum reads the image score)
+    and coloured on the fixed scale ``vrange``. Only in the pipeline when output.heatmaps is on."""
     import torch
     from ..core.scoring import anomaly_map_original
     cfg = Config.model_validate(config)
@@ -204,7 +206,7 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
             h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
             grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
             g = geometry(int(batch["height"][i]), int(batch["width"][i]), cfg.image.resize, cfg.image.crop)
-            full = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma)
+            full = peak_normalised(anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma), float(batch["score"][i]))
             rgb = colorize(full, vrange)
             base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
             storage.write_bytes(base + ".png", encode(rgb), **opts)

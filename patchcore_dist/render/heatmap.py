@@ -8,10 +8,16 @@ import io
 import numpy as np
 
 
+# The heatmaps' colour map (matplotlib's name): dark blue at the cold end, through cyan, green and
+# yellow, to dark red at the hot end; the decision threshold sits at its centre (green-yellow).
+COLOR_MAP = "jet"
+
+
 @functools.lru_cache(maxsize=1)
-def _jet() -> np.ndarray:
+def color_table() -> np.ndarray:
+    """The colour map as 256 RGB uint8 rows, level 0 (cold) to 255 (hot)."""
     from matplotlib import colormaps
-    return (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    return (colormaps[COLOR_MAP](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
@@ -21,8 +27,8 @@ def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
 
 
 def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
-    """Anomaly map -> RGB uint8 with the 'jet' colour map on the fixed scale [lo, hi]."""
-    return _jet()[np.rint(heat_level(amap, vrange) * 255).astype(np.int32)]
+    """Anomaly map -> RGB uint8 with :data:`COLOR_MAP` on the fixed scale [lo, hi]."""
+    return color_table()[np.rint(heat_level(amap, vrange) * 255).astype(np.int32)]
 
 
 def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
@@ -34,6 +40,7 @@ def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
 
 
 def overlay(original: np.ndarray, heatmap_rgb: np.ndarray, amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
-    """The heatmap blended onto the original image: a quarter opaque at the cold end, three quarters at the hot end."""
-    alpha = (0.25 + 0.5 * heat_level(amap, vrange))[..., None]
+    """The heatmap blended onto the original image: nearly transparent at the cold end (a normal image
+    stays readable), 70 % opaque at the hot end."""
+    alpha = (0.1 + 0.6 * heat_level(amap, vrange))[..., None]
     return (original * (1 - alpha) + heatmap_rgb * alpha).astype(np.uint8)
