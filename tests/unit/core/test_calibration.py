@@ -1,0 +1,43 @@
+"""Score statistics, the heatmap scale and the drift check."""
+import numpy as np
+import pytest
+
+from patchcore_dist.core import calibration
+
+
+def test_peak_normalised_map_reads_the_image_score():
+    m = np.array([[1.0, 2.0], [4.0, 3.0]], np.float32)
+    out = calibration.peak_normalised(m, 10.0)
+    assert out.max() == pytest.approx(10.0) and out[0, 0] == pytest.approx(2.5)  # shape kept
+    assert calibration.peak_normalised(np.zeros((2, 2), np.float32), 5.0).max() == 0  # nothing to scale
+
+
+def test_threshold_sits_at_the_centre_of_the_scale():
+    lo, hi = calibration.heatmap_scale(cold=100.0, threshold=150.0)
+    assert (lo, hi) == (100.0, 200.0)
+    assert (150.0 - lo) / (hi - lo) == calibration.THRESHOLD_LEVEL
+
+
+def test_normal_reference_from_maps_and_scores():
+    rng = np.random.default_rng(0)
+    maps = [rng.uniform(0, 1, (8, 8)).astype(np.float32) for _ in range(5)]
+    scores = np.array([10.0, 11, 12, 13, 14])
+    ref = calibration.normal_reference(scores, maps)
+    assert ref["images"] == 5 and ref["max"] == 14 and ref["p50"] == 12
+    assert 0 < ref["cold"] < 14  # the median pixel of maps whose peaks read 10..14
+
+
+def test_threshold_at_fpr():
+    scores = np.arange(100, dtype=float)
+    assert calibration.threshold_at_fpr(scores, 0.05) == 94  # 5 of 100 above it
+    assert calibration.threshold_at_fpr(scores, 0.0) == 99
+
+
+def test_drift_warns_only_far_above_the_normal_share():
+    rng = np.random.default_rng(1)
+    normal = rng.normal(100, 5, 2000)
+    p99 = float(np.percentile(normal, 99))
+    assert not calibration.drift(rng.normal(100, 5, 500), p99)["warning"]
+    shifted = calibration.drift(rng.normal(110, 5, 500), p99)
+    assert shifted["warning"] and shifted["share_above"] > 0.2
+    assert not calibration.drift(np.array([]), p99)["warning"]
