@@ -1,6 +1,6 @@
 """The run record: one JSON object per fit or score run under ``<output>/runs/``.
 
-    <output>/runs/<started, UTC>-<run id>.json
+    <output>/runs/<started, UTC, to the microsecond>-<random>.json   (the run id)
 
 One object per run, written once when the run ends (no appends, so concurrent runs and object
 storage need no coordination); :func:`read_runs` lists them oldest first. For a fit, ``<output>``
@@ -20,8 +20,8 @@ RUNS = "runs"
 
 def new_run_id() -> tuple[str, str]:
     """(run id, start time as ISO-8601 UTC)."""
-    now = _dt.datetime.now(_dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8], now.isoformat(timespec="seconds")
+    now = _dt.datetime.now(_dt.timezone.utc)  # microseconds: runs started in the same second still sort
+    return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8], now.isoformat(timespec="milliseconds")
 
 
 def now_iso() -> str:

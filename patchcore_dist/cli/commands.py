@@ -71,7 +71,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo(a: argparse.Namespace) -> None:
     from .demo import run_demo
-    run_demo(a.output, [c.strip() for c in a.categories.split(",") if c.strip()], a.images, a.overrides)
+    run_demo(a.output, [c.strip() for c in a.categories.split(",") if c.strip()], a.images, a.overrides, a.config)
 
 
 def add_runs_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ def setup_logging(verbose: bool = False) -> None:
     told by the PATCHCORE_VERBOSE environment variable, which workers inherit too)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    if verbose:
+    if verbose or os.environ.get("PATCHCORE_VERBOSE", "") not in ("", "0"):
         logging.getLogger("patchcore_dist").setLevel(logging.DEBUG)
         os.environ["PATCHCORE_VERBOSE"] = "1"
         return

@@ -9,7 +9,8 @@ import os
 log = logging.getLogger("patchcore_dist.demo")
 
 
-def run_demo(output: str, categories: list[str], n_images: int = 24, overrides: list[str] | None = None) -> list:
+def run_demo(output: str, categories: list[str], n_images: int = 24, overrides: list[str] | None = None,
+             config_file: str | None = None) -> list:
     """Fit (once) and evaluate every category under ``output``; returns (category, metrics, result URI)."""
     from ..config import load_config
     from ..pipeline.evaluate import run_evaluate
@@ -20,14 +21,14 @@ def run_demo(output: str, categories: list[str], n_images: int = 24, overrides: 
     if not all(os.path.isdir(os.path.join(data, c)) for c in categories):
         log.info("building the demo benchmark under %s from scikit-image photographs: %s", data, ", ".join(categories))
         make_demo_benchmark(data, categories, n_images=n_images, size=256)
-    config = load_config(None, overrides)
+    config = load_config(config_file, overrides)
     results = []
     for cat in categories:
         model = os.path.join(out, "models", cat)
         if not os.path.exists(os.path.join(model, "manifest.json")):
             run_fit(os.path.join(data, cat), model, config)
         result = os.path.join(out, "results", cat)
-        metrics = run_evaluate(model, os.path.join(data, cat), result, overrides=overrides)
+        metrics = run_evaluate(model, os.path.join(data, cat), result, config_file, overrides)
         results.append((cat, metrics, result))
     _print_summary(results, out)
     return results

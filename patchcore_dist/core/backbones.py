@@ -8,13 +8,14 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ..errors import BackboneError
+from ..errors import BackboneError, PatchCoreError
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,8 @@ def _build_any(name: str) -> nn.Module:
 
 def read_local(path: str) -> bytes:
     """The default weights reader: a local path (or file:// URI)."""
-    try:
-        with open(path.removeprefix("file://"), "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"not found: {path}") from None
+    with open(os.path.expanduser(path.removeprefix("file://")), "rb") as f:
+        return f.read()
 
 
 def load_state_dict(weights: str, read: WeightsReader = read_local) -> dict:
@@ -117,6 +115,8 @@ def load_state_dict(weights: str, read: WeightsReader = read_local) -> dict:
         data = read(weights)
     except FileNotFoundError:
         raise BackboneError(f"backbone weights not found: {weights}") from None
+    except (OSError, PatchCoreError) as e:
+        raise BackboneError(f"cannot read backbone weights {weights}: {e}") from None
     obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

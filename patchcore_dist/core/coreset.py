@@ -179,7 +179,7 @@ def first_round(part: torch.Tensor, k_part: int, seed: int = 0, num_starting_poi
                 device: str | torch.device = "auto") -> tuple[np.ndarray, np.ndarray]:
     """One part of the two-round coreset: its local indices and their projected rows."""
     local = greedy_coreset(part, min(k_part, len(part)), seed, num_starting_points, device)
-    return local.numpy(), part[local].numpy()
+    return local.numpy(), part[local].cpu().numpy()
 
 
 def second_round(parts: list[tuple[np.ndarray, np.ndarray, int]], k: int, seed: int = 0,

@@ -35,6 +35,11 @@ def faiss_gpus() -> int:
 
 # exact_search=auto prunes banks from this many rows (below, brute force is already fast)
 PRUNE_MIN_ROWS = 2048
+# Adaptive pruned search (exact_search=auto): the share of a call's queries left unproven above which
+# the next calls go to brute force (pruning then costs more than it saves; measured in
+# benchmarks/search.py), and how often the pruned search is tried again.
+MAX_UNPROVEN = 0.1
+REPROBE_EVERY = 16
 # tf32 search: candidates per query beyond k whose distances are re-measured in float32
 TF32_EXTRA_CANDIDATES = 7
 
@@ -93,19 +98,19 @@ def deserialize_index(data: bytes):
     return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def search_excluding(index, queries: np.ndarray, exclude: np.ndarray, k: int = 1) -> np.ndarray:
-    """Euclidean distances [N, k] to the k nearest rows of a faiss flat ``index`` other than the rows
-    ``exclude`` (e.g. a training image's own patches, to score it as if it were unseen). Excluding
-    every row would leave nothing to search: then none is excluded."""
+def search_excluding(index, queries: np.ndarray, exclude: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distances [N, k] and indices [N, k] of the k nearest rows of a faiss flat ``index``
+    other than the rows ``exclude`` (e.g. a training image's own patches, to score it as if it were
+    unseen). Excluding every row would leave nothing to search: then none is excluded."""
     faiss = _faiss()
     q = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, index.ntotal - len(exclude)) if len(exclude) < index.ntotal else min(k, index.ntotal)
     if len(exclude) == 0 or len(exclude) >= index.ntotal:
-        d2, _ = index.search(q, k)
+        d2, idx = index.search(q, k)
     else:
         batch = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
-        d2, _ = index.search(q, k, params=faiss.SearchParameters(sel=faiss.IDSelectorNot(batch)))
-    return np.sqrt(np.maximum(d2, 0))
+        d2, idx = index.search(q, k, params=faiss.SearchParameters(sel=faiss.IDSelectorNot(batch)))
+    return np.sqrt(np.maximum(d2, 0)), idx
 
 
 class PrunedFlatSearch:
@@ -132,8 +137,12 @@ class PrunedFlatSearch:
     """
 
     def __init__(self, bank: np.ndarray, flat_index, bound_dims: int = 256, candidates: int = 16,
-                 sample: int = 16384, seed: int = 0, margin: float = 1e-4):
+                 sample: int = 16384, seed: int = 0, margin: float = 1e-4, adaptive: bool = False):
         faiss = _faiss()
+        self.adaptive = adaptive
+        self.calls = 0
+        self.brute_mode = False
+        self.brute_blocks = 0  # calls the adaptive search sent to brute force (for benchmarks)
         bound_dims = min(bound_dims, bank.shape[1])
         self.flat = flat_index
         self.candidates = candidates
@@ -183,7 +192,28 @@ class PrunedFlatSearch:
         return d2, idx, d2[:, -1] <= bounds[:, -1] - slack
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Squared distances [N, k], indices [N, k], and how many queries needed the full search."""
+        """Squared distances [N, k], indices [N, k], and how many queries were searched in full.
+
+        Adaptive (``adaptive=True``, exact_search=auto): the bound pays only while it proves most
+        answers; on patches far from the bank (a defect-heavy batch, another product) it proves few,
+        and pruning then costs more than brute force. So each call (a scoring actor's batch) that the
+        pruned search left more than :data:`MAX_UNPROVEN` unproven switches the following calls to
+        brute force, and every :data:`REPROBE_EVERY`-th call tries the pruned search again. Either path
+        returns brute force's neighbours; only the cost differs.
+        """
+        if not self.adaptive:
+            return self._search_pruned(q, k)
+        self.calls += 1
+        if self.brute_mode and self.calls % REPROBE_EVERY:
+            self.brute_blocks += 1
+            d2, idx = self.flat.search(np.ascontiguousarray(q), k)
+            return d2, idx, len(q)
+        d2, idx, unproven = self._search_pruned(q, k)
+        self.brute_mode = unproven > MAX_UNPROVEN * len(q)
+        return d2, idx, unproven
+
+    def _search_pruned(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The pruned search of every query: bound, candidates, a wider second chance, brute force for the rest."""
         c = min(self.candidates + k - 1, self.flat.ntotal)
         lifted, norms = self._lift(q)
         d2, idx, proven = self._candidates(q, lifted, norms, k, c)
@@ -235,7 +265,8 @@ class MemoryBank:
                 self.backend = "faiss-cpu"
                 if exact_search == "pruned" or (exact_search == "auto" and len(self.bank) >= PRUNE_MIN_ROWS
                                                 and self.bank.shape[1] >= 2 * bound_dims):
-                    self._pruned = PrunedFlatSearch(self.bank, index, bound_dims, candidates)
+                    self._pruned = PrunedFlatSearch(self.bank, index, bound_dims, candidates,
+                                                    adaptive=exact_search == "auto")
                     self.backend = "faiss-cpu-pruned"
             self._index = index
 

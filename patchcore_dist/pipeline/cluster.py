@@ -31,12 +31,11 @@ def quiet_ray_logs() -> None:
     with ``--verbose``); Ray Data's full logs still go to its session log files.
 
     Ray configures its loggers when it is imported, so this runs after the import. Ray Data's progress
-    bars stay off (we draw our own), and so does its notice that they are off. Ray's C++ core logs
-    (e.g. a notice about actor constructor arguments in the object store, printed at error level for
-    every actor pool) go straight to stderr and only obey ``RAY_BACKEND_LOG_LEVEL``: set to ``fatal``
-    unless the user set it or asked for ``--verbose`` (Ray then prints one line saying so). The workers'
-    own output is forwarded to the driver with ``--verbose`` only (``log_to_driver``); it is always
-    in Ray's session logs, and a failing image's reason is always in its error row.
+    bars stay off (we draw our own), and so does its notice that they are off. The workers' own output
+    is forwarded to the driver with ``--verbose`` only (``log_to_driver``); it is always in Ray's
+    session logs, and a failing image's reason is always in its error row. Ray's C++ core writes
+    straight to stderr: its one notice per actor pool (constructor arguments in the object store) is
+    left alone, because the only switch for it (``RAY_BACKEND_LOG_LEVEL``) also empties Ray's log files.
     """
     import ray
     import ray.data
@@ -45,13 +44,13 @@ def quiet_ray_logs() -> None:
     log_once("ray_data_progress_manager_disabled")
     if verbose():
         return
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     logging.getLogger("ray").setLevel(logging.WARNING)
     for name in ("ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
                 handler.setLevel(logging.WARNING)
-            handler.addFilter(_DropNotices())
+            if not any(isinstance(f, _DropNotices) for f in handler.filters):
+                handler.addFilter(_DropNotices())
 
 
 def init_ray(config: Config):

@@ -50,10 +50,10 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
         raise JobError(f"{dataset} is not an MVTec AD category: no test/ folder")
     # Every test image is scored again: the score table must hold this model's patch-score grids.
     # The maps are rebuilt with the scoring run's own config (the model's, plus the user's settings).
-    # Heatmaps are drawn afterwards, on a scale centred on this test set's F1-optimal threshold.
-    scored = run_score(model_uri, test, output, config_file,
-                       list(overrides or []) + ["output.patch_scores=true", "output.heatmaps=false"], rescore="all",
-                       job="evaluate")
+    # Its heatmaps are drawn again afterwards, over the same keys, on a scale centred on this test
+    # set's F1-optimal threshold.
+    scored = run_score(model_uri, test, output, config_file, list(overrides or []) + ["output.patch_scores=true"],
+                       rescore="all", job="evaluate")
     config, digest = scored["config"], scored["model"]
     prefix = test.rstrip("/") + "/"  # rows of other score runs into the same output are not ours
     latest = {r["image"]: r for r in read_scores(output, opts, digest).to_pylist() if r["image"].startswith(prefix)}
@@ -65,10 +65,8 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
     metrics = {"model": digest, "dataset": dataset, "images": len(latest), "scored": len(rows), **computed,
                "errors": errors, "warnings": warnings, "top": top}
     metrics["heatmap"] = _evaluation_scale(scored, metrics["threshold"], user)
-    if user.output.heatmaps:
-        drawn = render_heatmaps(latest, dataset, output, scored, tuple(metrics["heatmap"]["scale"]))
-        for r in rows:
-            r["heatmap"] = drawn.get(r["image"])
+    if user.output.heatmaps and tuple(metrics["heatmap"]["scale"]) != tuple(scored["heatmap_scale"]):
+        render_heatmaps(latest, dataset, output, scored, tuple(metrics["heatmap"]["scale"]))
     write_results(metrics, rows, dataset, output, config, opts)
     return metrics
 
@@ -85,7 +83,8 @@ def _evaluation_scale(scored: dict, f1_threshold: float | None, user) -> dict:
 
 
 def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrange: tuple[float, float]) -> dict:
-    """Heatmap PNGs and overlays of the scored test images (Ray render tasks); image URI -> heatmap URI."""
+    """Heatmap PNGs and overlays of the scored test images drawn again on ``vrange`` (Ray render tasks),
+    over the keys the scoring run wrote (so the score table's links stay valid); image URI -> heatmap URI."""
     import ray
     ok = [r for r in latest.values() if not r["error"]]
     if not ok:
@@ -96,7 +95,8 @@ def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrang
     config = scored["config"].model_copy(update={"output": scored["config"].output.model_copy(update={"heatmaps": True})})
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
     ds = ds.map_batches(render_batch, fn_kwargs={"config": config.to_dict(), "vrange": vrange,
-                                                 "heatmaps_uri": storage.join(output, "heatmaps", scored["model"])},
+                                                 "heatmaps_uri": storage.join(output, "heatmaps", scored["model"]),
+                                                 "peak_normalise": scored["peak_normalise"]},
                         batch_size=8, num_cpus=0.5)
     drawn = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

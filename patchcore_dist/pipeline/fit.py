@@ -240,10 +240,12 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
                    ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Image scores and anomaly maps of the first :data:`NORMAL_SAMPLE` training images, each searched
     against the bank without the rows that came from its own patches (a training image scored against
-    its own patches would look far more normal than an unseen one)."""
-    from ..core.memory_bank import search_excluding
-    from ..core.scoring import anomaly_maps
+    its own patches would look far more normal than an unseen one); re-weighted as configured."""
+    from ..core.memory_bank import MemoryBank, search_excluding
+    from ..core.scoring import anomaly_maps, reweighted_image_scores
     index = build_index(bank, config.index.model_copy(update={"type": "flat"}))
+    s = config.scoring
+    memory = MemoryBank(bank, exact_search="brute") if s.reweight else None
     scores, maps, offset = [], [], 0
     for uri, n_img, per_image in layout:
         if len(scores) >= NORMAL_SAMPLE:
@@ -253,8 +255,13 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
         for j, f in enumerate(feats):
             lo = offset + j * per_image
             own = np.flatnonzero((selected >= lo) & (selected < lo + per_image))
-            patch = search_excluding(index, f.astype(np.float32), own, config.scoring.num_neighbors).mean(1)
-            scores.append(float(patch.max()))
-            maps.append(anomaly_maps(torch.from_numpy(patch), grid, config.image.crop, config.scoring.sigma)[0].numpy())
+            d, idx = search_excluding(index, f.astype(np.float32), own, s.num_neighbors)
+            patch = torch.from_numpy(d.mean(1))
+            score = patch.max()
+            if memory is not None:
+                score = reweighted_image_scores(memory, torch.from_numpy(f.astype(np.float32)), patch,
+                                                torch.from_numpy(idx[:, 0]), 1, s.reweight_neighbors)[0]
+            scores.append(float(score))
+            maps.append(anomaly_maps(patch, grid, config.image.crop, s.sigma)[0].numpy())
         offset += n_img * per_image
     return np.asarray(scores), maps

@@ -49,6 +49,11 @@ class ScorePlan:
     images: str = ""            # the listed URI
 
     @property
+    def peak_normalise(self) -> bool:
+        """Heatmaps peak-normalised: for models whose scale was calibrated on such maps."""
+        return "heatmap_threshold" in self.model.manifest["stats"]
+
+    @property
     def heatmap_threshold(self) -> tuple[float | None, str]:
         """The score at the centre of the heatmap scale, and where it comes from."""
         st = self.model.manifest["stats"]
@@ -178,7 +183,8 @@ def score_dataset(plan: ScorePlan):
     ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg), **pool)
     if config.output.heatmaps:
         ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": plan.vrange,
-                                                     "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest)},
+                                                     "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest),
+                                                     "peak_normalise": plan.peak_normalise},
                             batch_size=bs, num_cpus=0.5)
     return ds
 
@@ -196,7 +202,7 @@ class Tally:
             self.unchanged += 1
         elif row["error"]:
             self.errors.append(row["error"])
-        else:
+        elif row["score"] is not None:
             self.scores.append(row["score"])
             self.anomalies += bool(row["is_anomaly"])
 
@@ -266,7 +272,8 @@ def _summary(plan: ScorePlan, seen: set, parts: list[str], tally: Tally, t_start
                "scores": scores_uri(plan.output, digest),
                "heatmaps": storage.join(plan.output, "heatmaps", digest) if config.output.heatmaps else None,
                "model": digest, "parts": parts, "config": config, "heatmap_scale": plan.vrange,
-               "heatmap_threshold": plan.heatmap_threshold[0], "heatmap_threshold_source": plan.heatmap_threshold[1]}
+               "heatmap_threshold": plan.heatmap_threshold[0], "heatmap_threshold_source": plan.heatmap_threshold[1],
+               "peak_normalise": plan.peak_normalise}
     if plan.todo:
         log.info("score done: %d images (%d scored, %d skipped as unchanged), %d errors, %.1f images/s; scores in "
                  "%s%s", summary["images"], summary["scored"], summary["skipped"], summary["errors"],
@@ -278,11 +285,13 @@ def _summary(plan: ScorePlan, seen: set, parts: list[str], tally: Tally, t_start
 def score_record(plan: ScorePlan, summary: dict, tally: Tally, run_id: str, started: str, job: str) -> dict:
     """The run record (``<output>/runs/``): counts, errors by reason, anomaly rate, score quantiles, drift."""
     scores = np.asarray(tally.scores, dtype=np.float64)
-    reference = plan.model.manifest["stats"].get("normal_image_score", {}).get("p99")
-    drift = calibration.drift(scores, reference) if reference is not None else None
+    ref = plan.model.manifest["stats"].get("normal_image_score") or {}
+    reference = ref.get("p99")
+    drift = (calibration.drift(scores, reference, ref["images"], ref.get("above_p99", 0))
+             if reference is not None else None)
     if drift and drift["warning"] and job == "score":
         log.warning("drift: %.1f%% of this run's %d images score above the model's normal p99 image score %.3f "
-                    "(normal images: about %.0f%%); the line or the camera may have changed, or the model is stale",
+                    "(normal images: about %.1f%%); the line or the camera may have changed, or the model is stale",
                     100 * drift["share_above"], len(scores), reference, 100 * drift["expected"])
     return {"run_id": run_id, "job": job, "started": started, "ended": now_iso(), "model": plan.digest,
             "model_uri": plan.model_uri, "inputs": plan.images, "output": plan.output,

@@ -187,11 +187,13 @@ class Score:
                              score_ms=_per_image_ms(t0, n))
 
 
-def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float]) -> dict:
+def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float],
+                 peak_normalise: bool = True) -> dict:
     """Render task: anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under
     ``heatmaps_uri``, mirroring each input's relative path with its extension (cat.jpg -> cat.jpg.png,
-    so cat.png and cat.jpg stay apart). The map is peak-normalised (its maximum reads the image score)
-    and coloured on the fixed scale ``vrange``. Only in the pipeline when output.heatmaps is on."""
+    so cat.png and cat.jpg stay apart). The map is peak-normalised (its maximum reads the image score;
+    not for models fitted before the scale was calibrated on such maps) and coloured on the fixed scale
+    ``vrange``. Only in the pipeline when output.heatmaps is on."""
     import torch
     from ..core.scoring import anomaly_map_original
     cfg = Config.model_validate(config)
@@ -206,7 +208,9 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
             h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
             grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
             g = geometry(int(batch["height"][i]), int(batch["width"][i]), cfg.image.resize, cfg.image.crop)
-            full = peak_normalised(anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma), float(batch["score"][i]))
+            full = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma)
+            if peak_normalise:
+                full = peak_normalised(full, float(batch["score"][i]))
             rgb = colorize(full, vrange)
             base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
             storage.write_bytes(base + ".png", encode(rgb), **opts)

@@ -73,9 +73,9 @@ def test_console_shows_the_jobs_lines_only_and_every_run_is_recorded(model, cate
     console = r.stdout + r.stderr
     assert "score done:" in console
     noise = [line for line in console.splitlines() if re.search(
-        r"streaming_executor|Execution plan|Starting execution|core_worker\.cc|Token authentication|"
-        r"Progress bars|\(raylet\)|worker\.py", line)]
-    assert not noise, noise
+        r"streaming_executor|Execution plan|Starting execution|Token authentication|Progress bars|\(raylet\)|"
+        r"worker\.py|core_worker\.cc", line) and "constructor arguments in the object store" not in line]
+    assert not noise, noise  # Ray's one C++ notice per actor pool stays (README: Console)
     n = len([e for e in storage.list_files(images)])
     second = run_score(model, images, out, overrides=SMALL)
     assert (second["scored"], second["skipped"]) == (0, n)

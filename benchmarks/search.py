@@ -1,0 +1,71 @@
+"""Exact nearest-neighbour search on the CPU: brute force vs pruned vs auto (adaptive), per batch mix.
+
+    python benchmarks/search.py [--bank 3000] [--threads 2] [--repeat 5]
+
+A memory bank from one category's training images (brick, the coreset cut to --bank rows); queries are
+the patch features of batches of 8 images as a scoring actor sees them: in-distribution (brick test
+images), far from the bank (gravel and coffee: another product, or a defect-heavy line) and mixed (all
+three interleaved). Prints ms per image for each mode, run alternately, the ratios against brute force,
+the share of queries the pruned search had to search in full, and that every mode returns brute
+force's neighbours.
+"""
+import argparse
+import json
+
+import faiss
+import numpy as np
+import torch
+
+from common import crops, image_files, side_by_side
+
+from patchcore_dist.config import load_config
+from patchcore_dist.core.memory_bank import MemoryBank
+from patchcore_dist.core.patchcore import PatchCore, select_memory_bank
+
+
+def batches(feats: torch.Tensor, per_image: int, size: int = 8) -> list[np.ndarray]:
+    n = len(feats) // per_image
+    return [feats[s * per_image:min(n, s + size) * per_image].numpy() for s in range(0, n, size)]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--bank", type=int, default=3000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    faiss.omp_set_num_threads(a.threads)
+    cfg = load_config(overrides=[f"coreset.size={a.bank}"])
+    pc = PatchCore(cfg)
+    train, grid = pc.embed(crops(image_files("brick/train/good/*.png")))
+    bank = select_memory_bank(train, cfg)
+    per_image = grid[0] * grid[1]
+    sets = {name: pc.embed(crops(image_files(pattern)))[0] for name, pattern in
+            (("in-distribution", "brick/test/*/*.png"), ("far", "[gc][ro]*/test/*/*.png"))}
+    far_batches, near_batches = batches(sets["far"], per_image), batches(sets["in-distribution"], per_image)
+    mixes = {"in-distribution": near_batches, "far from the bank": far_batches,
+             "mixed": [b for pair in zip(near_batches, far_batches) for b in pair]}
+    modes = {m: MemoryBank.from_config(bank, cfg.model_copy(update={"index": cfg.index.model_copy(
+        update={"exact_search": m})})) for m in ("brute", "pruned", "auto")}
+    results = {"bank": len(bank), "threads": a.threads}
+    for mix, qs in mixes.items():
+        images = sum(len(q) for q in qs) / per_image
+        truth = [modes["brute"].search(q, 1)[1] for q in qs]
+        for m, mb in modes.items():
+            assert all(np.array_equal(mb.search(q, 1)[1], t) for q, t in zip(qs, truth)), m
+            mb.unproven = 0
+        t = side_by_side({m: (lambda mb=mb: [mb.search(q, 1) for q in qs]) for m, mb in modes.items()}, a.repeat)
+        rounds = a.repeat + 1
+        row = {m: round(1e3 * t[m] / images, 2) for m in modes}
+        row.update({f"{m}/brute": round(t.ratio(m, "brute"), 3) for m in ("pruned", "auto")})
+        row["searched in full (pruned)"] = round(modes["pruned"].unproven / (rounds * images * per_image), 3)
+        results[mix] = row
+        print(f"{mix:18s} ms/image  brute {row['brute']:6.2f}  pruned {row['pruned']:6.2f} "
+              f"(x{row['pruned/brute']:.3f})  auto {row['auto']:6.2f} (x{row['auto/brute']:.3f})  "
+              f"searched in full by pruned: {100 * row['searched in full (pruned)']:.1f}%", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
