@@ -18,6 +18,18 @@ def _port():
         return s.getsockname()[1]
 
 
+def _wait_for_job_agent(address: str, env: dict, attempts: int = 60) -> None:
+    """`ray start` returns before the dashboard's job agent takes submissions: poll until it lists jobs."""
+    import time
+    for _ in range(attempts):
+        r = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode == 0:
+            return
+        time.sleep(2)
+    raise AssertionError(f"the job agent at {address} never came up: {r.stderr[-2000:]}")
+
+
 def test_ray_job_submit_fit_and_score(category, tmp_path):
     import ray
     ray.shutdown()  # `ray stop` below ends every Ray process on this machine; later tests start afresh
@@ -30,6 +42,7 @@ def test_ray_job_submit_fit_and_score(category, tmp_path):
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         address = f"http://127.0.0.1:{dash}"
+        _wait_for_job_agent(address, env)
         runtime_env = json.dumps({"excludes": [".venv", ".git", "demo_out", "benchmarks/data", ".whl"]})
         model, out = str(tmp_path / "model"), str(tmp_path / "out")
         small = ["image.resize=128", "image.crop=128", "runtime.num_actors=1"]
