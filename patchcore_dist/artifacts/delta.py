@@ -77,10 +77,12 @@ def create(uri: str, opts: dict, schema: pa.Schema, partition_by: list[str]):
     return retry_commits(attempt, f"creating the Delta table {uri}")
 
 
-def retry_commits(fn, what: str, attempts: int = COMMIT_ATTEMPTS):
+def retry_commits(fn, what: str, attempts: int | None = None):
     """``fn()``, called again (on a freshly loaded table: ``fn`` loads it) while a concurrent commit
-    conflicts with it, with a random back-off; a clear JobError when it never gets through."""
+    conflicts with it, up to COMMIT_ATTEMPTS times with a random back-off; a clear JobError when it
+    never gets through."""
     from deltalake.exceptions import CommitFailedError
+    attempts = attempts or COMMIT_ATTEMPTS
     for attempt in range(1, attempts + 1):
         try:
             return fn()
