@@ -52,7 +52,7 @@ GRID_FIELDS = [("grid_h", pa.int32()), ("grid_w", pa.int32()), ("patch_scores", 
 GRID_SCHEMA = pa.schema([("image", pa.string()), ("model", pa.string()), ("run", pa.string()),
                          ("scored_at", pa.timestamp("s", tz="UTC"))] + GRID_FIELDS)
 STAT_COLUMNS = ("size", "mtime", "ctime", "etag")   # what the incremental plan compares with the listing
-PLAN_BATCH_ROWS = 65536          # rows per batch the plan reads: bounds its memory, whatever the table's size
+PLAN_BATCH_ROWS = 16384          # rows per batch the plan reads: bounds its memory, whatever the table's size
 COMPACT_FILES = 32               # a model's partition with more data files than this is compacted after a run
 KILL_BEFORE_COMMIT = "PATCHCORE_TEST_KILL_BEFORE_COMMIT"   # fault injection: exit hard right before a commit
 _MODEL = re.compile(r"^[0-9A-Za-z_-]+$")
@@ -196,7 +196,7 @@ def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np
     dt = delta.load(scores_uri(output), opts)
     if dt is None or n == 0:
         return unchanged, pa.nulls(n, pa.string())
-    uri = listing.column("uri").combine_chunks()
+    uri = listing.column("uri")  # as it is: combining chunks would copy it
     if n > 1 and not pc.all(pc.less(uri[:-1], uri[1:])).as_py():
         raise ValueError("internal error: the listing must be sorted by uri, without duplicates")
     file_schema = pa.schema([f for f in _stored(SCORE_SCHEMA) if f.name != "model"])
@@ -217,7 +217,7 @@ def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np
     return unchanged, pa.concat_arrays(known_digest).take(pa.array(where, mask=where < 0))
 
 
-def _match(uri: pa.Array, listing: pa.Table, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _match(uri: pa.ChunkedArray, listing: pa.Table, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the batch rows whose image is listed: (their index in the batch, in the listing, whether
     the file statistics are the same)."""
     img = batch.column("image")
