@@ -104,15 +104,15 @@ def _convert(output: str, parts: dict, opts: dict) -> None:
     from deltalake import write_deltalake
     run = f"converted-{uuid.uuid4().hex[:8]}"
     rows, grids = legacy_scores.newest_rows(parts, opts)
-    rows = rows.set_column(rows.schema.get_field_index("run"), "run", pa.array([run] * rows.num_rows, pa.string())) \
-        if "run" in rows.column_names else rows.append_column("run", pa.array([run] * rows.num_rows, pa.string()))
+    rows = _conform(rows, _stored(SCORE_SCHEMA))
+    rows = rows.set_column(rows.schema.get_field_index("run"), "run", pa.array([run] * rows.num_rows, pa.string()))
     if grids is not None and grids.num_rows:
         grids = grids.append_column("run", pa.array([run] * grids.num_rows, pa.string()))
         _append(grids_uri(output), _conform(grids, _stored(GRID_SCHEMA)), opts)
     uri = scores_uri(output)
     table_uri, so = delta.location(uri, opts)
     try:
-        write_deltalake(table_uri, _conform(rows, _stored(SCORE_SCHEMA)), mode="error", partition_by=["model"],
+        write_deltalake(table_uri, rows, mode="error", partition_by=["model"],
                         configuration=delta.CONFIGURATION, storage_options=so)
     except Exception as e:
         if delta.load(uri, opts) is None:  # not another run converting the same parts at the same time
@@ -301,7 +301,7 @@ def maintain(output: str, opts: dict, vacuum_hours: float | None = None, repair:
             step["repaired"] = dt.repair(dry_run=False)["files_removed"]
             dt = delta.load(uri, opts)
         if uri == grids_uri(output):
-            step["grids_dropped"] = _drop_unused_grids(output, opts, vacuum_hours or 168.0)
+            step["grids_dropped"] = _drop_unused_grids(output, opts, 168.0 if vacuum_hours is None else vacuum_hours)
             dt = delta.load(uri, opts)
         metrics = delta.compact(dt, uri)
         step["compacted"] = metrics and {k: metrics[k] for k in ("numFilesRemoved", "numFilesAdded")}

@@ -242,14 +242,16 @@ def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) 
 
 def _grids(patch_scores, rows_idx: np.ndarray, gh: np.ndarray, gw: np.ndarray, rows: pa.Table) -> pa.Table:
     """The GRID_SCHEMA table of ``rows``: their grids cut to grid_h x grid_w values."""
-    cells = [np.asarray(patch_scores[i], np.float32)[: h * w] for i, h, w in zip(rows_idx, gh, gw)]
-    sizes = np.array([len(c) for c in cells], np.int32)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    flat = np.concatenate(cells) if cells else np.zeros(0, np.float32)
+    ps, cells = np.asarray(patch_scores), gh.astype(np.int64) * gw
+    if ps.ndim == 2 and ps.dtype != object and np.all(cells == ps.shape[1]):  # one grid size: no per-row work
+        flat = ps[rows_idx].astype(np.float32).ravel()
+    else:
+        flat = np.concatenate([np.asarray(ps[i], np.float32)[:c] for i, c in zip(rows_idx, cells)] or [np.zeros(0)])
+    offsets = np.concatenate([[0], np.cumsum(cells)]).astype(np.int32)
     return pa.table({"image": rows.column("image"), "model": rows.column("model"), "run": rows.column("run"),
                      "scored_at": rows.column("scored_at"), "grid_h": pa.array(gh, pa.int32()),
                      "grid_w": pa.array(gw, pa.int32()),
-                     "patch_scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))},
+                     "patch_scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float32)))},
                     schema=GRID_SCHEMA)
 
 

@@ -246,3 +246,26 @@ def test_the_table_on_s3(s3, bucket):
     assert {k: r["score"] for k, r in live.items()} == {"s3://x/a": 1.0, "s3://x/b": 2.0}
     uri, so = delta.location(scores.scores_uri(out), opts)
     assert sorted(pl.read_delta(uri, storage_options=so)["score"].to_list()) == [1.0, 2.0]
+
+
+def _grid(images, run, at, value):
+    n = len(images)
+    return pa.table({"image": images, "model": [MODEL] * n, "run": [run] * n,
+                     "scored_at": pa.array([at] * n, pa.timestamp("s", tz="UTC")),
+                     "grid_h": pa.array([1] * n, pa.int32()), "grid_w": pa.array([2] * n, pa.int32()),
+                     "patch_scores": pa.array([[value, value]] * n, pa.list_(pa.float32()))})
+
+
+def test_grids_are_read_with_their_rows_and_unused_ones_dropped_by_maintenance(tmp_path):
+    out = str(tmp_path / "out")
+    old = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(days=10)
+    scores.open_tables(out, {})
+    scores.commit(out, MODEL, _rows(["/a", "/b"], 1.0, "r1", at=old), {}, grids=_grid(["/a", "/b"], "r1", old, 1.0))
+    now = old + dt.timedelta(days=10)
+    scores.commit(out, MODEL, _rows(["/a"], 2.0, "r2", at=now), {}, grids=_grid(["/a"], "r2", now, 2.0))
+    scores.commit(out, MODEL, _rows(["/c"], 3.0, "r3", at=now), {}, grids=_grid(["/c"], "r3", now, 3.0))
+    live, _ = _live(out, model=MODEL, patch_scores=True)
+    assert {k: r["patch_scores"] for k, r in live.items()} == {"/a": [2.0, 2.0], "/b": [1.0, 1.0], "/c": [3.0, 3.0]}
+    done = scores.maintain(out, {})  # /a's grid of r1 is superseded and 10 days old
+    assert done[scores.grids_uri(out)]["grids_dropped"] == 1
+    assert _live(out, model=MODEL, patch_scores=True)[0] == live
