@@ -1,14 +1,32 @@
-"""The score table on storage: one row per input image and model, as Parquet parts.
+"""The score table: a Delta Lake table with one live row per input image and model, and the
+patch-score grids in a second, append-only table beside it.
 
-    <output>/scores/<model digest>/part-<run time>-<run id>-<seq>.parquet
+    <output>/scores/         Delta table, partitioned by model (model=<digest>/): the score rows
+    <output>/patch_scores/   Delta table, partitioned by model: grids, keyed by (image, model, run)
 
-Parts are written atomically and named by run time; :func:`compact` keeps the newest row per image.
+Each commit is one MERGE on (model, image) (:func:`commit`): a new image is inserted, a re-scored
+one replaces its row (unless the row there was scored later), an unchanged one (same digest) only
+gets its new file size, times and ETag. Every version of the table therefore holds exactly one row
+per image and model, and readers see whole versions only. The incremental plan
+(:func:`previous`) reads a few columns of this model's partition in bounded batches, never the
+grids. :func:`maintain` converts the Parquet parts of earlier versions, compacts, repairs and vacuums.
 """
 from __future__ import annotations
 
-import pyarrow as pa
+import datetime as _dt
+import logging
+import os
+import re
+import uuid
 
-from . import storage
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import StorageError
+from . import delta, legacy_scores, storage
+
+log = logging.getLogger(__name__)
 
 SCORE_SCHEMA = pa.schema([
     ("image", pa.string()),          # input URI
@@ -17,82 +35,301 @@ SCORE_SCHEMA = pa.schema([
     ("heatmap", pa.string()),        # heatmap PNG URI (null when none was written)
     ("height", pa.int32()),          # original image size (0 when it could not be decoded)
     ("width", pa.int32()),
-    ("model", pa.string()),          # the model's digest
+    ("model", pa.string()),          # the model's digest (the table's partition column)
     ("error", pa.string()),          # null, or why the image could not be scored
+    ("warning", pa.string()),        # null, or what was odd about an image that was scored
     ("digest", pa.string()),         # sha256 of the image file
     ("size", pa.int64()),            # file size and modification time (seconds) when scored
     ("mtime", pa.float64()),
+    ("ctime", pa.float64()),         # local files: status change time (seconds); null on S3
+    ("etag", pa.string()),           # S3 objects: the ETag; null for local files
     ("decode_ms", pa.float32()),
     ("score_ms", pa.float32()),
     ("scored_at", pa.timestamp("s", tz="UTC")),
+    ("run", pa.string()),            # the run that scored the row (its patch-score grid's key)
 ])
 GRID_FIELDS = [("grid_h", pa.int32()), ("grid_w", pa.int32()), ("patch_scores", pa.list_(pa.float32()))]
+GRID_SCHEMA = pa.schema([("image", pa.string()), ("model", pa.string()), ("run", pa.string()),
+                         ("scored_at", pa.timestamp("s", tz="UTC"))] + GRID_FIELDS)
+STAT_COLUMNS = ("size", "mtime", "ctime", "etag")   # what the incremental plan compares with the listing
+PLAN_BATCH_ROWS = 16384          # rows per batch the plan reads: bounds its memory, whatever the table's size
+COMPACT_FILES = 32               # a model's partition with more data files than this is compacted after a run
+KILL_BEFORE_COMMIT = "PATCHCORE_TEST_KILL_BEFORE_COMMIT"   # fault injection: exit hard right before a commit
+_MODEL = re.compile(r"^[0-9A-Za-z_-]+$")
 
 
 def table_schema(patch_scores: bool) -> pa.Schema:
-    """The score table's schema, with the patch-score grid columns when they are kept."""
+    """The schema :func:`read_scores` returns, with the patch-score grid columns when asked for them."""
     return pa.schema(list(SCORE_SCHEMA) + [pa.field(n, t) for n, t in GRID_FIELDS]) if patch_scores else SCORE_SCHEMA
 
 
-def scores_uri(output: str, model: str) -> str:
-    """Where one model's score partition lies under ``output``."""
-    return storage.join(output, "scores", model)
+def scores_uri(output: str) -> str:
+    """The score table (all models) under ``output``."""
+    return storage.join(output, "scores")
 
 
-def write_part(output: str, model: str, run: str, seq: int, rows: list[dict], schema: pa.Schema,
-               opts: dict) -> str:
-    """Write one part of a run's rows atomically; returns its URI."""
-    uri = storage.join(scores_uri(output, model), f"part-{run}-{seq:05d}.parquet")
-    storage.write_bytes(uri, storage.parquet_bytes(pa.Table.from_pylist(rows, schema=schema)), **opts)
-    return uri
+def grids_uri(output: str) -> str:
+    """The patch-score grid table under ``output``."""
+    return storage.join(output, "patch_scores")
 
 
-def read_parts(output: str, model: str, opts: dict) -> list[tuple[str, pa.Table]]:
-    """Every part of one model's score partition, in name (= run) order, as (uri, table)."""
+def _stored(schema: pa.Schema) -> pa.Schema:
+    """``schema`` as Delta stores it: timestamps in microseconds (Delta has no seconds type)."""
+    return pa.schema([pa.field(f.name, pa.timestamp("us", tz="UTC") if pa.types.is_timestamp(f.type) else f.type)
+                      for f in schema])
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table``'s columns in ``schema``'s order and types; columns it lacks are null."""
+    cols = [table.column(f.name).cast(f.type, safe=False) if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def open_tables(output: str, opts: dict) -> None:
+    """Make sure the score table exists; an output written by an earlier version (Parquet parts
+    under scores/<model>/) is converted first, with every row it holds."""
+    uri = scores_uri(output)
+    if delta.load(uri, opts) is not None:
+        return
+    parts = legacy_scores.find_parts(uri, opts)
+    if parts:
+        _convert(output, parts, opts)
+    delta.create(uri, opts, _stored(SCORE_SCHEMA), ["model"])
+
+
+def _convert(output: str, parts: dict, opts: dict) -> None:
+    """The newest row per image of every model's Parquet parts, as the score table's first version
+    (so the table exists with all of them, or not at all); then the parts are deleted."""
+    from deltalake import write_deltalake
+    run = f"converted-{uuid.uuid4().hex[:8]}"
+    rows, grids = legacy_scores.newest_rows(parts, opts)
+    rows = _conform(rows, _stored(SCORE_SCHEMA))
+    rows = rows.set_column(rows.schema.get_field_index("run"), "run", pa.array([run] * rows.num_rows, pa.string()))
+    if grids is not None and grids.num_rows:
+        grids = grids.append_column("run", pa.array([run] * grids.num_rows, pa.string()))
+        _append(grids_uri(output), _conform(grids, _stored(GRID_SCHEMA)), opts)
+    uri = scores_uri(output)
+    table_uri, so = delta.location(uri, opts)
     try:
-        files = storage.list_files(scores_uri(output, model), (".parquet",), **opts)
-    except FileNotFoundError:
-        return []
-    return [(u, storage.read_parquet(u, **opts)) for u, _ in files]
+        write_deltalake(table_uri, rows, mode="error", partition_by=["model"],
+                        configuration=delta.CONFIGURATION, storage_options=so)
+    except Exception as e:
+        if delta.load(uri, opts) is None:  # not another run converting the same parts at the same time
+            raise StorageError(f"cannot convert the score parts under {uri}: {e}") from None
+    log.info("converted %d score rows of %d models from Parquet parts into the Delta table %s",
+             rows.num_rows, len(parts), uri)
+    legacy_scores.delete_parts(parts, opts)
 
 
-def compact(parts: list[tuple[str, pa.Table]], opts: dict, superseded: frozenset | set = frozenset()
-            ) -> tuple[list[tuple[str, pa.Table]], int]:
-    """Keep one row per image in a model's score partition: the newest (parts are named by run time),
-    and none for the images in ``superseded`` (just scored again, in a newer part).
+def _append(uri: str, table: pa.Table, opts: dict) -> None:
+    """Append ``table`` to the (append-only) Delta table at ``uri``, created on the first append."""
+    from deltalake import write_deltalake
+    table_uri, so = delta.location(uri, opts)
+    delta.retry_commits(lambda: write_deltalake(table_uri, table, mode="append", partition_by=["model"],
+                                                configuration=delta.CONFIGURATION, storage_options=so),
+                        f"appending {table.num_rows} rows to {uri}")
 
-    Affected parts are rewritten atomically or deleted when emptied. Runs at the start of every score
-    (cleaning up after an interrupted run) on the parts it has read, and at the end on the same parts
-    with this run's images. Returns the surviving (uri, table) parts and the number of rows dropped.
+
+def _unique(rows: pa.Table) -> pa.Table:
+    """The last row per image (a MERGE source must not match one target row twice)."""
+    if len(pc.unique(rows.column("image"))) == rows.num_rows:
+        return rows
+    last = rows.append_column("__i", pa.array(np.arange(rows.num_rows))).group_by("image", use_threads=False) \
+        .aggregate([("__i", "max")])
+    return rows.take(np.sort(last.column("__i_max").to_numpy()))
+
+
+def commit(output: str, model: str, rows: pa.Table, opts: dict, grids: pa.Table | None = None) -> dict:
+    """Commit score rows of one model atomically: the grids (if any) are appended to their table,
+    then one MERGE on (model, image) puts the rows into the score table, retried on a new version
+    while concurrent commits overtake it.
+
+    ``rows``: SCORE_SCHEMA columns plus ``unchanged`` (bool): a row for an image whose file was read
+    again and found to have its previous digest, which only updates that row's file statistics.
+    A scored row replaces a live row scored no later than itself; a new image is inserted. Returns
+    delta-rs's merge metrics.
     """
-    newest = {}
-    for pi, (_, t) in enumerate(parts):  # sorted by name = by run
-        for ri, img in enumerate(t.column("image").to_pylist()):
-            newest[img] = (pi, ri)
-    kept, dropped = [], 0
-    for pi, (uri, t) in enumerate(parts):
-        keep = [ri for ri, img in enumerate(t.column("image").to_pylist())
-                if newest[img] == (pi, ri) and img not in superseded]
-        if len(keep) == t.num_rows:
-            kept.append((uri, t))
-            continue
-        dropped += t.num_rows - len(keep)
-        if keep:
-            t = t.take(pa.array(keep, pa.int64()))
-            storage.write_bytes(uri, storage.parquet_bytes(t), **opts)
-            kept.append((uri, t))
-        else:
-            storage.delete(uri, **opts)
-    return kept, dropped
+    if not _MODEL.match(model):
+        raise StorageError(f"not a model digest: {model!r}")
+    uri = scores_uri(output)
+    merge_schema = _stored(SCORE_SCHEMA).append(pa.field("unchanged", pa.bool_()))
+    source = _conform(_unique(rows), merge_schema)
+    if grids is not None and grids.num_rows:
+        _append(grids_uri(output), _conform(grids, _stored(GRID_SCHEMA)), opts)
+    if os.environ.get(KILL_BEFORE_COMMIT):
+        log.warning("%s is set: exiting before the commit", KILL_BEFORE_COMMIT)
+        os._exit(75)
+    return delta.retry_commits(lambda: _merge(uri, opts, model, source), f"committing {source.num_rows} score rows to {uri}")
 
 
-def read_scores(output: str, opts: dict | None = None, model: str | None = None) -> pa.Table:
-    """The score table under <output>/scores/ (all models, or one model's digest)."""
-    opts = opts or {}
-    root = scores_uri(output, model) if model else storage.join(output, "scores")
+def _merge(uri: str, opts: dict, model: str, source: pa.Table) -> dict:
+    from deltalake.exceptions import CommitFailedError
+    dt = delta.load(uri, opts) or delta.create(uri, opts, _stored(SCORE_SCHEMA), ["model"])
+    stats = {c: f"s.{c}" for c in STAT_COLUMNS}
     try:
-        files = storage.list_files(root, (".parquet",), **opts)
-    except FileNotFoundError:
-        files = []
-    tables = [storage.read_parquet(u, **opts) for u, _ in files]
-    return pa.concat_tables(tables, promote_options="default") if tables else SCORE_SCHEMA.empty_table()
+        return (dt.merge(source, predicate=f"t.model = '{model}' AND t.model = s.model AND t.image = s.image",
+                         source_alias="s", target_alias="t", streamed_exec=False)
+                .when_matched_update(stats, predicate="s.unchanged AND t.digest = s.digest")
+                .when_matched_update_all(predicate="NOT s.unchanged AND s.scored_at >= t.scored_at",
+                                         except_cols=["unchanged"])
+                .when_not_matched_insert_all(predicate="NOT s.unchanged", except_cols=["unchanged"])
+                .execute())
+    except CommitFailedError:
+        raise
+    except Exception as e:  # a data file of the partition that cannot be read, or the storage itself
+        raise delta.unreadable(dt.to_pyarrow_dataset(file_pruning_predicate=[("model", "=", model)]), uri, e) from None
+
+
+def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np.ndarray, pa.Array]:
+    """What this model's live successful rows say about the listed files (``listing``: uri, size,
+    mtime, ctime, etag; sorted by uri): per file, whether its row has the same size, mtime, ctime
+    and ETag (nulls equal), i.e. it need not be read, and the row's digest where there is a row but
+    the file changed (null elsewhere: no previous result).
+
+    Reads the partition's image, file-statistic and digest columns in batches of PLAN_BATCH_ROWS
+    and matches each batch against the listing by binary search: memory is the listing plus one
+    byte per file plus one batch, whatever the table's size.
+    """
+    n = listing.num_rows
+    unchanged = np.zeros(n, bool)
+    dt = delta.load(scores_uri(output), opts)
+    if dt is None or n == 0:
+        return unchanged, pa.nulls(n, pa.string())
+    uri = listing.column("uri")  # as it is: combining chunks would copy it
+    if n > 1 and not pc.all(pc.less(uri[:-1], uri[1:])).as_py():
+        raise ValueError("internal error: the listing must be sorted by uri, without duplicates")
+    file_schema = pa.schema([f for f in _stored(SCORE_SCHEMA) if f.name != "model"])
+    ds = delta.dataset(dt, scores_uri(output), opts, file_schema, where=[("model", "=", model)])
+    known_idx, known_digest = [np.zeros(0, np.int64)], [pa.array([], pa.string())]
+    try:
+        for batch in ds.to_batches(columns=["image", *STAT_COLUMNS, "digest"], filter=pc.field("error").is_null(),
+                                   batch_size=PLAN_BATCH_ROWS, batch_readahead=0, fragment_readahead=0,
+                                   use_threads=False):
+            bi, li, same = _match(uri, listing, batch)
+            unchanged[li[same]] = True
+            known_idx.append(li[~same])
+            known_digest.append(batch.column("digest").take(bi[~same]))
+    except (OSError, pa.ArrowException) as e:
+        raise delta.unreadable(ds, scores_uri(output), e) from None
+    where = np.full(n, -1, np.int64)
+    where[np.concatenate(known_idx)] = np.arange(sum(len(i) for i in known_idx))
+    return unchanged, pa.concat_arrays(known_digest).take(pa.array(where, mask=where < 0))
+
+
+def _match(uri: pa.ChunkedArray, listing: pa.Table, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the batch rows whose image is listed: (their index in the batch, in the listing, whether
+    the file statistics are the same)."""
+    img = batch.column("image")
+    pos = np.minimum(pc.search_sorted(uri, img).to_numpy(zero_copy_only=False), len(uri) - 1).astype(np.int64)
+    hit = pc.fill_null(pc.equal(uri.take(pos), img), False).to_numpy(zero_copy_only=False)
+    bi = np.flatnonzero(hit)
+    li = pos[bi]
+    same = np.ones(len(bi), bool)
+    for c in STAT_COLUMNS:
+        a, b = listing.column(c).take(li), batch.column(c).take(bi)
+        same &= (pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False)
+                 | (a.is_null().to_numpy(zero_copy_only=False) & b.is_null().to_numpy(zero_copy_only=False)))
+    return bi, li, same
+
+
+def read_scores(output: str, opts: dict | None = None, model: str | None = None, patch_scores: bool = False,
+                version: int | str | None = None, where: pc.Expression | None = None) -> pa.Table:
+    """The score table under ``output`` (all models, or one model's digest): one row per image and
+    model, in SCORE_SCHEMA; with ``patch_scores`` also GRID_FIELDS, the grid each row was scored
+    with (null where none was kept). ``version``: an earlier version of the table (its number, or an
+    ISO 8601 time: time travel); ``where``: a pyarrow filter expression on the table's columns."""
+    opts = opts or {}
+    uri = scores_uri(output)
+    dt = delta.load(uri, opts, version)
+    if dt is None:
+        if legacy_scores.find_parts(uri, opts):
+            raise StorageError(f"{uri} holds score parts written by an earlier version of patchcore-dist: convert them "
+                               f"into the Delta table with `patchcore maintain --output {output}` (the next score run "
+                               "converts them too)")
+        return table_schema(patch_scores).empty_table()
+    ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("model", "=", model)] if model else None)
+    flt = (pc.field("model") == model) if model else None
+    if where is not None:
+        flt = where if flt is None else flt & where
+    table = _conform(delta.read(ds, uri, filter=flt), SCORE_SCHEMA)
+    return _with_grids(output, opts, table, model) if patch_scores else table
+
+
+def _with_grids(output: str, opts: dict, table: pa.Table, model: str | None) -> pa.Table:
+    """``table`` with the grid columns of its rows' (image, model, run), null where there is none."""
+    uri = grids_uri(output)
+    dt = delta.load(uri, opts)
+    if dt is None:
+        return _conform(table, table_schema(True))
+    ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("model", "=", model)] if model else None)
+    keys = ["image", "model", "run"]
+    grids = delta.read(ds, uri, filter=pc.field("image").isin(pc.unique(table.column("image"))))
+    left = table.select(keys).append_column("__row", pa.array(np.arange(table.num_rows)))
+    right = grids.select(keys).append_column("__grid", pa.array(np.arange(grids.num_rows)))
+    pairs = left.join(right, keys=keys, join_type="inner", use_threads=False)
+    where = np.full(table.num_rows, -1, np.int64)
+    where[pairs.column("__row").to_numpy()] = pairs.column("__grid").to_numpy()
+    take = pa.array(where, mask=where < 0)
+    for name, typ in GRID_FIELDS:
+        table = table.append_column(pa.field(name, typ), grids.column(name).cast(typ).take(take))
+    return table
+
+
+def compact_if_due(output: str, model: str, opts: dict) -> None:
+    """OPTIMIZE this model's partition of each table once it holds more than COMPACT_FILES data
+    files (each commit adds at least one): scheduled runs do not grow a mass of small files."""
+    for uri in (scores_uri(output), grids_uri(output)):
+        dt = delta.load(uri, opts)
+        if dt is not None and len(dt.file_uris(file_pruning_predicate=[("model", "=", model)])) > COMPACT_FILES:
+            delta.compact(dt, uri, [("model", "=", model)])
+
+
+def maintain(output: str, opts: dict, vacuum_hours: float | None = None, repair: bool = False) -> dict:
+    """Table maintenance (``patchcore maintain``): convert an earlier version's Parquet parts,
+    optionally drop references to missing data files (``repair``), drop patch-score grids that no
+    live row uses and that are older than the retention, compact every partition, write a log
+    checkpoint, and with ``vacuum_hours`` delete files that no version newer than that needs."""
+    open_tables(output, opts)
+    done = {}
+    for uri in (scores_uri(output), grids_uri(output)):
+        dt = delta.load(uri, opts)
+        if dt is None:
+            continue
+        step = {"version": dt.version()}
+        if repair:
+            step["repaired"] = dt.repair(dry_run=False)["files_removed"]
+            dt = delta.load(uri, opts)
+        if uri == grids_uri(output):
+            step["grids_dropped"] = _drop_unused_grids(output, opts, 168.0 if vacuum_hours is None else vacuum_hours)
+            dt = delta.load(uri, opts)
+        metrics = delta.compact(dt, uri)
+        step["compacted"] = metrics and {k: metrics[k] for k in ("numFilesRemoved", "numFilesAdded")}
+        dt = delta.load(uri, opts)
+        dt.create_checkpoint()
+        dt.cleanup_metadata()
+        if vacuum_hours is not None:
+            step["vacuumed"] = delta.vacuum(dt, vacuum_hours)
+        done[uri] = step
+    log.info("maintenance of %s: %s", output, {u: {k: (len(v) if isinstance(v, list) else v) for k, v in s.items()}
+                                                for u, s in done.items()})
+    return done
+
+
+def _drop_unused_grids(output: str, opts: dict, older_than_hours: float) -> int:
+    """Delete the grids that no live score row refers to (superseded by a later run, or left by a
+    run that never committed its rows) and that were written more than ``older_than_hours`` ago
+    (a running job's grids are appended before its rows are committed)."""
+    live = delta.load(scores_uri(output), opts)
+    grids = delta.load(grids_uri(output), opts)
+    if live is None or grids is None:
+        return 0
+    cutoff = (_dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(hours=older_than_hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    keys = delta.read(live.to_pyarrow_dataset(), scores_uri(output), columns=["image", "model", "run"])
+
+    def attempt():
+        dt = delta.load(grids_uri(output), opts)
+        return (dt.merge(keys, predicate="t.model = s.model AND t.image = s.image AND t.run = s.run",
+                         source_alias="s", target_alias="t")
+                .when_not_matched_by_source_delete(predicate=f"t.scored_at < '{cutoff}'").execute())
+    return delta.retry_commits(attempt, f"dropping unused grids of {grids_uri(output)}")["num_target_rows_deleted"]

@@ -121,21 +121,18 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url
 
 def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
                  region: str | None = None) -> list[dict]:
-    """All files under ``uri`` (recursive), sorted, as dicts: uri, rel (relative path), size, mtime.
+    """All files under ``uri`` (recursive), sorted, as dicts: uri, rel (relative path), size, mtime,
+    ctime (local files: the status change time, which no tool can set back; else None) and etag (S3
+    objects: the ETag, which changes with the content; else None).
 
+    Both come from the listing itself, with no read of any file: on local disks one ``os.stat`` per
+    file (metadata only), on S3 the ETag that ``ListObjectsV2`` returns with every key (pyarrow's
+    listing drops it, so S3 is listed through boto3; same requests, no HEAD per object).
     Temporary files of our own interrupted writes (``.<name>.tmp-<hex>``) are skipped, nothing else.
     Raises FileNotFoundError when ``uri`` does not exist.
     """
-    fs, root = resolve(uri, endpoint_url, region)
     try:
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"not found: {uri}")
-        if info.type == pafs.FileType.File:
-            infos = [info]
-            root = posixpath.dirname(root)
-        else:
-            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        single, root, found = (_s3_listing if is_s3(uri) else _local_listing)(uri, endpoint_url, region)
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -144,21 +141,71 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
     if is_s3(uri):
         base = uri.rstrip("/")
     elif uri.startswith("file://"):
-        base = "file://" + root if info.type != pafs.FileType.File else uri
+        base = "file://" + root if not single else uri
     else:
         base = root
     out = []
-    for fi in infos:
-        if fi.type != pafs.FileType.File or _TMP.match(fi.base_name):
+    for path, size, mtime, ctime, etag in found:
+        name = posixpath.basename(path)
+        if _TMP.match(name) or (extensions and not name.lower().endswith(extensions)):
             continue
-        if extensions and not fi.base_name.lower().endswith(extensions):
-            continue
-        rel = os.path.relpath(fi.path, root) if not is_s3(uri) else fi.path[len(root):].lstrip("/")
-        full = join(base, rel) if info.type != pafs.FileType.File else (fi.path if not is_s3(uri) and
-                                                                         not uri.startswith("file://") else uri)
-        mtime = fi.mtime.timestamp() if fi.mtime is not None else None
-        out.append({"uri": full, "rel": rel, "size": fi.size, "mtime": mtime})
+        rel = os.path.relpath(path, root) if not is_s3(uri) else path[len(root):].lstrip("/")
+        full = join(base, rel) if not single else (path if not is_s3(uri) and not uri.startswith("file://") else uri)
+        out.append({"uri": full, "rel": rel, "size": size, "mtime": mtime, "ctime": ctime, "etag": etag})
     return sorted(out, key=lambda e: e["uri"])
+
+
+def _local_listing(uri: str, endpoint_url: str | None, region: str | None) -> tuple[bool, str, list[tuple]]:
+    """(uri is a single file, the root path, [(path, size, mtime, ctime, None)]) through pyarrow's
+    listing, plus one ``os.stat`` per file for its change time."""
+    fs, root = resolve(uri, endpoint_url, region)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"not found: {uri}")
+    single = info.type == pafs.FileType.File
+    infos = [info] if single else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    found = []
+    for fi in infos:
+        if fi.type != pafs.FileType.File:
+            continue
+        try:
+            ctime = os.stat(fi.path).st_ctime
+        except OSError:  # gone since it was listed: its row will say so
+            ctime = None
+        found.append((fi.path, fi.size, fi.mtime.timestamp() if fi.mtime is not None else None, ctime, None))
+    return single, (posixpath.dirname(root) if single else root), found
+
+
+@lru_cache(maxsize=16)
+def _boto3_s3(endpoint_url: str | None, region: str | None):
+    import boto3
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region or os.environ.get("AWS_DEFAULT_REGION")
+                        or os.environ.get("AWS_REGION") or "us-east-1")
+
+
+def _s3_listing(uri: str, endpoint_url: str | None, region: str | None) -> tuple[bool, str, list[tuple]]:
+    """(uri is a single object, "bucket/prefix", [("bucket/key", size, mtime, None, etag)]) from
+    ListObjectsV2 pages; a HEAD only when ``uri`` may name one object rather than a prefix."""
+    client = _boto3_s3(endpoint_url, region)
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    key = key.rstrip("/")
+    found = []
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/" if key else "")
+    for page in pages:
+        for o in page.get("Contents", []):
+            if not o["Key"].endswith("/"):  # "folder" marker objects are not files
+                found.append((f"{bucket}/{o['Key']}", o["Size"], o["LastModified"].timestamp(), None, o.get("ETag")))
+    root = (bucket + "/" + key).rstrip("/")
+    if found or not key:
+        return False, root, found
+    try:
+        h = client.head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        if "404" in str(e) or "Not Found" in str(e):
+            raise FileNotFoundError(f"not found: {uri}") from None
+        raise
+    return True, posixpath.dirname(root), [(root, h["ContentLength"], h["LastModified"].timestamp(), None, h.get("ETag"))]
 
 
 def delete(uri: str, endpoint_url: str | None = None, region: str | None = None) -> None:

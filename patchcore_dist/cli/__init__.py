@@ -1,4 +1,4 @@
-"""The command line: ``patchcore {fit,score,evaluate,synthesize,demo,runs}`` and the ``patchcore-<command>``
+"""The command line: ``patchcore {fit,score,evaluate,maintain,synthesize,demo,runs}`` and the ``patchcore-<command>``
 scripts (the same commands); ``jobs/*.py`` call them for ``ray job submit``."""
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def score_main() -> int:
 
 def evaluate_main() -> int:
     return run_command("evaluate")
+
+
+def maintain_main() -> int:
+    return run_command("maintain")
 
 
 def synthesize_main() -> int:

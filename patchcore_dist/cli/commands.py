@@ -1,4 +1,4 @@
-"""The commands: fit, score, evaluate, synthesize, demo. Each has ``add_<name>_arguments(parser)`` and
+"""The commands: fit, score, evaluate, maintain, synthesize, demo. Each has ``add_<name>_arguments(parser)`` and
 ``<name>(args)``; the `patchcore` command and the `patchcore-<name>` scripts share them. The jobs'
 modules are imported when a command runs, so ``--help`` stays fast."""
 from __future__ import annotations
@@ -44,6 +44,23 @@ def evaluate(a: argparse.Namespace) -> None:
     m = run_evaluate(a.model, a.dataset, a.output, a.config, a.overrides)
     print(f"image AUROC {m['image_auroc']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  PRO {m['pro']:.3f}  "
           f"threshold {m['threshold']}  ->  {a.output}/metrics.json, {a.output}/report.html")
+
+
+def add_maintain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="a score / evaluate output (holding scores/ and patch_scores/)")
+    p.add_argument("--vacuum-hours", type=float, default=None, metavar="H",
+                   help="also delete files no version of the last H hours needs (time travel before that ends), "
+                        "and files no version references (leftovers of crashed runs, foreign files) older than H hours")
+    p.add_argument("--repair", action="store_true",
+                   help="drop data files that are missing (deleted after a corruption) from the tables")
+
+
+def maintain(a: argparse.Namespace) -> None:
+    from ..artifacts.scores import maintain as run_maintain
+    from ..config import load_config
+    done = run_maintain(a.output, load_config(a.config, a.overrides).storage.options(), a.vacuum_hours, a.repair)
+    for uri, step in done.items():
+        print(uri + ": " + ", ".join(f"{k} {len(v) if isinstance(v, list) else v}" for k, v in step.items()))
 
 
 def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,6 +131,8 @@ COMMANDS = {
     "fit": (add_fit_arguments, fit, "fit a PatchCore model on normal images"),
     "score": (add_score_arguments, score, "score an image archive: score table + heatmaps (incremental)"),
     "evaluate": (add_evaluate_arguments, evaluate, "evaluate a model on an MVTec-layout category: metrics + report"),
+    "maintain": (add_maintain_arguments, maintain,
+                 "score table maintenance: convert old Parquet parts, compact, repair, vacuum"),
     "synthesize": (add_synthesize_arguments, synthesize,
                    "turn normal images into an MVTec-layout validation category with synthetic defects"),
     "demo": (add_demo_arguments, demo, "build the demo benchmark from real photographs, fit, score and evaluate it"),

@@ -1,8 +1,8 @@
 """evaluate: model + labelled test set (MVTec AD layout) -> metrics.json and report.html.
 
 The test split is scored by :func:`patchcore_dist.pipeline.score.run_score` (the same Ray stages as
-`score`), with the patch-score grids kept in the score table; anomaly maps are rebuilt from them at
-the masks' resolution for the pixel metrics.
+`score`), with the patch-score grids kept (in the grid table beside the score table); anomaly maps
+are rebuilt from them at the masks' resolution for the pixel metrics.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 
@@ -56,7 +57,8 @@ def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | N
                        rescore="all", job="evaluate")
     config, digest = scored["config"], scored["model"]
     prefix = test.rstrip("/") + "/"  # rows of other score runs into the same output are not ours
-    latest = {r["image"]: r for r in read_scores(output, opts, digest).to_pylist() if r["image"].startswith(prefix)}
+    ours = read_scores(output, opts, digest, patch_scores=True, where=pc.starts_with(pc.field("image"), pattern=prefix))
+    latest = {r["image"]: r for r in ours.to_pylist()}
     rows, groups, errors, warnings = collect_labelled(latest, dataset, config, opts)
     if not rows:
         raise JobError(f"no test image of {dataset} could be scored")

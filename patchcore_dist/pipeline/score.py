@@ -1,12 +1,14 @@
-"""score: model + image archive -> score table (Parquet), heatmaps (PNG), on Ray.
+"""score: model + image archive -> score table (Delta Lake), heatmaps (PNG), on Ray.
 
-    <output>/scores/<model digest>/part-<run>-<seq>.parquet   the score table, one row per image and model
+    <output>/scores/                                           the score table, one row per image and model
+    <output>/patch_scores/                                     patch-score grids (output.patch_scores)
     <output>/heatmaps/<model digest>/<relative path>.png       colour-mapped anomaly map, original resolution
     <output>/heatmaps/<model digest>/<relative path>_overlay.jpg
 
-Steps: :func:`plan_score` (config, model, listing, the incremental plan), :func:`score_dataset`
-(Ray: decode tasks -> scoring actors -> render tasks), :func:`write_rows` (the driver writes the
-rows as Parquet parts), then the superseded rows are dropped.
+Steps: :func:`plan_score` (config, model, listing, the incremental plan, all as Arrow tables),
+:func:`score_dataset` (Ray: decode tasks -> scoring actors -> render tasks), :func:`write_rows`
+(the driver turns each output batch into Arrow columns and commits them in MERGE commits of
+``commit_rows`` rows).
 """
 from __future__ import annotations
 
@@ -14,17 +16,18 @@ import datetime as _dt
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import __version__
 from ..artifacts import storage
 from ..artifacts.inputs import list_images
 from ..artifacts.model import LoadedModel, load_model
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
-from ..artifacts.scores import compact, read_parts, scores_uri, table_schema, write_part
+from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables, previous, scores_uri
 from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
@@ -40,10 +43,9 @@ class ScorePlan:
     model: LoadedModel
     config: Config              # the run's config: the model's features, the user's runtime / output
     output: str
-    entries: list[dict]         # every listed image: uri, rel, size, mtime
-    todo: list[dict]            # the images this run reads
-    previous: dict              # uri -> the model's previous successful row (incremental runs)
-    parts_before: list          # the model's score parts before this run, as (uri, table)
+    entries: pa.Table           # every listed image: uri, rel, size, mtime, ctime, etag (sorted by uri)
+    todo: pa.Table              # the images this run reads: the same columns, and known_digest (the
+                                # digest of this model's previous successful row, null if none)
     vrange: tuple[float, float]  # heatmap colour scale
     threshold: float | None     # the model's calibrated decision threshold
     images: str = ""            # the listed URI
@@ -94,20 +96,20 @@ def _incompatible(model: Config, user: Config) -> str:
     return "incompatible config: the model's features were built with other settings (" + "; ".join(diffs) + ")"
 
 
-def _text(v) -> str | None:
-    """A string cell from a Ray batch; all-null columns come back as NaN floats."""
-    return v if isinstance(v, str) and v else None
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
+                            ("ctime", pa.float64()), ("etag", pa.string())])
 
 
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
-              overrides: list[str] | None = None, rescore: str = "changed", part_rows: int = 50000,
+              overrides: list[str] | None = None, rescore: str = "changed", commit_rows: int = 50000,
               job: str = "score") -> dict:
     """Score every image under ``images``; incremental unless ``rescore == "all"``.
 
-    An image is skipped when this model already has a successful row for it with the same size and
-    modification time, or (checked after reading it) the same content digest. Failed images are
-    retried. One row per image and model, always. ``job`` names the run in its record (``evaluate``
-    scores a labelled test set: no drift warning there).
+    An image is skipped when this model already has a successful row for it with the same size,
+    modification time, change time (local files) and ETag (S3), or (checked after reading it) the
+    same content digest. Failed images are retried. One row per image and model, always; rows are
+    committed in MERGE commits of up to ``commit_rows`` rows (one for most scheduled runs). ``job``
+    names the run in its record (``evaluate`` scores a labelled test set: no drift warning there).
     """
     if rescore not in ("changed", "all"):
         raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
@@ -115,23 +117,29 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     run_id, started = new_run_id()
     plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore)
     plan.images = images
-    if not plan.todo:
+    if not plan.todo.num_rows:
         log.info("score: all %d images already have rows for model %s in %s: nothing to do (no backbone work; "
-                 "--rescore all forces it)", len(plan.entries), plan.digest, scores_uri(output, plan.digest))
-        seen, parts, tally = set(), [], Tally()
+                 "--rescore all forces it)", plan.entries.num_rows, plan.digest, scores_uri(output))
+        counts = _counts()
     else:
-        seen, parts, tally = write_rows(plan, score_dataset(plan), part_rows)
-        compact(plan.parts_before, plan.config.storage.options(), superseded=seen)
-    summary = _summary(plan, seen, parts, tally, t_start)
-    record = score_record(plan, summary, tally, run_id, started, job)
+        counts = write_rows(plan, score_dataset(plan), commit_rows)
+        compact_if_due(output, plan.digest, plan.config.storage.options())
+    summary = _summary(plan, counts, t_start)
+    record = score_record(plan, summary, counts, run_id, started, job)
     summary["run"] = write_run(output, record, plan.config.storage.options())
     return summary
 
 
+def _counts() -> dict:
+    """What a run's rows add up to: rows, errors, unchanged images, commits; this run's new scores,
+    error messages and anomalies (for the run record)."""
+    return {"rows": 0, "errors": 0, "unchanged": 0, "commits": 0, "scores": [], "messages": [], "anomalies": 0}
+
+
 def plan_score(model_uri: str, images: str, output: str, config_file: str | None, overrides: list[str],
                rescore: str) -> ScorePlan:
-    """Config and model checked, images listed, the model's score partition compacted and read: which
-    images this run must read."""
+    """Config and model checked, images listed, the score table opened (an earlier version's
+    Parquet parts converted): which images this run must read."""
     pre = load_config(config_file, overrides)  # validates the user's settings before any work
     opts = pre.storage.options()
     try:
@@ -139,22 +147,20 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
     except ModelError as e:
         raise JobError(f"cannot score: {e}") from None
     config = score_config(model.config, pre, config_file, overrides)
-    entries = list_images(images, opts, "images")
-    parts_before, dropped = compact(read_parts(output, model.digest, opts), opts)
-    if dropped:
-        log.info("removed %d superseded rows left by an interrupted run", dropped)
-    previous = {}
+    entries = pa.Table.from_pylist(list_images(images, opts, "images"), schema=LISTING_SCHEMA)
+    open_tables(output, opts)
     if rescore == "changed":
-        previous = {r["image"]: r for _, t in parts_before for r in t.to_pylist() if r["error"] is None}
-    todo = [e for e in entries if not (e["uri"] in previous and previous[e["uri"]]["size"] == e["size"]
-                                       and previous[e["uri"]]["mtime"] == e["mtime"])]
-    log.info("score: %d images under %s with model %s (digest %s, bank %d x %d) -> %s", len(entries), images,
+        unchanged, known = previous(output, model.digest, entries, opts)
+    else:
+        unchanged, known = np.zeros(entries.num_rows, bool), pa.nulls(entries.num_rows, pa.string())
+    todo = entries.append_column("known_digest", known).filter(pa.array(~unchanged))
+    log.info("score: %d images under %s with model %s (digest %s, bank %d x %d) -> %s", entries.num_rows, images,
              model_uri, model.digest, *model.bank.shape, output)
-    if todo and len(todo) < len(entries):
-        log.info("incremental: %d of %d images already scored by this model; scoring %d new or changed",
-                 len(entries) - len(todo), len(entries), len(todo))
-    return ScorePlan(model_uri, model, config, output, entries, todo, previous, parts_before,
-                     _heatmap_range(model, config), model.manifest["stats"].get("threshold"))
+    if todo.num_rows and todo.num_rows < entries.num_rows:
+        log.info("incremental: %d of %d images already scored by this model; reading %d new or changed",
+                 entries.num_rows - todo.num_rows, entries.num_rows, todo.num_rows)
+    return ScorePlan(model_uri, model, config, output, entries, todo, _heatmap_range(model, config),
+                     model.manifest["stats"].get("threshold"))
 
 
 def _heatmap_range(model: LoadedModel, config: Config) -> tuple[float, float]:
@@ -168,18 +174,18 @@ def _heatmap_range(model: LoadedModel, config: Config) -> tuple[float, float]:
 
 
 def score_dataset(plan: ScorePlan):
-    """The Ray Data pipeline over the images to read: decode tasks -> scoring actors -> render tasks."""
+    """The Ray Data pipeline over the images to read (Arrow blocks of the plan's todo table, each
+    row with its index ``idx``): decode tasks -> scoring actors -> render tasks."""
     config = plan.config
     ray = init_ray(config)
     cfg = config.to_dict()
     pool = actor_pool(config)  # its batch size suits the actors' device
     bs = pool["batch_size"]
-    known = {e["uri"]: plan.previous[e["uri"]]["digest"] for e in plan.todo if e["uri"] in plan.previous}
-    ds = ray.data.from_items([{"uri": e["uri"], "rel": e["rel"]} for e in plan.todo],
-                             override_num_blocks=max(1, min(len(plan.todo), 200)))
+    todo = plan.todo.append_column("idx", pa.array(np.arange(plan.todo.num_rows), pa.int64()))
+    step = -(-todo.num_rows // max(1, min(todo.num_rows, 200)))
+    ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
     keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known, "keep_bytes": keep_bytes},
-                        batch_size=bs, num_cpus=0.5)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "keep_bytes": keep_bytes}, batch_size=bs, num_cpus=0.5)
     ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg), **pool)
     if config.output.heatmaps:
         ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": plan.vrange,
@@ -189,102 +195,131 @@ def score_dataset(plan: ScorePlan):
     return ds
 
 
-@dataclass
-class Tally:
-    """What one run's rows add up to (for the summary and the run record)."""
-    errors: list = field(default_factory=list)     # this run's error messages
-    unchanged: int = 0                             # read, same content as before: the old row kept
-    scores: list = field(default_factory=list)     # this run's new image scores
-    anomalies: int = 0                             # of them, above the model's calibrated threshold
-
-    def add(self, row: dict, unchanged: bool) -> None:
-        if unchanged:
-            self.unchanged += 1
-        elif row["error"]:
-            self.errors.append(row["error"])
-        elif row["score"] is not None:
-            self.scores.append(row["score"])
-            self.anomalies += bool(row["is_anomaly"])
-
-
-def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], Tally]:
+def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
     """One row per image from the dataset's batches (a retried task's repeated rows are dropped),
-    written as Parquet parts of ``part_rows``. Returns the images written, the part URIs, and the tally."""
+    as Arrow tables, committed to the score table every ``commit_rows`` rows. Returns the counts of
+    rows, errors, unchanged images and commits."""
     opts = plan.config.storage.options()
-    schema = table_schema(plan.config.output.patch_scores)
-    run = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    now = _dt.datetime.now(_dt.timezone.utc)
-    meta = {e["uri"]: e for e in plan.todo}
-    pending, parts, seen, tally = {}, [], set(), Tally()
-    for batch in iterate_with_progress(ds, len(plan.todo), "scoring"):
-        for i in range(len(batch["uri"])):
-            uri = str(batch["uri"][i])
-            if uri in seen or uri in pending:
-                continue
-            row = _row(batch, i, plan, meta[uri], now, schema)
-            pending[uri] = row
-            tally.add(row, bool(batch["unchanged"][i]))
-        if len(pending) >= part_rows:
-            parts.append(write_part(plan.output, plan.digest, run, len(parts), list(pending.values()), schema, opts))
-            seen.update(pending)
-            pending = {}
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    run = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    seen = np.zeros(plan.todo.num_rows, bool)
+    pending: list[tuple[pa.Table, pa.Table | None]] = []
+    counts = _counts()
+
+    def flush():
+        rows = pa.concat_tables([r for r, _ in pending])
+        grids = [g for _, g in pending if g is not None]
+        commit(plan.output, plan.digest, rows, opts, pa.concat_tables(grids) if grids else None)
+        counts["commits"] += 1
+        pending.clear()
+    for batch in iterate_with_progress(ds, plan.todo.num_rows, "scoring"):
+        idx = np.asarray(batch["idx"], np.int64)
+        _, first = np.unique(idx, return_index=True)
+        keep = np.sort(first[~seen[idx[first]]])
+        if not len(keep):
+            continue
+        seen[idx[keep]] = True
+        rows, grids = batch_tables(batch, keep, plan, run, now)
+        pending.append((rows, grids))
+        unchanged = rows.column("unchanged").to_numpy(zero_copy_only=False)
+        counts["rows"] += rows.num_rows
+        counts["unchanged"] += int(unchanged.sum())
+        counts["errors"] += int((rows.column("error").is_valid().to_numpy(zero_copy_only=False) & ~unchanged).sum())
+        _tally(counts, rows, unchanged)
+        if sum(r.num_rows for r, _ in pending) >= commit_rows:
+            flush()
     if pending:
-        parts.append(write_part(plan.output, plan.digest, run, len(parts), list(pending.values()), schema, opts))
-        seen.update(pending)
-    if len(seen) != len(plan.todo):
-        raise JobError(f"internal error: {len(seen)} results for {len(plan.todo)} images; rows written so far are kept")
-    return seen, parts, tally
+        flush()
+    if not seen.all():
+        raise JobError(f"internal error: {int(seen.sum())} results for {len(seen)} images; the rows committed so far "
+                       "are kept, run the job again to complete it")
+    return counts
 
 
-def _row(batch: dict, i: int, plan: ScorePlan, entry: dict, now, schema: pa.Schema) -> dict:
-    """The score-table row of image ``i`` of a batch."""
-    uri = entry["uri"]
-    if batch["unchanged"][i]:
-        # Same content as the previous successful row: keep its score, record the new size and
-        # mtime so that later runs skip the file without reading it.
-        row = {k: v for k, v in plan.previous[uri].items() if k in schema.names}
-        row.update(size=entry["size"], mtime=entry["mtime"])
-        return row
-    err = _text(batch["error"][i])
-    score = float(batch["score"][i]) if np.isfinite(batch["score"][i]) and not err else None
-    row = {
-        "image": uri, "score": score,
-        "is_anomaly": None if (score is None or plan.threshold is None) else bool(score > plan.threshold),
-        "heatmap": _text(batch["heatmap"][i]) if "heatmap" in batch else None, "height": int(batch["height"][i]),
-        "width": int(batch["width"][i]), "model": plan.digest, "error": err,
-        "digest": _text(batch["digest"][i]), "size": entry["size"], "mtime": entry["mtime"],
-        "decode_ms": float(batch["decode_ms"][i]), "score_ms": float(batch["score_ms"][i]), "scored_at": now,
-    }
+def _tally(counts: dict, rows: pa.Table, unchanged: np.ndarray) -> None:
+    """Add this batch's new scores, error messages and anomalies to ``counts``."""
+    fresh = rows.filter(pa.array(~unchanged))
+    counts["messages"].extend(e for e in fresh.column("error").to_pylist() if e)
+    scored = fresh.filter(fresh.column("score").is_valid())
+    counts["scores"].extend(scored.column("score").to_pylist())
+    counts["anomalies"] += int(pc.sum(pc.fill_null(scored.column("is_anomaly"), False)).as_py() or 0)
+
+
+def _strings(values) -> pa.Array:
+    """A string column of a Ray batch as Arrow: empty strings and missing values are null (an
+    all-null column comes back from Ray as NaN floats)."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        return pa.nulls(len(values), pa.string())
+    arr = pa.array(values, pa.string(), from_pandas=True)
+    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+
+
+def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) -> tuple[pa.Table, pa.Table | None]:
+    """The score rows (SCORE_SCHEMA plus ``unchanged``) of the rows ``keep`` of an output batch, and
+    their patch-score grids (GRID_SCHEMA) when output.patch_scores is on. Column by column."""
+    b = {k: np.asarray(v)[keep] for k, v in batch.items() if k not in ("patch_scores", "crop", "data")}
+    n = len(keep)
+    err = _strings(b["error"])
+    unchanged = b["unchanged"].astype(bool)
+    ok = np.isfinite(b["score"].astype(np.float64)) & ~err.is_valid().to_numpy(zero_copy_only=False)
+    score = pa.array(b["score"].astype(np.float64), mask=~ok)
+    anomaly = pa.nulls(n, pa.bool_()) if plan.threshold is None else pa.array(b["score"] > plan.threshold, mask=~ok)
+    rows = pa.table({
+        "image": pa.array(b["uri"], pa.string()), "score": score, "is_anomaly": anomaly,
+        "heatmap": _strings(b["heatmap"]) if "heatmap" in b else pa.nulls(n, pa.string()),
+        "height": pa.array(b["height"], pa.int32()), "width": pa.array(b["width"], pa.int32()),
+        "model": pa.array([plan.digest] * n, pa.string()), "error": err, "digest": _strings(b["digest"]),
+        "size": pa.array(b["size"], pa.int64()), "mtime": pa.array(b["mtime"], pa.float64(), from_pandas=True),
+        "ctime": pa.array(b["ctime"], pa.float64(), from_pandas=True), "etag": _strings(b["etag"]),
+        "decode_ms": pa.array(b["decode_ms"], pa.float32()), "score_ms": pa.array(b["score_ms"], pa.float32()),
+        "scored_at": pa.array(np.full(n, now), pa.timestamp("s", tz="UTC")), "run": pa.array([run] * n, pa.string()),
+        "unchanged": pa.array(unchanged, pa.bool_())})
+    grids = None
     if plan.config.output.patch_scores:
-        h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
-        row.update(grid_h=h, grid_w=w, patch_scores=batch["patch_scores"][i][: h * w].tolist() if h else None)
-    return row
+        sel = np.flatnonzero(ok & ~unchanged & (b["grid_h"] > 0))
+        grids = _grids(batch["patch_scores"], keep[sel], b["grid_h"][sel], b["grid_w"][sel], rows.take(sel))
+    return rows, grids
 
 
-def _summary(plan: ScorePlan, seen: set, parts: list[str], tally: Tally, t_start: float) -> dict:
+def _grids(patch_scores, rows_idx: np.ndarray, gh: np.ndarray, gw: np.ndarray, rows: pa.Table) -> pa.Table:
+    """The GRID_SCHEMA table of ``rows``: their grids cut to grid_h x grid_w values."""
+    ps, cells = np.asarray(patch_scores), gh.astype(np.int64) * gw
+    if ps.ndim == 2 and ps.dtype != object and np.all(cells == ps.shape[1]):  # one grid size: no per-row work
+        flat = ps[rows_idx].astype(np.float32).ravel()
+    else:
+        flat = np.concatenate([np.asarray(ps[i], np.float32)[:c] for i, c in zip(rows_idx, cells)] or [np.zeros(0)])
+    offsets = np.concatenate([[0], np.cumsum(cells)]).astype(np.int32)
+    return pa.table({"image": rows.column("image"), "model": rows.column("model"), "run": rows.column("run"),
+                     "scored_at": rows.column("scored_at"), "grid_h": pa.array(gh, pa.int32()),
+                     "grid_w": pa.array(gw, pa.int32()),
+                     "patch_scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float32)))},
+                    schema=GRID_SCHEMA)
+
+
+def _summary(plan: ScorePlan, counts: dict, t_start: float) -> dict:
     """What the run did, logged in one line and returned."""
     elapsed = time.time() - t_start
     config, digest = plan.config, plan.digest
-    summary = {"images": len(plan.entries), "scored": len(seen) - tally.unchanged,
-               "skipped": len(plan.entries) - len(plan.todo) + tally.unchanged, "rows": len(seen),
-               "errors": len(tally.errors), "seconds": round(elapsed, 2),
-               "images_per_s": round(len(plan.todo) / elapsed, 2) if plan.todo else 0.0,
-               "scores": scores_uri(plan.output, digest),
+    n, todo = plan.entries.num_rows, plan.todo.num_rows
+    summary = {"images": n, "scored": counts["rows"] - counts["unchanged"],
+               "skipped": n - todo + counts["unchanged"], "rows": counts["rows"], "errors": counts["errors"],
+               "commits": counts["commits"], "seconds": round(elapsed, 2),
+               "images_per_s": round(todo / elapsed, 2) if todo else 0.0, "scores": scores_uri(plan.output),
                "heatmaps": storage.join(plan.output, "heatmaps", digest) if config.output.heatmaps else None,
-               "model": digest, "parts": parts, "config": config, "heatmap_scale": plan.vrange,
+               "model": digest, "config": config, "heatmap_scale": plan.vrange,
                "heatmap_threshold": plan.heatmap_threshold[0], "heatmap_threshold_source": plan.heatmap_threshold[1],
                "peak_normalise": plan.peak_normalise}
-    if plan.todo:
-        log.info("score done: %d images (%d scored, %d skipped as unchanged), %d errors, %.1f images/s; scores in "
-                 "%s%s", summary["images"], summary["scored"], summary["skipped"], summary["errors"],
-                 summary["images_per_s"], summary["scores"],
-                 f", heatmaps in {summary['heatmaps']}" if summary["heatmaps"] else "")
+    if todo:
+        log.info("score done: %d images (%d scored, %d skipped as unchanged), %d errors, %.1f images/s, %d commits; "
+                 "scores in %s%s", n, summary["scored"], summary["skipped"], counts["errors"], summary["images_per_s"],
+                 counts["commits"], summary["scores"], f", heatmaps in {summary['heatmaps']}" if summary["heatmaps"] else "")
     return summary
 
 
-def score_record(plan: ScorePlan, summary: dict, tally: Tally, run_id: str, started: str, job: str) -> dict:
+def score_record(plan: ScorePlan, summary: dict, counts: dict, run_id: str, started: str, job: str) -> dict:
     """The run record (``<output>/runs/``): counts, errors by reason, anomaly rate, score quantiles, drift."""
-    scores = np.asarray(tally.scores, dtype=np.float64)
+    scores = np.asarray(counts["scores"], dtype=np.float64)
     ref = plan.model.manifest["stats"].get("normal_image_score") or {}
     reference = ref.get("p99")
     drift = (calibration.drift(scores, reference, ref["images"], ref.get("above_p99", 0))
@@ -293,11 +328,12 @@ def score_record(plan: ScorePlan, summary: dict, tally: Tally, run_id: str, star
         log.warning("drift: %.1f%% of this run's %d images score above the model's normal p99 image score %.3f "
                     "(normal images: about %.1f%%); the line or the camera may have changed, or the model is stale",
                     100 * drift["share_above"], len(scores), reference, 100 * drift["expected"])
+    calibrated = plan.threshold is not None
     return {"run_id": run_id, "job": job, "started": started, "ended": now_iso(), "model": plan.digest,
             "model_uri": plan.model_uri, "inputs": plan.images, "output": plan.output,
             "images_listed": summary["images"], "scored": summary["scored"], "skipped": summary["skipped"],
-            "errors": summary["errors"], "errors_by_reason": error_reasons(tally.errors),
-            "threshold": plan.threshold, "anomalies": tally.anomalies if plan.threshold is not None else None,
-            "anomaly_rate": (tally.anomalies / len(scores) if len(scores) else 0.0) if plan.threshold is not None else None,
+            "errors": summary["errors"], "errors_by_reason": error_reasons(counts["messages"]),
+            "threshold": plan.threshold, "anomalies": counts["anomalies"] if calibrated else None,
+            "anomaly_rate": (counts["anomalies"] / len(scores) if len(scores) else 0.0) if calibrated else None,
             "score_quantiles": calibration.quantiles(scores), "drift": drift, "seconds": summary["seconds"],
             "images_per_s": summary["images_per_s"], "version": __version__}

@@ -29,18 +29,19 @@ def _err(e: Exception) -> str:
     return msg if isinstance(e, (ImageError, FileNotFoundError)) else f"{type(e).__name__}: {msg}"
 
 
-def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
-                 known_digests: set | None = None, keep_bytes: bool = False) -> dict:
+def decode_batch(batch: dict, config: dict, known_digests: set | None = None, keep_bytes: bool = False) -> dict:
     """Decode task: uri -> digest, original size, the model's uint8 crop; or an error.
 
-    Already processed images are not decoded again (``unchanged``): score passes ``known_uris``
-    (uri -> digest of the previous successful row), fit ``known_digests`` (features reused).
+    Already processed images are not decoded again (``unchanged``): score's rows carry
+    ``known_digest`` (the digest of the image's previous successful row, null if none), fit passes
+    ``known_digests`` (features reused).
     ``keep_bytes``: also pass on the file's bytes (column ``data``) for the overlay renderer, so that
     storage is read once per image; :func:`render_batch` drops them again.
     """
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
-    known_uris, known_digests = known_uris or {}, known_digests or set()
+    known_digests = known_digests or set()
+    known = batch.get("known_digest", [None] * len(batch["uri"]))
     c = cfg.image.crop
     n = len(batch["uri"])
     crops = np.zeros((n, c, c, 3), np.uint8)
@@ -54,7 +55,7 @@ def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
         try:
             data = storage.read_bytes(str(uri), **opts)
             d = hashlib.sha256(data).hexdigest()
-            unchanged[i] = known_uris.get(str(uri)) == d or d in known_digests
+            unchanged[i] = known[i] == d or d in known_digests
             if not unchanged[i]:
                 rgb = decode_image(data, cfg.image.max_pixels, cfg.image.min_side)
                 h, w = rgb.shape[:2]
