@@ -193,6 +193,21 @@ def clean_uncommitted(model: str, opts: dict) -> None:
             storage.delete(uri, **opts)
 
 
+def remove_orphan_shards(model: str, recorded: set[str], opts: dict) -> None:
+    """Delete feature shards no image row points to: those of a batch whose actor died after writing
+    them (Ray ran the batch again, into new shards). Only the recorded shards go into the manifest."""
+    for split in ("features", "validation"):
+        try:
+            files = storage.list_files(storage.join(model, split), (".parquet",), **opts)
+        except FileNotFoundError:
+            continue
+        orphans = [u for u, rel in files if f"{split}/{rel}" not in recorded]
+        if orphans:
+            log.info("removing %d %s shards of retried batches (no image row points to them)", len(orphans), split)
+        for uri in orphans:
+            storage.delete(uri, **opts)
+
+
 def reusable_features(old: str, config: Config, opts: dict) -> dict:
     """digest -> (feature shard URI, row, sha256) of every usable image of a committed model with the same
     features (the sha256 from the old manifest: a reused shard is verified before it is copied)."""

@@ -19,11 +19,13 @@ import torch
 from ..artifacts import storage
 from ..artifacts.features import copy_reused, read_shard
 from ..artifacts.inputs import holdout, list_images, resolve_train_root
-from ..artifacts.model import MANIFEST, ModelWriter, clean_uncommitted, config_yaml, npy_bytes, reusable_features
+from ..artifacts.model import (MANIFEST, ModelWriter, clean_uncommitted, config_yaml, npy_bytes, remove_orphan_shards,
+                               reusable_features)
 from ..config import Config
 from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
 from ..errors import JobError
+from . import faults
 from .cluster import actor_pool, init_ray, iterate_with_progress
 from .coreset import build_memory_bank
 from .stages import Extract, decode_batch
@@ -100,10 +102,12 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
     context.execution_options.preserve_order = True
     try:
         pool = actor_pool(config)  # its batch size suits the actors' device
+        injected = faults.from_env()
         ds = ray.data.from_items(plan.items, override_num_blocks=max(1, min(len(plan.items), 200)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable)},
+        ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable),
+                                                     "faults": injected},
                             batch_size=pool["batch_size"], num_cpus=0.5)
-        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model), **pool)
+        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model, injected), **pool)
         rows = {c: [] for c in COLUMNS}
         for batch in iterate_with_progress(ds, len(plan.items), "extracting"):
             for c in COLUMNS:
@@ -131,6 +135,7 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     for o, split, name, sha, nb in zip(ok, rows["split"], rows["shard"], rows["shard_sha256"], rows["shard_bytes"]):
         if o:
             writer.record(f"{split}/{name}", sha, int(nb))
+    remove_orphan_shards(plan.model, set(writer.files), opts)
     shards, counts = _training_shards(rows, train_ok)
     bank, stats = build_memory_bank([storage.join(plan.model, "features", s) for s in shards], counts, config, opts)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})

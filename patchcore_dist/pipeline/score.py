@@ -25,6 +25,7 @@ from ..artifacts.model import LoadedModel, load_model
 from ..artifacts.scores import compact, read_parts, scores_uri, table_schema, write_part
 from ..config import Config, load_config
 from ..errors import JobError, ModelError
+from . import faults
 from .cluster import actor_pool, init_ray, iterate_with_progress
 from .stages import Score, decode_batch, render_batch
 
@@ -153,11 +154,12 @@ def score_dataset(plan: ScorePlan):
     ds = ray.data.from_items([{"uri": e["uri"], "rel": e["rel"]} for e in plan.todo],
                              override_num_blocks=max(1, min(len(plan.todo), 200)))
     keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known, "keep_bytes": keep_bytes},
-                        batch_size=bs, num_cpus=0.5)
-    ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg), **pool)
+    injected = faults.from_env()
+    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known, "keep_bytes": keep_bytes,
+                                                 "faults": injected}, batch_size=bs, num_cpus=0.5)
+    ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
     if config.output.heatmaps:
-        ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": plan.vrange,
+        ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": plan.vrange, "faults": injected,
                                                      "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest)},
                             batch_size=bs, num_cpus=0.5)
     return ds

@@ -19,6 +19,7 @@ from ..config import Config
 from ..core.preprocessing import decode_image, geometry, resize_crop
 from ..errors import ImageError
 from ..render.heatmap import colorize, encode, overlay
+from . import faults as _faults
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,16 @@ def _err(e: Exception) -> str:
 
 
 def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
-                 known_digests: set | None = None, keep_bytes: bool = False) -> dict:
+                 known_digests: set | None = None, keep_bytes: bool = False, faults: tuple = ()) -> dict:
     """Decode task: uri -> digest, original size, the model's uint8 crop; or an error.
 
     Already processed images are not decoded again (``unchanged``): score passes ``known_uris``
     (uri -> digest of the previous successful row), fit ``known_digests`` (features reused).
     ``keep_bytes``: also pass on the file's bytes (column ``data``) for the overlay renderer, so that
-    storage is read once per image; :func:`render_batch` drops them again.
+    storage is read once per image; :func:`render_batch` drops them again. ``faults``: the fault
+    tests' injected faults (:mod:`.faults`).
     """
+    _faults.on_batch(faults, "decode")
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
     known_uris, known_digests = known_uris or {}, known_digests or set()
@@ -109,8 +112,9 @@ def _threads(config: Config) -> None:
 class Extract:
     """Fit's actor: backbone + patch features, written to a Parquet shard per batch."""
 
-    def __init__(self, config: dict, model_uri: str):
+    def __init__(self, config: dict, model_uri: str, faults: tuple = ()):
         from ..core.patchcore import Embedder
+        self.faults = faults
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
         self.opts = self.cfg.storage.options()
@@ -146,6 +150,7 @@ class Extract:
             except Exception as e:
                 log.exception("feature extraction failed for a batch")
                 errors[idx] = f"feature extraction failed: {_err(e)}"
+        _faults.on_batch(self.faults, "extract")  # after the batch's shards are written: they become orphans
         return _without_crop(batch, shard=shard, row=row, patches=patches, shard_sha256=sha, shard_bytes=nbytes, error=errors,
                              extract_ms=_per_image_ms(t0, n))
 
@@ -153,9 +158,10 @@ class Extract:
 class Score:
     """Score's actor: backbone + memory bank; returns image scores and patch-score grids."""
 
-    def __init__(self, model_uri: str, config: dict):
+    def __init__(self, model_uri: str, config: dict, faults: tuple = ()):
         from ..artifacts.model import load_model
         from ..core.patchcore import PatchCore
+        self.faults = faults
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
         opts = self.cfg.storage.options()
@@ -163,6 +169,7 @@ class Score:
         self.pc = PatchCore(self.cfg, model.bank, index=model.index, read_weights=_reader(opts))
 
     def __call__(self, batch: dict) -> dict:
+        _faults.on_batch(self.faults, "score")
         n = len(batch["uri"])
         score = np.full(n, np.nan, np.float64)
         grids = np.zeros((n, 1), np.float32)
@@ -186,12 +193,13 @@ class Score:
                              score_ms=_per_image_ms(t0, n))
 
 
-def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float]) -> dict:
+def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float], faults: tuple = ()) -> dict:
     """Render task: anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under
     ``heatmaps_uri``, mirroring each input's relative path with its extension (cat.jpg -> cat.jpg.png,
     so cat.png and cat.jpg stay apart). Only in the pipeline when output.heatmaps is on."""
     import torch
     from ..core.scoring import anomaly_map_original
+    _faults.on_batch(faults, "render")
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
     n = len(batch["uri"])
