@@ -6,9 +6,12 @@ environment / config files and are never logged.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import logging
 import os
 import posixpath
 import re
+import stat
 import uuid
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -18,6 +21,7 @@ import pyarrow.fs as pafs
 
 from ..errors import StorageError
 
+log = logging.getLogger(__name__)
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
@@ -68,11 +72,13 @@ def _wrap(uri: str, e: Exception) -> Exception:
     return StorageError(f"{uri}: {msg.splitlines()[0] if msg else type(e).__name__}")
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bytes:
+def read_bytes(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               limit: int | None = None) -> bytes:
+    """The object's bytes; with ``limit``, at most that many (the caller checks whether there were more)."""
     fs, path = resolve(uri, endpoint_url, region)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit)
     except Exception as e:  # pyarrow raises OSError subclasses with the backend's message
         raise _wrap(uri, e) from None
 
@@ -121,10 +127,14 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url
 
 def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
                  region: str | None = None) -> list[dict]:
-    """All files under ``uri`` (recursive), sorted, as dicts: uri, rel (relative path), size, mtime.
+    """All files under ``uri`` (recursive), sorted by URI, as dicts: uri, rel (path relative to ``uri``),
+    size, mtime, and error: None, or why the file cannot be read by its name (the jobs give it an
+    error row without reading it).
 
-    Temporary files of our own interrupted writes (``.<name>.tmp-<hex>``) are skipped, nothing else.
-    Raises FileNotFoundError when ``uri`` does not exist.
+    Local folders follow the link policy of :func:`_local_files` (no loops, nothing outside the root,
+    each file once; FIFOs, sockets and devices skipped with a log line). Temporary files of our own
+    interrupted writes (``.<name>.tmp-<hex>``) are skipped, nothing else. Raises FileNotFoundError
+    when ``uri`` does not exist.
     """
     fs, root = resolve(uri, endpoint_url, region)
     try:
@@ -132,33 +142,153 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"not found: {uri}")
         if info.type == pafs.FileType.File:
-            infos = [info]
-            root = posixpath.dirname(root)
-        else:
-            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            mtime = info.mtime.timestamp() if info.mtime is not None else None
+            full = uri if is_s3(uri) or uri.startswith("file://") else root
+            return [{"uri": full, "rel": posixpath.basename(root), "size": info.size, "mtime": mtime, "error": None}]
+        local = isinstance(fs, pafs.LocalFileSystem)
+        found = _local_files(root, extensions) if local else _object_files(fs, root, extensions)
     except FileNotFoundError:
         raise
     except Exception as e:
         raise _wrap(uri, e) from None
     # Normalised, so that the same file always gets the same URI (one row per image across runs).
-    if is_s3(uri):
-        base = uri.rstrip("/")
-    elif uri.startswith("file://"):
-        base = "file://" + root if info.type != pafs.FileType.File else uri
-    else:
-        base = root
+    base = uri.rstrip("/") if is_s3(uri) else ("file://" + root if uri.startswith("file://") else root)
+    return sorted((dict(f, uri=join(base, f["rel"])) for f in found), key=lambda e: e["uri"])
+
+
+def _wanted(rel: str, extensions: tuple[str, ...] | None) -> bool:
+    """A listed name the caller asked for: its extension, and not one of our temporary files."""
+    name = posixpath.basename(rel)
+    return not _TMP.match(name) and (not extensions or name.lower().endswith(extensions))
+
+
+def _object_files(fs: pafs.FileSystem, root: str, extensions: tuple[str, ...] | None) -> list[dict]:
+    """Objects under a bucket prefix. A key with an empty, ``.`` or ``..`` segment (``a//b.png``,
+    ``a/./b.png``) cannot be addressed exactly through the S3 client, which would read another key or
+    none: such an object gets an error."""
     out = []
-    for fi in infos:
-        if fi.type != pafs.FileType.File or _TMP.match(fi.base_name):
+    for fi in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if fi.type != pafs.FileType.File or not _wanted(fi.path, extensions):
             continue
-        if extensions and not fi.base_name.lower().endswith(extensions):
+        key = fi.path.split("/", 1)[1] if "/" in fi.path else ""
+        odd = any(part in ("", ".", "..") for part in key.split("/"))
+        out.append({"rel": fi.path[len(root):].lstrip("/"), "size": fi.size,
+                    "mtime": fi.mtime.timestamp() if fi.mtime is not None else None,
+                    "error": ("object key has an empty, '.' or '..' segment, which the S3 client cannot address "
+                              "exactly (it would read another object): rename the object") if odd else None})
+    return out
+
+
+def _mtime(st: os.stat_result) -> float:
+    """A modification time exactly as pyarrow's file info reports it (microseconds, rounded)."""
+    return _dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, _dt.timezone.utc).timestamp()
+
+
+def _text_name(rel: str) -> tuple[str, str | None]:
+    """A relative path as text: itself, or (for bytes that are not UTF-8) with those bytes escaped as
+    ``\\xNN``, and the error of a file that cannot be stored or read by its name."""
+    try:
+        rel.encode("utf-8")
+        return rel, None
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, "file name is not valid UTF-8 (shown with \\x escapes): rename the file to score it"
+
+
+def _local_files(root: str, extensions: tuple[str, ...] | None) -> list[dict]:
+    """Files under a local folder. Link policy: directory links are never followed (a target inside
+    the root is listed under its real path; one outside is out of scope), so the walk terminates and
+    nothing outside the root is read. A file link is listed when its target lies inside the root and is
+    not listed already (under its own name or an earlier link); a link out of the root or a broken one
+    is an error. FIFOs, sockets and devices are skipped with a log line (opening a FIFO would block)."""
+    real_root = os.path.realpath(root)
+    regular, links, seen = [], [], set()
+    for rel, entry in _walk(root):
+        if entry.is_symlink():
+            links.append((rel, entry.path))
+        elif not _wanted(entry.name, extensions):
             continue
-        rel = os.path.relpath(fi.path, root) if not is_s3(uri) else fi.path[len(root):].lstrip("/")
-        full = join(base, rel) if info.type != pafs.FileType.File else (fi.path if not is_s3(uri) and
-                                                                         not uri.startswith("file://") else uri)
-        mtime = fi.mtime.timestamp() if fi.mtime is not None else None
-        out.append({"uri": full, "rel": rel, "size": fi.size, "mtime": mtime})
-    return sorted(out, key=lambda e: e["uri"])
+        elif entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            seen.add((st.st_dev, st.st_ino))
+            regular.append(_local_entry(rel, st))
+        else:
+            log.warning("skipped %r: not a regular file (%s)", rel, _kind(entry))
+    linked = (_link_entry(rel, path, real_root, seen, extensions) for rel, path in links)
+    return regular + [e for e in linked if e]
+
+
+def _walk(root: str):
+    """(relative path, os.DirEntry) of everything under ``root`` but directories, without entering links."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, rel_dir)) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if not rel_dir:
+                raise
+            log.warning("cannot list the folder %r: %s", rel_dir, e.strerror or e)
+            continue
+        for entry in entries:
+            rel = posixpath.join(rel_dir, entry.name) if rel_dir else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            else:
+                yield rel, entry
+
+
+def _local_entry(rel: str, st: os.stat_result, error: str | None = None) -> dict:
+    shown, name_error = _text_name(rel)
+    return {"rel": shown, "size": st.st_size, "mtime": _mtime(st), "error": name_error or error}
+
+
+def _link_entry(rel: str, path: str, real_root: str, seen: set, extensions: tuple[str, ...] | None) -> dict | None:
+    """The entry of a symbolic link under the policy of :func:`_local_files`, or None (not listed)."""
+    target = os.path.realpath(path)
+    inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
+    try:
+        st = os.stat(path)
+    except OSError:
+        broken = "broken symbolic link (its target does not exist)"
+        return _local_entry(rel, os.lstat(path), broken) if _wanted(rel, extensions) else None
+    if stat.S_ISDIR(st.st_mode):
+        log.warning("directory link %r not followed (%s)", rel, "its folder is listed under its real path" if inside
+                    else "it leads out of the input root")
+        return None
+    if not _wanted(rel, extensions):
+        return None
+    if not inside:
+        return _local_entry(rel, os.lstat(path), "symbolic link to a file outside the input root: not followed")
+    if not stat.S_ISREG(st.st_mode):
+        log.warning("skipped %r: a link to something that is not a regular file", rel)
+        return None
+    if (st.st_dev, st.st_ino) in seen:
+        log.info("link %r not listed: its file is listed already", rel)
+        return None
+    seen.add((st.st_dev, st.st_ino))
+    return _local_entry(rel, st)
+
+
+def _kind(entry: os.DirEntry) -> str:
+    mode = entry.stat(follow_symlinks=False).st_mode
+    return ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+
+
+def relative_to(inner: str, outer: str) -> str | None:
+    """``inner``'s path relative to ``outer`` when it lies inside it ("" for the same location), else None.
+    Local paths are compared after resolving links."""
+    if is_s3(inner) != is_s3(outer):
+        return None
+    if is_s3(inner):
+        a, b = inner[5:].rstrip("/"), outer[5:].rstrip("/")
+    else:
+        a, b = (os.path.realpath(resolve(u)[1]) for u in (inner, outer))
+    if a == b:
+        return ""
+    return a[len(b):].lstrip("/") if a.startswith(b.rstrip("/") + "/") else None
 
 
 def delete(uri: str, endpoint_url: str | None = None, region: str | None = None) -> None:

@@ -74,12 +74,15 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
     if reuse and (reuse.rstrip("/") == model.rstrip("/") or reuse.rstrip("/").startswith(model.rstrip("/") + "/")):
         raise JobError("--reuse must name another (committed) model than --model, outside it")
     root = resolve_train_root(train, opts)
-    files = [(e["uri"], e["rel"]) for e in list_images(root, opts, "training images")]
+    listed = list_images(root, opts, "training images", exclude=model, max_bytes=config.image.max_bytes)
+    files = [(e["uri"], e["rel"]) for e in listed]
     held = holdout(files, config.fit.holdout_fraction, config.seed) if not validation else set()
-    items = [{"uri": u, "rel": r, "split": "validation" if u in held else "features"} for u, r in files]
+    items = [{"uri": e["uri"], "rel": e["rel"], "split": "validation" if e["uri"] in held else "features",
+              "error": e["error"]} for e in listed]
     if validation:
-        items += [{"uri": e["uri"], "rel": e["rel"], "split": "validation"}
-                  for e in list_images(validation, opts, "validation images")]
+        items += [{"uri": e["uri"], "rel": e["rel"], "split": "validation", "error": e["error"]}
+                  for e in list_images(validation, opts, "validation images", exclude=model,
+                                       max_bytes=config.image.max_bytes)]
     plan = FitPlan(model, root, items, len(files) - len(held), held, validation=validation, reuse=reuse)
     plan.reusable = reusable_features(reuse, config, opts) if reuse else {}
     clean_uncommitted(model, opts)
@@ -103,17 +106,32 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
     try:
         pool = actor_pool(config)  # its batch size suits the actors' device
         injected = faults.from_env()
-        ds = ray.data.from_items(plan.items, override_num_blocks=max(1, min(len(plan.items), 200)))
+        readable = [{k: it[k] for k in ("uri", "rel", "split")} for it in plan.items if not it["error"]]
+        rows = {c: [] for c in COLUMNS}
+        if not readable:
+            return _with_refused(rows, plan.items)
+        ds = ray.data.from_items(readable, override_num_blocks=max(1, min(len(readable), 200)))
         ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable),
                                                      "faults": injected},
                             batch_size=pool["batch_size"], num_cpus=0.5)
         ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model, injected), **pool)
-        rows = {c: [] for c in COLUMNS}
-        for batch in iterate_with_progress(ds, len(plan.items), "extracting"):
+        for batch in iterate_with_progress(ds, len(readable), "extracting"):
             for c in COLUMNS:
                 rows[c].extend(batch[c].tolist())
     finally:
         context.execution_options.preserve_order = preserve_order
+    return _with_refused(rows, plan.items)
+
+
+def _with_refused(rows: dict[str, list], items: list[dict]) -> dict[str, list]:
+    """The extraction's columns plus a row for every file the listing refused (never read)."""
+    for it in items:
+        if it["error"]:
+            row = {"uri": it["uri"], "rel": it["rel"], "split": it["split"], "digest": "", "height": 0, "width": 0,
+                   "error": it["error"], "unchanged": False, "shard": "", "row": -1, "patches": 0,
+                   "shard_sha256": "", "shard_bytes": 0}
+            for c in COLUMNS:
+                rows[c].append(row[c])
     return rows
 
 

@@ -115,7 +115,7 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
     except ModelError as e:
         raise JobError(f"cannot score: {e}") from None
     config = score_config(model.config, pre, config_file, overrides)
-    entries = list_images(images, opts, "images")
+    entries = list_images(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes)
     parts_before, dropped = compact(read_parts(output, model.digest, opts), opts)
     if dropped:
         log.info("removed %d superseded rows left by an interrupted run", dropped)
@@ -144,15 +144,18 @@ def _heatmap_range(model: LoadedModel, config: Config) -> tuple[float, float]:
 
 
 def score_dataset(plan: ScorePlan):
-    """The Ray Data pipeline over the images to read: decode tasks -> scoring actors -> render tasks."""
+    """The Ray Data pipeline over the images to read: decode tasks -> scoring actors -> render tasks
+    (None when the listing refused every file of the run)."""
     config = plan.config
     ray = init_ray(config)
     cfg = config.to_dict()
     pool = actor_pool(config)  # its batch size suits the actors' device
     bs = pool["batch_size"]
     known = {e["uri"]: plan.previous[e["uri"]]["digest"] for e in plan.todo if e["uri"] in plan.previous}
-    ds = ray.data.from_items([{"uri": e["uri"], "rel": e["rel"]} for e in plan.todo],
-                             override_num_blocks=max(1, min(len(plan.todo), 200)))
+    readable = [{"uri": e["uri"], "rel": e["rel"]} for e in plan.todo if not e["error"]]
+    if not readable:  # every row comes from the listing (refused files)
+        return None
+    ds = ray.data.from_items(readable, override_num_blocks=max(1, min(len(readable), 200)))
     keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
     injected = faults.from_env()
     ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_uris": known, "keep_bytes": keep_bytes,
@@ -174,9 +177,10 @@ def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], int
     run = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     now = _dt.datetime.now(_dt.timezone.utc)
     meta = {e["uri"]: e for e in plan.todo}
-    pending, parts, seen = {}, [], set()
-    errors = unchanged = 0
-    for batch in iterate_with_progress(ds, len(plan.todo), "scoring"):
+    pending = {e["uri"]: _listing_row(plan, e, now) for e in plan.todo if e["error"]}  # never read
+    parts, seen = [], set()
+    errors, unchanged = len(pending), 0
+    for batch in iterate_with_progress(ds, len(plan.todo), "scoring") if ds is not None else ():
         for i in range(len(batch["uri"])):
             uri = str(batch["uri"][i])
             if uri in seen or uri in pending:
@@ -195,6 +199,13 @@ def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], int
     if len(seen) != len(plan.todo):
         raise JobError(f"internal error: {len(seen)} results for {len(plan.todo)} images; rows written so far are kept")
     return seen, parts, errors, unchanged
+
+
+def _listing_row(plan: ScorePlan, entry: dict, now) -> dict:
+    """The error row of a file the listing refused (a name that cannot be read, over image.max_bytes)."""
+    return {"image": entry["uri"], "score": None, "is_anomaly": None, "heatmap": None, "height": 0, "width": 0,
+            "model": plan.digest, "error": entry["error"], "digest": None, "size": entry["size"],
+            "mtime": entry["mtime"], "decode_ms": 0.0, "score_ms": 0.0, "scored_at": now}
 
 
 def _row(batch: dict, i: int, plan: ScorePlan, entry: dict, now, schema: pa.Schema) -> dict:

@@ -54,7 +54,9 @@ def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
         d = err = ""
         data = b""
         try:
-            data = storage.read_bytes(str(uri), **opts)
+            data = storage.read_bytes(str(uri), **opts, limit=cfg.image.max_bytes + 1)
+            if len(data) > cfg.image.max_bytes:  # grew since it was listed
+                raise ImageError(f"file is over the limit image.max_bytes={cfg.image.max_bytes} (read no further)")
             d = hashlib.sha256(data).hexdigest()
             unchanged[i] = known_uris.get(str(uri)) == d or d in known_digests
             if not unchanged[i]:

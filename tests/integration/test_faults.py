@@ -16,15 +16,12 @@ from patchcore_dist.pipeline.score import run_score
 
 from helpers import SMALL
 
-FIT = SMALL + ["runtime.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
-def clean_model(ray_local, category, tmp_path_factory):
-    """A model fitted without faults: the reference."""
-    path = str(tmp_path_factory.mktemp("faults") / "model")
-    run_fit(category, path, load_config(None, FIT))
-    return path
+def clean_model(small_model):
+    """A model fitted with SMALL and without faults: the reference."""
+    return small_model
 
 
 def test_fit_survives_a_dead_decode_task_and_a_dead_extract_actor(clean_model, category, tmp_path, monkeypatch):
@@ -32,7 +29,7 @@ def test_fit_survives_a_dead_decode_task_and_a_dead_extract_actor(clean_model, c
     # the extract actor dies on its 2nd batch after writing that batch's shard
     monkeypatch.setenv(FAULT_ENV, f"decode:1:{markers[0]};extract:2:{markers[1]}")
     model = str(tmp_path / "model")
-    manifest = run_fit(category, model, load_config(None, FIT))
+    manifest = run_fit(category, model, load_config(None, SMALL))  # 14 images: 2 batches
     assert all(m.exists() for m in markers), "an injected fault did not happen"
     n_train = len(os.listdir(f"{category}/train/good"))
     assert manifest["training"]["used"] == n_train and manifest["training"]["errors"] == 0
