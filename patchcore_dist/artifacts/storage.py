@@ -7,6 +7,7 @@ environment / config files and are never logged.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import os
 import posixpath
@@ -307,26 +308,36 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_relpath(rel: str, max_part: int = 120) -> str:
-    """A relative output key derived from an input name that cannot escape its prefix.
+    """A relative output key derived from an input name that cannot escape its prefix and never
+    collides with another input's.
 
-    ``..``, ``.``, empty and absolute components are dropped, odd characters replaced, long
-    components shortened (with a hash to stay unique).
+    ``..``, ``.``, empty and absolute components are dropped, backslashes split components, odd
+    characters are replaced and long components shortened. When this changed the name at all, a hash
+    of the whole original relative path is added to the last component (``a/./b.png``, ``a//b.png``,
+    ``a\\b.png`` and ``a/b.png`` are four keys).
     """
-    import hashlib
     parts = []
     for p in rel.replace("\\", "/").split("/"):
         if p in ("", ".", ".."):
             continue
         clean = _SAFE.sub("_", p).lstrip(".") or "_"
-        if clean != p and len(clean) <= max_part:  # keep distinct names distinct ("a b" vs "a_b")
-            stem, ext = os.path.splitext(clean)
-            clean = f"{stem}-{hashlib.sha256(p.encode()).hexdigest()[:8]}{ext}"
         if len(clean) > max_part:
             stem, ext = os.path.splitext(clean)
             ext = ext if len(ext) <= 10 else ""
-            clean = stem[: max_part - 17 - len(ext)] + "-" + hashlib.sha256(p.encode()).hexdigest()[:16] + ext
+            clean = stem[: max_part - 17 - len(ext)] + "-" + _name_hash(p) + ext
         parts.append(clean)
-    return "/".join(parts) or "_"
+    out = "/".join(parts) or "_"
+    if out != rel:
+        head, _, last = out.rpartition("/")
+        stem, ext = os.path.splitext(last)
+        ext = ext if len(ext) <= 10 else ""
+        stem = stem[: max(1, max_part - 17 - len(ext))] if ext else last[: max_part - 17]
+        out = (head + "/" if head else "") + f"{stem}-{_name_hash(rel)}{ext}"
+    return out
+
+
+def _name_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def parquet_bytes(table: pa.Table, **write_options) -> bytes:

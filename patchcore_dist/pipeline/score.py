@@ -204,7 +204,7 @@ def write_rows(plan: ScorePlan, ds, part_rows: int) -> tuple[set, list[str], int
 def _listing_row(plan: ScorePlan, entry: dict, now) -> dict:
     """The error row of a file the listing refused (a name that cannot be read, over image.max_bytes)."""
     return {"image": entry["uri"], "score": None, "is_anomaly": None, "heatmap": None, "height": 0, "width": 0,
-            "model": plan.digest, "error": entry["error"], "digest": None, "size": entry["size"],
+            "model": plan.digest, "error": entry["error"], "warning": None, "digest": None, "size": entry["size"],
             "mtime": entry["mtime"], "decode_ms": 0.0, "score_ms": 0.0, "scored_at": now}
 
 
@@ -224,6 +224,7 @@ def _row(batch: dict, i: int, plan: ScorePlan, entry: dict, now, schema: pa.Sche
         "is_anomaly": None if (score is None or plan.threshold is None) else bool(score > plan.threshold),
         "heatmap": _text(batch["heatmap"][i]) if "heatmap" in batch else None, "height": int(batch["height"][i]),
         "width": int(batch["width"][i]), "model": plan.digest, "error": err,
+        "warning": _text(batch["warning"][i]) if "warning" in batch else None,
         "digest": _text(batch["digest"][i]), "size": entry["size"], "mtime": entry["mtime"],
         "decode_ms": float(batch["decode_ms"][i]), "score_ms": float(batch["score_ms"][i]), "scored_at": now,
     }

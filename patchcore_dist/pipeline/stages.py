@@ -16,9 +16,9 @@ import numpy as np
 
 from ..artifacts import storage
 from ..config import Config
-from ..core.preprocessing import decode_image, geometry, resize_crop
+from ..core.preprocessing import decode_sized, geometry, resize_crop, resize_rgb
 from ..errors import ImageError
-from ..render.heatmap import colorize, encode, overlay
+from ..render.heatmap import colorize, encode, overlay, render_size
 from . import faults as _faults
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ def decode_batch(batch: dict, config: dict, known_uris: dict | None = None,
             d = hashlib.sha256(data).hexdigest()
             unchanged[i] = known_uris.get(str(uri)) == d or d in known_digests
             if not unchanged[i]:
-                rgb = decode_image(data, cfg.image.max_pixels, cfg.image.min_side)
-                h, w = rgb.shape[:2]
-                crops[i] = resize_crop(rgb, cfg.image.resize, c)
+                # a large JPEG decodes at a reduced scale, still twice the model's resolution
+                rgb, (h, w) = decode_sized(data, cfg.image.max_pixels, cfg.image.min_side, 2 * cfg.image.resize)
+                crops[i] = resize_crop(rgb, cfg.image.resize, c, size=(h, w))
         except Exception as e:  # one bad file is one error row
             err = _err(e)
         digest.append(d)
@@ -196,38 +196,54 @@ class Score:
 
 
 def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float], faults: tuple = ()) -> dict:
-    """Render task: anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under
-    ``heatmaps_uri``, mirroring each input's relative path with its extension (cat.jpg -> cat.jpg.png,
-    so cat.png and cat.jpg stay apart). Only in the pipeline when output.heatmaps is on."""
-    import torch
-    from ..core.scoring import anomaly_map_original
+    """Render task: anomaly map at the original resolution (capped at render.heatmap.MAX_RENDER_PIXELS)
+    -> heatmap PNG (and an overlay JPEG) under ``heatmaps_uri``, mirroring each input's relative path
+    with its extension (cat.jpg -> cat.jpg.png, so cat.png and cat.jpg stay apart). A heatmap that
+    cannot be made or written never costs the image its score: ``heatmap`` stays null and the reason is
+    in ``warning``. Only in the pipeline when output.heatmaps is on."""
     _faults.on_batch(faults, "render")
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
     n = len(batch["uri"])
     heatmap = np.array([None] * n, object)
-    errors = np.array(batch["error"], object)
+    warning = np.array([""] * n, object)
     for i in range(n):
-        if errors[i] or batch["unchanged"][i]:
+        if batch["error"][i] or batch["unchanged"][i]:
             continue
         try:
-            h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
-            grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
-            g = geometry(int(batch["height"][i]), int(batch["width"][i]), cfg.image.resize, cfg.image.crop)
-            full = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma)
-            rgb = colorize(full, vrange)
-            base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
-            storage.write_bytes(base + ".png", encode(rgb), **opts)
-            heatmap[i] = base + ".png"
-            if cfg.output.overlay:
-                # the bytes the decode task read (keep_bytes), else a second read
-                data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
-                orig = decode_image(bytes(data), cfg.image.max_pixels, cfg.image.min_side)
-                storage.write_bytes(base + "_overlay.jpg", encode(overlay(orig, rgb, full, vrange), "JPEG", quality=90),
-                                    **opts)
+            heatmap[i], warning[i] = _render_one(batch, i, cfg, heatmaps_uri, vrange, opts)
         except Exception as e:
-            log.exception("heatmap failed for %s", batch["uri"][i])
-            errors[i] = f"heatmap failed: {_err(e)}"
+            warning[i] = f"heatmap not written: {_err(e)}"
+        if warning[i]:
+            log.warning("%s: %s", repr(str(batch["uri"][i])), warning[i])
     out = {k: v for k, v in batch.items() if k != "data"}  # the images' bytes stop here
-    out.update(heatmap=heatmap, error=errors)
+    out.update(heatmap=heatmap, warning=warning)
     return out
+
+
+def _render_one(batch: dict, i: int, cfg: Config, heatmaps_uri: str, vrange: tuple[float, float],
+                opts: dict) -> tuple[str, str]:
+    """Image ``i``'s heatmap PNG and overlay JPEG; returns the heatmap's URI and a warning ("" or why the
+    overlay was not written)."""
+    import torch
+    from ..core.scoring import anomaly_map_original
+    h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
+    grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
+    height, width = int(batch["height"][i]), int(batch["width"][i])
+    size = render_size(height, width)
+    g = geometry(height, width, cfg.image.resize, cfg.image.crop)
+    amap = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma, size)
+    rgb = colorize(amap, vrange)
+    base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
+    storage.write_bytes(base + ".png", encode(rgb), **opts)
+    if not cfg.output.overlay:
+        return base + ".png", ""
+    try:
+        # the bytes the decode task read (keep_bytes), else a second read
+        data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
+        orig, _ = decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))
+        blended = overlay(resize_rgb(orig, size), rgb, amap, vrange)
+        storage.write_bytes(base + "_overlay.jpg", encode(blended, "JPEG", quality=90), **opts)
+    except Exception as e:
+        return base + ".png", f"overlay not written: {_err(e)}"
+    return base + ".png", ""

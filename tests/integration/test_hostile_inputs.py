@@ -68,3 +68,63 @@ def test_fit_lists_refused_training_files_as_errors(ray_local, category, tmp_pat
     errors = {os.path.basename(r["image"]): r["error"] for r in pq.read_table(f"{model}/errors.parquet").to_pylist()}
     assert errors["caf\\xe9.png"].startswith("file name is not valid UTF-8")
     assert errors["huge.png"] == "file is 10000000 bytes, over the limit image.max_bytes=1000000 (not read)"
+
+
+def test_a_heatmap_that_cannot_be_written_keeps_the_score(small_model, category, tmp_path):
+    from patchcore_dist.artifacts.model import load_model
+    imgs, out = tmp_path / "imgs", tmp_path / "out"
+    (imgs / "sub").mkdir(parents=True)
+    shutil.copy(_good(category, 0), imgs / "top.png")
+    shutil.copy(_good(category, 1), imgs / "sub" / "x.png")
+    blocker = out / "heatmaps" / load_model(small_model).digest / "sub"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"a file where the heatmap folder would go")
+    run_score(small_model, str(imgs), str(out), overrides=SMALL)
+    rows = {os.path.relpath(r["image"], imgs): r for r in read_scores(str(out)).to_pylist()}
+    bad, good = rows["sub/x.png"], rows["top.png"]
+    assert bad["error"] is None and bad["score"] > 0 and bad["heatmap"] is None
+    assert bad["warning"].startswith("heatmap not written: ")
+    assert good["warning"] is None and os.path.exists(good["heatmap"])
+
+
+def test_a_huge_original_is_rendered_at_a_capped_size(category, tmp_path, monkeypatch):
+    """Decode + render stages in process: the model gets a reduced-scale JPEG decode, the heatmap and
+    overlay are rendered within the render cap, the row keeps the original size."""
+    import numpy as np
+    from PIL import Image
+    from patchcore_dist.pipeline.stages import decode_batch, render_batch
+    from patchcore_dist.render import heatmap
+    monkeypatch.setattr(heatmap, "MAX_RENDER_PIXELS", 500_000)
+    photo = Image.open(_good(category, 0)).convert("RGB").resize((1600, 1200))
+    photo.save(tmp_path / "big.jpg", quality=90)
+    cfg = load_config(None, SMALL).to_dict()
+    batch = decode_batch({"uri": np.array([str(tmp_path / "big.jpg")], object), "rel": np.array(["big.jpg"], object)},
+                         cfg, keep_bytes=True)
+    assert not batch["error"][0] and (batch["height"][0], batch["width"][0]) == (1200, 1600)
+    grid = np.tile(np.linspace(0, 1, 16, dtype=np.float32), 16)[None]
+    out = render_batch(dict(batch, patch_scores=grid, grid_h=np.array([16]), grid_w=np.array([16])), cfg,
+                       str(tmp_path / "heat"), (0.0, 1.0))
+    assert not out["warning"][0] and out["heatmap"][0]
+    w, h = Image.open(out["heatmap"][0]).size
+    assert w * h <= 500_000 and abs(w / h - 4 / 3) < 0.01 and w > 800
+    assert Image.open(tmp_path / "heat" / "big.jpg_overlay.jpg").size == (w, h)
+
+
+def test_s3_keys_keep_distinct_heatmaps_and_odd_keys_get_error_rows(small_model, category, s3, bucket):
+    import boto3
+    client = boto3.client("s3", endpoint_url=s3)
+    keys = ["a/b.png", "a\\b.png", "a//b.png", "a/./b.png", "a/../b.png"]
+    for k, key in enumerate(keys):  # distinct images under keys that sanitise alike
+        client.put_object(Bucket=bucket, Key=f"keys/{key}", Body=open(_good(category, k), "rb").read())
+    over = SMALL + [f"storage.endpoint_url={s3}"]
+    out = f"s3://{bucket}/keys-out"
+    run_score(small_model, f"s3://{bucket}/keys", out, overrides=over)
+    rows = {r["image"][len(f"s3://{bucket}/keys/"):]: r for r in read_scores(out, {"endpoint_url": s3}).to_pylist()}
+    assert sorted(rows) == sorted(keys)
+    plain, backslash = rows["a/b.png"], rows["a\\b.png"]
+    assert plain["error"] is None and backslash["error"] is None and plain["score"] != backslash["score"]
+    assert plain["heatmap"] != backslash["heatmap"]
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="keys-out/heatmaps/")["Contents"]}
+    assert {h[len(f"s3://{bucket}/"):] for h in (plain["heatmap"], backslash["heatmap"])} <= listed
+    for odd in ("a//b.png", "a/./b.png", "a/../b.png"):  # never read as another key's bytes
+        assert rows[odd]["score"] is None and "cannot address exactly" in rows[odd]["error"]

@@ -117,3 +117,13 @@ def test_s3_keys_that_cannot_be_read_exactly_are_errors_and_the_output_is_left_o
     assert storage.read_bytes(files["a/b.png"]["uri"], **opts) == b"a/b.png"
     for odd in ("a/../b.png", "a/./b.png", "a//b.png"):
         assert "cannot address exactly" in files[odd]["error"]
+
+
+def test_names_are_logged_escaped(tmp_path, caplog):
+    root = _tree(tmp_path)
+    os.mkfifo(root / "x\n12:00:00 INFO forged line.png")
+    os.symlink("..", root / "up\rforged")
+    with caplog.at_level("WARNING"):
+        _rels(root)
+    assert "'x\\n12:00:00 INFO forged line.png'" in caplog.text and "'up\\rforged'" in caplog.text
+    assert "\n12:00:00 INFO forged" not in caplog.text and "\rforged" not in caplog.text
