@@ -75,7 +75,8 @@ def ray_local():
     """One local Ray instance for the whole test session."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        # address="local": always a new instance of our own, never another process's cluster on this machine
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

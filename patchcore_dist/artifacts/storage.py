@@ -104,6 +104,42 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None, region: 
         raise _wrap(uri, e) from None
 
 
+def create_exclusive(uri: str, data: bytes, endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Create an object only if it does not exist (FileExistsError otherwise), atomically against a
+    concurrent creator: local files with ``O_CREAT | O_EXCL`` (atomic on local POSIX file systems, not
+    on every network file system); S3 with a conditional PUT (``If-None-Match: *``, through boto3:
+    pyarrow has no conditional write), which AWS S3, MinIO and other stores implementing conditional
+    writes honour; a store that ignores the header gives no guarantee, one that refuses it is a
+    StorageError."""
+    fs, path = resolve(uri, endpoint_url, region)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # FileExistsError if present
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    from botocore.exceptions import ClientError
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    try:
+        _boto3(endpoint_url, region).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get(
+                "ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            raise FileExistsError(f"exists: {uri}") from None
+        raise StorageError(f"{uri}: conditional create failed ({code or e}); the store may not support "
+                           "conditional writes (If-None-Match)") from None
+
+
+@lru_cache(maxsize=16)
+def _boto3(endpoint_url: str | None, region: str | None):
+    """A boto3 S3 client with the same endpoint and region as :func:`_s3` (credentials: the AWS chain)."""
+    import boto3
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+
 def exists(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bool:
     fs, path = resolve(uri, endpoint_url, region)
     try:

@@ -33,7 +33,8 @@ def init_ray(config: Config):
         # held by actors the read/decode tasks starve (seen on 2 cores).
         num_cpus = config.runtime.ray_num_cpus or max(2, (os.cpu_count() or 2) + 1)
         log.info("starting a local Ray instance (%d logical CPUs)", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": without it ray.init joins any cluster `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return ray
 
 

@@ -19,8 +19,8 @@ import torch
 from ..artifacts import storage
 from ..artifacts.features import copy_reused, read_shard
 from ..artifacts.inputs import holdout, list_images, resolve_train_root
-from ..artifacts.model import (MANIFEST, ModelWriter, clean_uncommitted, config_yaml, npy_bytes, remove_orphan_shards,
-                               reusable_features)
+from ..artifacts.model import (MANIFEST, ModelWriter, acquire_fit_lease, clean_uncommitted, config_yaml, npy_bytes,
+                               release_fit_lease, remove_orphan_shards, reusable_features)
 from ..config import Config
 from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
@@ -52,10 +52,14 @@ class FitPlan:
 def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
     """Fit a model on the normal images under ``train``; returns its manifest."""
     t_start = time.time()
-    plan = plan_fit(train, model, config, reuse, validation)
-    rows = extract_features(plan, config)
-    t_extract = time.time() - t_start
-    manifest = commit_model(plan, rows, config)
+    lease = acquire_fit_lease(model, config.storage.options())  # a second fit into `model` is refused
+    try:
+        plan = plan_fit(train, model, config, reuse, validation)
+        rows = extract_features(plan, config)
+        t_extract = time.time() - t_start
+        manifest = commit_model(plan, rows, config)
+    finally:
+        release_fit_lease(lease, config.storage.options())
     t = manifest["training"]
     log.info("fit done: %d images (%d errors, %d reused), %d patches -> memory bank %d x %d, extraction %.1f s, "
              "total %.1f s; model %s (digest %s)", len(plan.items), t["errors"], t["reused"], t["patches"],

@@ -128,3 +128,28 @@ def test_s3_keys_keep_distinct_heatmaps_and_odd_keys_get_error_rows(small_model,
     assert {h[len(f"s3://{bucket}/"):] for h in (plain["heatmap"], backslash["heatmap"])} <= listed
     for odd in ("a//b.png", "a/./b.png", "a/../b.png"):  # never read as another key's bytes
         assert rows[odd]["score"] is None and "cannot address exactly" in rows[odd]["error"]
+
+
+def test_a_bad_mask_is_that_images_error_in_the_metrics(small_model, category, tmp_path):
+    import json
+    import numpy as np
+    from PIL import Image
+    from patchcore_dist.pipeline.evaluate import run_evaluate
+    data = tmp_path / "cat"
+    shutil.copytree(category, data)
+    truncated = sorted(os.listdir(data / "ground_truth" / "hole"))[0]
+    raw = (data / "ground_truth" / "hole" / truncated).read_bytes()
+    (data / "ground_truth" / "hole" / truncated).write_bytes(raw[: len(raw) // 2])
+    huge = sorted(os.listdir(data / "ground_truth" / "stain"))[0]
+    Image.fromarray(np.zeros((1200, 1000), np.uint8)).save(data / "ground_truth" / "stain" / huge)
+    out = tmp_path / "eval"
+    m = run_evaluate(small_model, str(data), str(out), overrides=SMALL + ["image.max_pixels=1000000"])
+    saved = json.loads((out / "metrics.json").read_text())
+    errors = {os.path.relpath(e["image"], data / "test"): e["error"] for e in saved["errors"]}
+    image_of = lambda d, mask: f"{d}/{mask.replace('_mask', '')}"  # noqa: E731
+    assert set(errors) == {image_of("hole", truncated), image_of("stain", huge)}
+    assert "corrupt or truncated" in errors[image_of("hole", truncated)]
+    assert "over the limit image.max_pixels=1000000" in errors[image_of("stain", huge)]
+    n_test = sum(len(f) for _, _, f in os.walk(data / "test"))
+    assert m["images"] == n_test and m["scored"] == n_test - 2 and m["pixel_auroc"] > 0.8
+    assert (out / "report.html").exists()
