@@ -190,7 +190,9 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
         raise _wrap(uri, e) from None
     # Normalised, so that the same file always gets the same URI (one row per image across runs).
     base = uri.rstrip("/") if is_s3(uri) else ("file://" + root if uri.startswith("file://") else root)
-    return sorted((dict(f, uri=join(base, f["rel"])) for f in found), key=lambda e: e["uri"])
+    def full(rel):  # an S3 key is kept as it is (join would merge its empty segments)
+        return base + "/" + rel if is_s3(uri) else join(base, rel)
+    return sorted((dict(f, uri=full(f["rel"])) for f in found), key=lambda e: e["uri"])
 
 
 def _wanted(rel: str, extensions: tuple[str, ...] | None) -> bool:
@@ -209,7 +211,7 @@ def _object_files(fs: pafs.FileSystem, root: str, extensions: tuple[str, ...] | 
             continue
         key = fi.path.split("/", 1)[1] if "/" in fi.path else ""
         odd = any(part in ("", ".", "..") for part in key.split("/"))
-        out.append({"rel": fi.path[len(root):].lstrip("/"), "size": fi.size,
+        out.append({"rel": fi.path[len(root) + 1:], "size": fi.size,  # exactly: "a//b" keeps its empty segment
                     "mtime": fi.mtime.timestamp() if fi.mtime is not None else None,
                     "error": ("object key has an empty, '.' or '..' segment, which the S3 client cannot address "
                               "exactly (it would read another object): rename the object") if odd else None})

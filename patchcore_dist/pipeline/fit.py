@@ -149,7 +149,7 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     errors = len(ok) - sum(ok)
     if not any(train_ok):
         raise JobError(f"none of the {plan.training + len(plan.held)} training images could be used; first errors: "
-                       + "; ".join(f"{r}: {e}" for r, e in zip(rows["rel"], rows["error"]) if e)[:800]
+                       + "; ".join(f"{r!r}: {e}" for r, e in zip(rows["rel"], rows["error"]) if e)[:800]
                        + " (no model was written)")
     if errors:
         log.warning("%d of %d images could not be used (listed in %s/errors.parquet)", errors, len(ok), plan.model)

@@ -108,14 +108,15 @@ def test_a_file_over_max_bytes_is_refused_from_its_size(tmp_path, monkeypatch):
 def test_s3_keys_that_cannot_be_read_exactly_are_errors_and_the_output_is_left_out(s3, bucket):
     opts = {"endpoint_url": s3}
     base = f"s3://{bucket}/listing"
-    for key in ("a/b.png", "a//b.png", "a/./b.png", "a/../b.png", "out/heatmaps/a/b.png.png"):
+    for key in ("a/b.png", "a//b.png", "a/./b.png", "a/../b.png", "/a/b.png", "out/heatmaps/a/b.png.png"):
         import boto3  # pyarrow itself cannot write these keys either
         boto3.client("s3", endpoint_url=s3).put_object(Bucket=bucket, Key=f"listing/{key}", Body=key.encode())
     files = {e["rel"]: e for e in list_images(base, opts, "images", exclude=f"{base}/out")}
-    assert sorted(files) == ["a/../b.png", "a/./b.png", "a//b.png", "a/b.png"]
+    assert sorted(files) == ["/a/b.png", "a/../b.png", "a/./b.png", "a//b.png", "a/b.png"]
+    assert len({e["uri"] for e in files.values()}) == 5 and files["/a/b.png"]["uri"] == f"{base}//a/b.png"
     assert files["a/b.png"]["error"] is None
     assert storage.read_bytes(files["a/b.png"]["uri"], **opts) == b"a/b.png"
-    for odd in ("a/../b.png", "a/./b.png", "a//b.png"):
+    for odd in ("/a/b.png", "a/../b.png", "a/./b.png", "a//b.png"):
         assert "cannot address exactly" in files[odd]["error"]
 
 
