@@ -10,10 +10,12 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import ConfigError
 
@@ -24,8 +26,28 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 
+def _not_bool(v):
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not a number")
+    return v
+
+
+# Integers are strict (true / false / 2.5 / "8" are refused, not read as 1 / 0 / 2 / 8); real numbers
+# take ints and YAML's "1e-3" strings but not booleans; infinity and NaN are refused everywhere.
+Int = Annotated[int, Strict()]
+Real = Annotated[float, BeforeValidator(_not_bool)]
+
+# Upper bounds of settings whose work or memory grows with them: far above any useful value, below
+# the values that would exhaust a machine later in the job.
+MAX_SEED = 2 ** 30          # faiss takes 32-bit seeds; the two-round coreset seeds part j with seed + j
+MAX_RESIZE = 4096           # model input side: activations grow with its square
+MAX_BANK = 20_000_000       # memory-bank rows: 80 GB of float32 at D = 1024, above any bank in the capacity plan
+MAX_PIXELS = 1_000_000_000  # decoding and rendering take ~44 bytes per pixel
+MAX_BATCH = 4096
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
 
 class BackboneConfig(_Section):
@@ -45,10 +67,13 @@ class BackboneConfig(_Section):
 
 
 class ImageConfig(_Section):
-    resize: int = Field(256, gt=0, description="shorter side after resizing, pixels")
-    crop: int = Field(224, gt=0, description="side of the centre crop fed to the backbone")
-    max_pixels: int = Field(100_000_000, gt=0, description="larger images are refused (decompression bombs)")
-    min_side: int = Field(16, gt=0, description="smaller images are refused")
+    resize: Int = Field(256, gt=0, le=MAX_RESIZE, description="shorter side after resizing, pixels")
+    crop: Int = Field(224, gt=0, description="side of the centre crop fed to the backbone")
+    max_pixels: Int = Field(100_000_000, gt=0, le=MAX_PIXELS,
+                            description="larger images are refused (decompression bombs); the only pixel limit")
+    max_bytes: Int = Field(512 * 2 ** 20, gt=0, description="larger files are refused from the listing's size, "
+                                                             "without being read")
+    min_side: Int = Field(16, gt=0, description="smaller images are refused")
 
     @model_validator(mode="after")
     def _crop_fits(self):
@@ -58,9 +83,9 @@ class ImageConfig(_Section):
 
 
 class EmbeddingConfig(_Section):
-    patch_size: int = Field(3, gt=0, description="local neighbourhood aggregated into each patch feature")
-    pretrain_dim: int = Field(1024, gt=0)
-    target_dim: int = Field(1024, gt=0)
+    patch_size: Int = Field(3, gt=0, description="local neighbourhood aggregated into each patch feature")
+    pretrain_dim: Int = Field(1024, gt=0, le=65536)
+    target_dim: Int = Field(1024, gt=0, le=65536)
 
     @field_validator("patch_size")
     @classmethod
@@ -71,59 +96,75 @@ class EmbeddingConfig(_Section):
 
 
 class CoresetConfig(_Section):
-    ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of patches kept in the memory bank")
-    size: Optional[int] = Field(None, gt=0, description="absolute memory-bank size; overrides ratio")
-    projection_dim: int = Field(128, gt=0, description="Johnson-Lindenstrauss dimension for the selection")
-    num_starting_points: int = Field(10, gt=0)
+    ratio: Real = Field(0.1, gt=0.0, le=1.0, description="fraction of patches kept in the memory bank")
+    size: Optional[Int] = Field(None, gt=0, description="absolute memory-bank size; overrides ratio")
+    projection_dim: Int = Field(128, gt=0, le=65536, description="Johnson-Lindenstrauss dimension for the selection")
+    num_starting_points: Int = Field(10, gt=0, le=100_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # single: one greedy pass on the driver; two_round: greedy per part in parallel Ray tasks, then
     # greedy over the union (composable coreset); auto: two_round from two_round_min_patches patches.
     method: Literal["auto", "single", "two_round"] = "auto"
-    two_round_min_patches: int = Field(5_000_000, gt=0)
-    parts: Optional[int] = Field(None, gt=0, description="two_round: number of parts; None: CPUs of the cluster")
-    oversample: float = Field(2.0, gt=0.0, description="two_round: each part keeps oversample x its share of k")
+    two_round_min_patches: Int = Field(5_000_000, gt=0)
+    parts: Optional[Int] = Field(None, gt=0, le=100_000, description="two_round: number of parts; None: CPUs of the cluster")
+    oversample: Real = Field(2.0, gt=0.0, le=100.0,
+                             description="two_round: each part keeps oversample x its share of k")
+
+    @field_validator("size")
+    @classmethod
+    def _realistic(cls, v):
+        if v is not None and v > MAX_BANK:
+            raise ValueError(f"coreset.size={v} is larger than any realistic memory bank (at most {MAX_BANK} rows, "
+                             "80 GB of float32 at D = 1024): use coreset.ratio or a smaller size")
+        return v
 
 
 class ScoringConfig(_Section):
-    num_neighbors: int = Field(1, gt=0, description="patch score = mean distance to the k nearest")
+    num_neighbors: Int = Field(1, gt=0, le=1024, description="patch score = mean distance to the k nearest")
     reweight: bool = Field(False, description="the paper's softmax re-weighting of the image score")
-    reweight_neighbors: int = Field(3, gt=1)
-    sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map, pixels")
+    reweight_neighbors: Int = Field(3, gt=1, le=1024)
+    sigma: Real = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map, pixels (at most image.crop)")
 
 
 class IndexConfig(_Section):
     """Nearest-neighbour index over the memory bank (faiss). flat is exact; the others approximate."""
     type: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
-    auto_flat_max: int = Field(100_000, gt=0, description="auto: flat up to this bank size, else hnsw")
-    nlist: Optional[int] = Field(None, gt=0, description="IVF lists; None: 4 x sqrt(bank rows)")
-    nprobe: int = Field(16, gt=0, description="IVF lists visited per query (search time)")
-    pq_m: int = Field(64, gt=0, description="IVF-PQ sub-quantisers (must divide the dimension)")
-    pq_bits: int = Field(8, gt=0, le=16)
-    hnsw_m: int = Field(32, gt=1)
-    ef_construction: int = Field(200, gt=0)
-    ef_search: int = Field(128, gt=0, description="HNSW candidate list per query (search time)")
+    auto_flat_max: Int = Field(100_000, gt=0, description="auto: flat up to this bank size, else hnsw")
+    nlist: Optional[Int] = Field(None, gt=0, le=2 ** 20, description="IVF lists; None: 4 x sqrt(bank rows)")
+    nprobe: Int = Field(16, gt=0, le=2 ** 20, description="IVF lists visited per query (search time)")
+    pq_m: Int = Field(64, gt=0, description="IVF-PQ sub-quantisers (must divide the dimension)")
+    pq_bits: Int = Field(8, gt=0, le=16)
+    hnsw_m: Int = Field(32, gt=1, le=256, description="HNSW links per node (memory grows with it)")
+    ef_construction: Int = Field(200, gt=0, le=100_000)
+    ef_search: Int = Field(128, gt=0, le=100_000, description="HNSW candidate list per query (search time)")
     exact_search: Literal["auto", "brute", "pruned"] = Field(
         "auto", description="flat search on the CPU: brute force, or pruned by PCA lower bounds with exact "
                             "re-rank and a proof per query (same neighbours); auto: pruned from 2048 bank rows")
-    bound_dims: int = Field(256, gt=1, description="pruned search: dimensions of the lower bound")
-    bound_candidates: int = Field(16, gt=0, description="pruned search: candidates re-ranked exactly per query")
+    bound_dims: Int = Field(256, gt=1, le=65536, description="pruned search: dimensions of the lower bound")
+    bound_candidates: Int = Field(16, gt=0, le=100_000, description="pruned search: candidates re-ranked exactly per query")
 
 
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(8, gt=0, description="images per backbone batch on CPUs")
-    gpu_batch_size: int = Field(64, gt=0, description="images per backbone batch on GPUs (GPU actors, "
-                                                      "in-process runs on a GPU)")
-    num_actors: Optional[int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
-    actor_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor")
+    batch_size: Int = Field(8, gt=0, le=MAX_BATCH, description="images per backbone batch on CPUs")
+    gpu_batch_size: Int = Field(64, gt=0, le=MAX_BATCH, description="images per backbone batch on GPUs (GPU actors, "
+                                                                   "in-process runs on a GPU)")
+    num_actors: Optional[Int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
+    actor_cpus: Real = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor (at most the cluster's CPUs)")
     precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
         "fp32", description="backbone arithmetic: fp32 (IEEE, also on GPUs), tf32 (tensor-core float32 "
                             "convolutions), bf16/fp16 (autocast; for GPUs, fp16 is the one within tolerance)")
     optimize_backbone: bool = Field(True, description="fold inference BatchNorms into their convolutions and pad "
                                                       "TF-same convolutions without copies (same features, faster)")
     search_precision: Literal["fp32", "tf32"] = Field("fp32", description="GPU nearest-neighbour matmul")
-    torch_threads: Optional[int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
-    ray_num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
+    torch_threads: Optional[Int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
+    ray_num_cpus: Optional[Int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
+
+    @model_validator(mode="after")
+    def _actor_fits(self):
+        if self.ray_num_cpus is not None and self.actor_cpus > self.ray_num_cpus:
+            raise ValueError(f"runtime.actor_cpus ({self.actor_cpus}) exceeds runtime.ray_num_cpus "
+                             f"({self.ray_num_cpus}): no actor could be placed")
+        return self
 
     def batch_for(self, device_type: str) -> int:
         """Images per backbone batch on a device of this type ("cuda" or "cpu")."""
@@ -135,22 +176,38 @@ class OutputConfig(_Section):
     overlay: bool = True
     # Colour scale of heatmaps: scores in [heatmap_min, heatmap_max] map onto the colour map. None:
     # the model's own scale (median .. 2 x the 99th percentile of training patch scores), fixed per model.
-    heatmap_min: Optional[float] = Field(None, ge=0.0)
-    heatmap_max: Optional[float] = Field(None, gt=0.0)
+    heatmap_min: Optional[Real] = Field(None, ge=0.0)
+    heatmap_max: Optional[Real] = Field(None, gt=0.0)
     patch_scores: bool = Field(False, description="store the patch-score grid in the score table")
 
 
 class FitConfig(_Section):
     # Normal images held out of the memory bank to calibrate the decision threshold (when no
     # --validation folder is given); 0 disables calibration.
-    holdout_fraction: float = Field(0.0, ge=0.0, le=0.5)
+    holdout_fraction: Real = Field(0.0, ge=0.0, le=0.5)
     # Threshold = the image score that at most this fraction of the validation images exceed.
-    target_fpr: float = Field(0.01, ge=0.0, lt=1.0)
+    target_fpr: Real = Field(0.01, ge=0.0, lt=1.0)
 
 
 class StorageConfig(_Section):
     endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     region: Optional[str] = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v):
+        """An http(s) URL without credentials: the config is written into config.yaml and handed to every
+        task, so keys belong in the AWS environment, never here."""
+        if v is None:
+            return v
+        u = urlparse(v)
+        if "@" in u.netloc:
+            raise ValueError("storage.endpoint_url must not contain credentials (user:password@): give them "
+                             "through the AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, roles, "
+                             "config files)")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("storage.endpoint_url must be an http:// or https:// URL with a host")
+        return v
 
     def options(self) -> dict:
         """Keyword arguments of the storage functions (``storage.read_bytes(uri, **options)``)."""
@@ -168,13 +225,17 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     fit: FitConfig = FitConfig()
     storage: StorageConfig = StorageConfig()
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
-    def _pq_divides_dim(self):
-        if self.index.type == "ivf_pq" and self.embedding.target_dim % self.index.pq_m:
+    def _consistent(self):
+        """Settings of different sections that must agree."""
+        if self.embedding.target_dim % self.index.pq_m:
             raise ValueError(f"index.pq_m ({self.index.pq_m}) must divide embedding.target_dim "
-                             f"({self.embedding.target_dim}) for index.type=ivf_pq")
+                             f"({self.embedding.target_dim}) (IVF-PQ splits each feature into pq_m parts)")
+        if self.scoring.sigma > self.image.crop:
+            raise ValueError(f"scoring.sigma ({self.scoring.sigma}) is larger than the anomaly map "
+                             f"(image.crop = {self.image.crop} pixels)")
         return self
 
     def to_dict(self) -> dict:
@@ -215,13 +276,16 @@ def _apply(tree: dict, path: list[str], value: Any, item: str) -> None:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line per problem: where, what, and the value given (never for storage: it may hold secrets)."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+        echo = (e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
+                and e["loc"][:1] != ("storage",))
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if echo else ""))
     return "\n".join(lines)
 
 

@@ -75,6 +75,18 @@ def ray_local():
     """One local Ray instance for the whole test session."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        # address="local": always a new instance of our own, never another process's cluster on this machine
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_model(ray_local, category, tmp_path_factory):
+    """A model fitted (with the helpers' SMALL settings) on the category's train/good, once per session."""
+    from helpers import SMALL
+    from patchcore_dist.config import load_config
+    from patchcore_dist.pipeline.fit import run_fit
+    path = str(tmp_path_factory.mktemp("small_model") / "model")
+    run_fit(category, path, load_config(None, SMALL))
+    return path

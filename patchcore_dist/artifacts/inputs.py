@@ -19,16 +19,34 @@ from . import storage
 log = logging.getLogger(__name__)
 
 
-def list_images(uri: str, opts: dict, what: str) -> list[dict]:
-    """Image files under ``uri`` (entries: uri, rel, size, mtime); a clear JobError when there are none."""
+def list_images(uri: str, opts: dict, what: str, exclude: str | None = None,
+                max_bytes: int | None = None) -> list[dict]:
+    """Image files under ``uri`` (entries: uri, rel, size, mtime, error); a clear JobError when there are none.
+
+    ``exclude``: a location that may lie inside ``uri`` (the job's own output) whose files are left out,
+    so a job never reads back what it wrote; the same location as ``uri`` is refused. ``max_bytes``:
+    a larger file gets an error from the listing's size, without being read. An entry with ``error``
+    set must not be read: the job writes its error row.
+    """
     try:
         files = storage.list_entries(uri, IMAGE_EXTENSIONS, **opts)
     except FileNotFoundError:
         raise JobError(f"{what} not found: {uri}") from None
     except StorageError as e:
         raise JobError(f"cannot list {what} {uri}: {e}") from None
+    inside = storage.relative_to(exclude, uri) if exclude else None
+    if inside == "":
+        raise JobError(f"the output {exclude} is the {what} location itself: write the output elsewhere")
+    if inside:
+        kept = [e for e in files if not (e["rel"] == inside or e["rel"].startswith(inside + "/"))]
+        log.warning("the output %s lies inside %s %s: its %d files are left out of the listing", exclude, what,
+                    uri, len(files) - len(kept))
+        files = kept
     if not files:
         raise JobError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {what} {uri}")
+    for e in files:
+        if max_bytes is not None and e["error"] is None and (e["size"] or 0) > max_bytes:
+            e["error"] = f"file is {e['size']} bytes, over the limit image.max_bytes={max_bytes} (not read)"
     return files
 
 

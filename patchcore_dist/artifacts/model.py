@@ -13,11 +13,17 @@ No pickles: JSON/YAML, .npy without objects, faiss's format, Parquet.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import glob
 import hashlib
 import io
 import json
 import logging
+import os
 import platform
+import re
+import socket
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +32,7 @@ import yaml
 
 from .. import __version__
 from ..config import Config, load_config
-from ..errors import ConfigError, JobError, ModelError
+from ..errors import ConfigError, JobError, ModelError, StorageError
 from . import storage
 
 log = logging.getLogger(__name__)
@@ -58,10 +64,6 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 @dataclass
 class ModelWriter:
     """Collects a model's files; :meth:`commit` writes the manifest last."""
@@ -90,9 +92,7 @@ class ModelWriter:
             "stats": stats,
             "files": dict(sorted(self.files.items())),
         }
-        core = {k: body[k] for k in ("config_digest", "bank", "files")}
-        core["files"] = {k: v for k, v in body["files"].items() if k in REQUIRED}
-        body["model_digest"] = sha256(json.dumps(core, sort_keys=True).encode())[:16]
+        body["model_digest"] = model_digest(body)
         storage.write_bytes(storage.join(self.uri, MANIFEST), json.dumps(body, indent=2).encode(),
                             **self.storage_options)
         return body
@@ -120,7 +120,59 @@ class LoadedModel:
         return float(st["heatmap_min"]), float(st["heatmap_max"])
 
 
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# The only names a manifest may list: the model files and feature shards of this layout (never a
+# path out of the model directory).
+_SHARD = re.compile(r"(features|validation)/part-[A-Za-z0-9-]+\.parquet")
+
+
+def model_digest(manifest: dict) -> str:
+    """The model's id: a digest of its config digest, bank shape and the files a scorer loads."""
+    core = {k: manifest[k] for k in ("config_digest", "bank")}
+    core["files"] = {k: v for k, v in manifest["files"].items() if k in REQUIRED}
+    return sha256(json.dumps(core, sort_keys=True).encode())[:16]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _manifest_problem(m) -> str | None:
+    """What makes a parsed manifest unusable, or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if m.get("format_version") != FORMAT_VERSION:
+        return f"model format {m.get('format_version')!r} is not supported (this library reads format {FORMAT_VERSION})"
+    files = m.get("files")
+    if not isinstance(files, dict) or not all(r in files for r in REQUIRED):
+        return f"'files' must list at least {', '.join(REQUIRED)}"
+    for name, e in files.items():
+        if not (name in MODEL_FILES or _SHARD.fullmatch(name)):
+            return f"file name {name!r} is not a file of the model directory"
+        if not (isinstance(e, dict) and isinstance(e.get("sha256"), str) and _HEX64.fullmatch(e["sha256"])
+                and isinstance(e.get("bytes"), int) and e["bytes"] >= 0):
+            return f"the entry of {name!r} needs a sha256 (64 hex digits) and a size in bytes"
+    bank = m.get("bank")
+    if not (isinstance(bank, dict) and all(isinstance(bank.get(k), int) and not isinstance(bank.get(k), bool)
+                                           and bank[k] > 0 for k in ("rows", "dim"))):
+        return "'bank' needs positive integer rows and dim"
+    stats = m.get("stats")
+    if not (isinstance(stats, dict) and _number(stats.get("heatmap_min")) and _number(stats.get("heatmap_max"))):
+        return "'stats' needs finite numbers heatmap_min and heatmap_max"
+    if stats.get("threshold") is not None and not _number(stats["threshold"]):
+        return "'stats.threshold' must be a finite number or null"
+    digest = m.get("model_digest")
+    if not (isinstance(digest, str) and _HEX16.fullmatch(digest)):
+        return f"model_digest {digest!r} is not 16 hex digits"
+    if not isinstance(m.get("config_digest"), str) or digest != model_digest(m):
+        return f"model_digest {digest} does not match the manifest's content (changed after the fit?)"
+    return None
+
+
 def read_manifest(uri: str, storage_options: dict | None = None) -> dict:
+    """The model's manifest, checked: format, file names inside the directory, sizes and digests, the
+    statistics the scorer needs, and a model_digest equal to the one recomputed from the content."""
     opts = storage_options or {}
     try:
         raw = storage.read_bytes(storage.join(uri, MANIFEST), **opts)
@@ -131,46 +183,148 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> dict:
         raise ModelError(f"model not found: {uri}") from None
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{uri}/{MANIFEST} is not valid JSON: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{uri}: model format {manifest.get('format_version')} is not supported "
-                         f"(this library reads format {FORMAT_VERSION})")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ModelError(f"{uri}/{MANIFEST}: {problem}")
     return manifest
 
 
 def read_verified(uri: str, manifest: dict, name: str, storage_options: dict | None = None) -> bytes:
     entry = manifest["files"].get(name)
     if entry is None:
-        raise ModelError(f"{uri}: {name} is not listed in the manifest")
+        raise ModelError(f"{uri}/{name}: not listed in the manifest")
     try:
         data = storage.read_bytes(storage.join(uri, name), **(storage_options or {}))
     except FileNotFoundError:
-        raise ModelError(f"{uri}: {name} is missing") from None
+        raise ModelError(f"{uri}/{name} is missing") from None
     if sha256(data) != entry["sha256"]:
-        raise ModelError(f"{uri}: {name} does not match its sha256 in the manifest (corrupt or changed)")
+        raise ModelError(f"{uri}/{name} does not match its sha256 in the manifest (corrupt or changed)")
     return data
 
 
-def load_model(uri: str, storage_options: dict | None = None) -> LoadedModel:
-    """Read and verify a committed model: every required file against its sha256, shapes against config."""
-    manifest = read_manifest(uri, storage_options)
+def parse_config(where: str, data: bytes) -> Config:
+    """config.yaml's bytes -> the model's Config; a ModelError naming the file for anything else than a
+    complete config mapping (YAML tags, an empty file, a list)."""
     try:
-        config = load_config(base=yaml.safe_load(read_verified(uri, manifest, "config.yaml", storage_options)))
+        tree = yaml.safe_load(data)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ModelError(f"{where} is not plain YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict) or not tree:
+        raise ModelError(f"{where} must hold the model's config as a mapping, found {type(tree).__name__}")
+    try:
+        return load_config(base=tree)
     except ConfigError as e:
-        raise ModelError(f"{uri}: config.yaml is not a valid config: {e}") from None
-    bank = load_npy(read_verified(uri, manifest, "memory_bank.npy", storage_options))
-    index_bytes = read_verified(uri, manifest, "index.faiss", storage_options)
+        raise ModelError(f"{where} is not a valid config: {e}") from None
+
+
+def parse_bank(where: str, data: bytes, rows: int, dim: int) -> np.ndarray:
+    """memory_bank.npy's bytes -> [rows, dim] float32, from the header checked before any array is made
+    (no object arrays, no shape the file does not hold)."""
+    fmt = np.lib.format
+    buf = io.BytesIO(data)
+    try:
+        version = fmt.read_magic(buf)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(buf)
+    except (ValueError, OSError, SyntaxError) as e:
+        raise ModelError(f"{where} is not a numpy array file: {e}") from None
+    if dtype != np.dtype("<f4") or fortran or tuple(shape) != (rows, dim) or len(data) - buf.tell() != rows * dim * 4:
+        raise ModelError(f"{where} holds {dtype} {tuple(shape)} in {len(data)} bytes; the manifest says float32 "
+                         f"({rows}, {dim})")
+    return np.frombuffer(data, dtype="<f4", offset=buf.tell()).reshape(rows, dim).copy()
+
+
+def parse_index(where: str, data: bytes, bank: np.ndarray):
+    """index.faiss's bytes -> the faiss index, checked to hold this bank."""
+    from ..core.memory_bank import deserialize_index, index_holds
+    try:
+        index = deserialize_index(data)
+    except (RuntimeError, MemoryError) as e:
+        raise ModelError(f"{where} is not a faiss index: {str(e).splitlines()[0][:200]}") from None
+    if index.ntotal != bank.shape[0] or index.d != bank.shape[1]:
+        raise ModelError(f"{where} holds {index.ntotal} x {index.d}, the bank is {bank.shape[0]} x {bank.shape[1]}")
+    if not index_holds(index, bank):
+        raise ModelError(f"{where} was not built over this memory bank (its stored rows differ)")
+    return index
+
+
+def load_model(uri: str, storage_options: dict | None = None) -> LoadedModel:
+    """Read and verify a committed model: the manifest, every required file against its sha256, the
+    config, the bank against the manifest's shape and the config's dimension, the index against the
+    bank. Any failure is one ModelError naming the file."""
+    manifest = read_manifest(uri, storage_options)
+    where = functools.partial(storage.join, uri)  # a file's URI, for the messages
+    config = parse_config(where("config.yaml"), read_verified(uri, manifest, "config.yaml", storage_options))
     rows, dim = manifest["bank"]["rows"], manifest["bank"]["dim"]
-    if bank.dtype != np.float32 or bank.shape != (rows, dim):
-        raise ModelError(f"{uri}: memory bank is {bank.dtype} {bank.shape}, manifest says float32 ({rows}, {dim})")
     if dim != config.embedding.target_dim:
-        raise ModelError(f"{uri}: memory bank dimension {dim} != embedding.target_dim {config.embedding.target_dim}")
-    from ..core.memory_bank import deserialize_index
-    index = deserialize_index(index_bytes)
-    if index.ntotal != rows or index.d != dim:
-        raise ModelError(f"{uri}: index.faiss holds {index.ntotal} x {index.d}, bank is {rows} x {dim}")
+        raise ModelError(f"{where(MANIFEST)}: bank dimension {dim} != embedding.target_dim "
+                         f"{config.embedding.target_dim} of config.yaml")
+    bank = parse_bank(where("memory_bank.npy"), read_verified(uri, manifest, "memory_bank.npy", storage_options),
+                      rows, dim)
+    index = parse_index(where("index.faiss"), read_verified(uri, manifest, "index.faiss", storage_options), bank)
     return LoadedModel(uri, manifest, config, bank, index)
+
+
+LEASE = ".fit-lease"
+
+
+def acquire_fit_lease(model: str, opts: dict) -> str:
+    """Take the model directory's fit lease, a marker created with create-if-absent semantics
+    (:func:`storage.create_exclusive`), before a fit touches the directory; returns its URI. A second fit
+    into the same URI is refused while the lease exists. A lease left by a killed fit on this host (its
+    process gone) is taken over; any other must be deleted by hand when no fit is running."""
+    uri = storage.join(model, LEASE)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    for attempt in range(2):
+        try:
+            storage.create_exclusive(uri, json.dumps(owner).encode(), **opts)
+            return uri
+        except FileExistsError:
+            held = _read_lease(uri, opts)
+        if attempt or not _take_over_stale(uri, held):
+            break
+    raise JobError(f"a fit into {model} is running (lease {uri}: host {held.get('host')}, pid {held.get('pid')}, "
+                   f"since {held.get('started')}); wait for it to finish, or, if no fit is running (one was "
+                   f"killed), delete {uri}")
+
+
+def release_fit_lease(uri: str, opts: dict) -> None:
+    storage.delete(uri, **opts)
+
+
+def _read_lease(uri: str, opts: dict) -> dict:
+    try:
+        held = json.loads(storage.read_bytes(uri, **opts))
+        return held if isinstance(held, dict) else {}
+    except (FileNotFoundError, StorageError, ValueError):
+        return {}
+
+
+def _take_over_stale(uri: str, held: dict) -> bool:
+    """Remove a local lease whose fit died on this host (its pid is gone); True when it was removed.
+    Renamed away first (atomic), so of two fits taking over at once only one removes it."""
+    if storage.is_s3(uri) or held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+        return False  # alive
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False  # alive, another user's
+    path = storage.resolve(uri)[1]
+    try:
+        os.rename(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")
+    except FileNotFoundError:
+        return True  # another fit took it over first: try to create ours
+    log.warning("took over the lease of a killed fit (host %s, pid %s, since %s)", held.get("host"),
+                held.get("pid"), held.get("started"))
+    for stale in glob.glob(glob.escape(path) + ".stale-*"):
+        os.remove(stale)
+    return True
 
 
 def clean_uncommitted(model: str, opts: dict) -> None:
@@ -182,14 +336,30 @@ def clean_uncommitted(model: str, opts: dict) -> None:
         leftovers = storage.list_files(model, None, **opts)
     except FileNotFoundError:
         return
-    foreign = [r for _, r in leftovers if not (r in MODEL_FILES or (
+    foreign = [r for _, r in leftovers if not (r in MODEL_FILES or r == LEASE or (
         r.split("/")[0] in ("features", "validation") and r.endswith(".parquet") and r.count("/") == 1))]
     if foreign:
         raise JobError(f"{model} is not empty and not an interrupted model (it holds e.g. {foreign[0]}): "
                        "write the model to a new, empty URI")
+    leftovers = [(u, r) for u, r in leftovers if r != LEASE]  # the running fit's own lease
     if leftovers:
         log.warning("%s holds %d files of an interrupted fit (no manifest): removing them", model, len(leftovers))
         for uri, _ in leftovers:
+            storage.delete(uri, **opts)
+
+
+def remove_orphan_shards(model: str, recorded: set[str], opts: dict) -> None:
+    """Delete feature shards no image row points to: those of a batch whose actor died after writing
+    them (Ray ran the batch again, into new shards). Only the recorded shards go into the manifest."""
+    for split in ("features", "validation"):
+        try:
+            files = storage.list_files(storage.join(model, split), (".parquet",), **opts)
+        except FileNotFoundError:
+            continue
+        orphans = [u for u, rel in files if f"{split}/{rel}" not in recorded]
+        if orphans:
+            log.info("removing %d %s shards of retried batches (no image row points to them)", len(orphans), split)
+        for uri in orphans:
             storage.delete(uri, **opts)
 
 

@@ -37,7 +37,7 @@ SCORE_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("model", pa.string()),          # the model's digest (the table's partition column)
     ("error", pa.string()),          # null, or why the image could not be scored
-    ("warning", pa.string()),        # null, or what was odd about an image that was scored
+    ("warning", pa.string()),        # null, or what went wrong without costing the score (no heatmap written)
     ("digest", pa.string()),         # sha256 of the image file
     ("size", pa.int64()),            # file size and modification time (seconds) when scored
     ("mtime", pa.float64()),

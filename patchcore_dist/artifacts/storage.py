@@ -6,9 +6,13 @@ environment / config files and are never logged.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import logging
 import os
 import posixpath
 import re
+import stat
 import uuid
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -18,6 +22,7 @@ import pyarrow.fs as pafs
 
 from ..errors import StorageError
 
+log = logging.getLogger(__name__)
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
@@ -68,11 +73,13 @@ def _wrap(uri: str, e: Exception) -> Exception:
     return StorageError(f"{uri}: {msg.splitlines()[0] if msg else type(e).__name__}")
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bytes:
+def read_bytes(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               limit: int | None = None) -> bytes:
+    """The object's bytes; with ``limit``, at most that many (the caller checks whether there were more)."""
     fs, path = resolve(uri, endpoint_url, region)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit)
     except Exception as e:  # pyarrow raises OSError subclasses with the backend's message
         raise _wrap(uri, e) from None
 
@@ -95,6 +102,42 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None, region: 
                 f.write(data)
     except Exception as e:
         raise _wrap(uri, e) from None
+
+
+def create_exclusive(uri: str, data: bytes, endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Create an object only if it does not exist (FileExistsError otherwise), atomically against a
+    concurrent creator: local files with ``O_CREAT | O_EXCL`` (atomic on local POSIX file systems, not
+    on every network file system); S3 with a conditional PUT (``If-None-Match: *``, through boto3:
+    pyarrow has no conditional write), which AWS S3, MinIO and other stores implementing conditional
+    writes honour; a store that ignores the header gives no guarantee, one that refuses it is a
+    StorageError."""
+    fs, path = resolve(uri, endpoint_url, region)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # FileExistsError if present
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    from botocore.exceptions import ClientError
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    try:
+        _boto3(endpoint_url, region).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get(
+                "ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            raise FileExistsError(f"exists: {uri}") from None
+        raise StorageError(f"{uri}: conditional create failed ({code or e}); the store may not support "
+                           "conditional writes (If-None-Match)") from None
+
+
+@lru_cache(maxsize=16)
+def _boto3(endpoint_url: str | None, region: str | None):
+    """A boto3 S3 client with the same endpoint and region as :func:`_s3` (credentials: the AWS chain)."""
+    import boto3
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
 
 
 def exists(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bool:
@@ -121,59 +164,180 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url
 
 def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
                  region: str | None = None) -> list[dict]:
-    """All files under ``uri`` (recursive), sorted, as dicts: uri, rel (relative path), size, mtime,
-    ctime (local files: the status change time, which no tool can set back; else None) and etag (S3
-    objects: the ETag, which changes with the content; else None).
+    """All files under ``uri`` (recursive), sorted by URI, as dicts: uri, rel (path relative to ``uri``),
+    size, mtime, ctime (local files: the status change time, which no tool can set back; else None),
+    etag (S3 objects: the ETag, which changes with the content; else None), and error: None, or why
+    the file cannot be read by its name (the jobs give it an error row without reading it).
 
-    Both come from the listing itself, with no read of any file: on local disks one ``os.stat`` per
-    file (metadata only), on S3 the ETag that ``ListObjectsV2`` returns with every key (pyarrow's
-    listing drops it, so S3 is listed through boto3; same requests, no HEAD per object).
-    Temporary files of our own interrupted writes (``.<name>.tmp-<hex>``) are skipped, nothing else.
-    Raises FileNotFoundError when ``uri`` does not exist.
+    ctime and etag come from the listing itself, with no read of any file: on local disks the
+    ``os.stat`` the walk makes anyway, on S3 the ETag that ``ListObjectsV2`` returns with every key
+    (pyarrow's listing drops it, so S3 folders are listed through boto3; same requests).
+
+    Local folders follow the link policy of :func:`_local_files` (no loops, nothing outside the root,
+    each file once; FIFOs, sockets and devices skipped with a log line). Temporary files of our own
+    interrupted writes (``.<name>.tmp-<hex>``) are skipped, nothing else. Raises FileNotFoundError
+    when ``uri`` does not exist.
     """
+    fs, root = resolve(uri, endpoint_url, region)
     try:
-        single, root, found = (_s3_listing if is_s3(uri) else _local_listing)(uri, endpoint_url, region)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"not found: {uri}")
+        if info.type == pafs.FileType.File:
+            mtime = info.mtime.timestamp() if info.mtime is not None else None
+            full = uri if is_s3(uri) or uri.startswith("file://") else root
+            ctime = None if is_s3(uri) else os.stat(root).st_ctime
+            etag = _s3_listing(uri, endpoint_url, region)[2][0][4] if is_s3(uri) else None
+            return [{"uri": full, "rel": posixpath.basename(root), "size": info.size, "mtime": mtime, "ctime": ctime,
+                     "etag": etag, "error": None}]
+        local = isinstance(fs, pafs.LocalFileSystem)
+        found = (_local_files(root, extensions) if local
+                 else _object_files(uri, root, extensions, endpoint_url, region))
     except FileNotFoundError:
         raise
     except Exception as e:
         raise _wrap(uri, e) from None
     # Normalised, so that the same file always gets the same URI (one row per image across runs).
-    if is_s3(uri):
-        base = uri.rstrip("/")
-    elif uri.startswith("file://"):
-        base = "file://" + root if not single else uri
-    else:
-        base = root
+    base = uri.rstrip("/") if is_s3(uri) else ("file://" + root if uri.startswith("file://") else root)
+    def full(rel):  # an S3 key is kept as it is (join would merge its empty segments)
+        return base + "/" + rel if is_s3(uri) else join(base, rel)
+    return sorted((dict(f, uri=full(f["rel"])) for f in found), key=lambda e: e["uri"])
+
+
+def _wanted(rel: str, extensions: tuple[str, ...] | None) -> bool:
+    """A listed name the caller asked for: its extension, and not one of our temporary files."""
+    name = posixpath.basename(rel)
+    return not _TMP.match(name) and (not extensions or name.lower().endswith(extensions))
+
+
+def _object_files(uri: str, root: str, extensions: tuple[str, ...] | None, endpoint_url: str | None,
+                  region: str | None) -> list[dict]:
+    """Objects under a bucket prefix, with their ETags. A key with an empty, ``.`` or ``..`` segment
+    (``a//b.png``, ``a/./b.png``) cannot be addressed exactly through the S3 client, which would read
+    another key or none: such an object gets an error."""
     out = []
-    for path, size, mtime, ctime, etag in found:
-        name = posixpath.basename(path)
-        if _TMP.match(name) or (extensions and not name.lower().endswith(extensions)):
+    for path, size, mtime, _, etag in _s3_listing(uri, endpoint_url, region)[2]:
+        if not _wanted(path, extensions):
             continue
-        rel = os.path.relpath(path, root) if not is_s3(uri) else path[len(root):].lstrip("/")
-        full = join(base, rel) if not single else (path if not is_s3(uri) and not uri.startswith("file://") else uri)
-        out.append({"uri": full, "rel": rel, "size": size, "mtime": mtime, "ctime": ctime, "etag": etag})
-    return sorted(out, key=lambda e: e["uri"])
+        key = path.split("/", 1)[1] if "/" in path else ""
+        odd = any(part in ("", ".", "..") for part in key.split("/"))
+        out.append({"rel": path[len(root) + 1:], "size": size, "mtime": mtime, "ctime": None, "etag": etag,
+                    "error": ("object key has an empty, '.' or '..' segment, which the S3 client cannot address "
+                              "exactly (it would read another object): rename the object") if odd else None})
+    return out
 
 
-def _local_listing(uri: str, endpoint_url: str | None, region: str | None) -> tuple[bool, str, list[tuple]]:
-    """(uri is a single file, the root path, [(path, size, mtime, ctime, None)]) through pyarrow's
-    listing, plus one ``os.stat`` per file for its change time."""
-    fs, root = resolve(uri, endpoint_url, region)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"not found: {uri}")
-    single = info.type == pafs.FileType.File
-    infos = [info] if single else fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    found = []
-    for fi in infos:
-        if fi.type != pafs.FileType.File:
+def _mtime(st: os.stat_result) -> float:
+    """A modification time exactly as pyarrow's file info reports it (microseconds, rounded)."""
+    return _dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, _dt.timezone.utc).timestamp()
+
+
+def _text_name(rel: str) -> tuple[str, str | None]:
+    """A relative path as text: itself, or (for bytes that are not UTF-8) with those bytes escaped as
+    ``\\xNN``, and the error of a file that cannot be stored or read by its name."""
+    try:
+        rel.encode("utf-8")
+        return rel, None
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, "file name is not valid UTF-8 (shown with \\x escapes): rename the file to score it"
+
+
+def _local_files(root: str, extensions: tuple[str, ...] | None) -> list[dict]:
+    """Files under a local folder. Link policy: directory links are never followed (a target inside
+    the root is listed under its real path; one outside is out of scope), so the walk terminates and
+    nothing outside the root is read. A file link is listed when its target lies inside the root and is
+    not listed already (under its own name or an earlier link); a link out of the root or a broken one
+    is an error. FIFOs, sockets and devices are skipped with a log line (opening a FIFO would block)."""
+    real_root = os.path.realpath(root)
+    regular, links, seen = [], [], set()
+    for rel, entry in _walk(root):
+        if entry.is_symlink():
+            links.append((rel, entry.path))
+        elif not _wanted(entry.name, extensions):
             continue
+        elif entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            seen.add((st.st_dev, st.st_ino))
+            regular.append(_local_entry(rel, st))
+        else:
+            log.warning("skipped %r: not a regular file (%s)", rel, _kind(entry))
+    linked = (_link_entry(rel, path, real_root, seen, extensions) for rel, path in links)
+    return regular + [e for e in linked if e]
+
+
+def _walk(root: str):
+    """(relative path, os.DirEntry) of everything under ``root`` but directories, without entering links."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
         try:
-            ctime = os.stat(fi.path).st_ctime
-        except OSError:  # gone since it was listed: its row will say so
-            ctime = None
-        found.append((fi.path, fi.size, fi.mtime.timestamp() if fi.mtime is not None else None, ctime, None))
-    return single, (posixpath.dirname(root) if single else root), found
+            with os.scandir(os.path.join(root, rel_dir)) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if not rel_dir:
+                raise
+            log.warning("cannot list the folder %r: %s", rel_dir, e.strerror or e)
+            continue
+        for entry in entries:
+            rel = posixpath.join(rel_dir, entry.name) if rel_dir else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            else:
+                yield rel, entry
+
+
+def _local_entry(rel: str, st: os.stat_result, error: str | None = None) -> dict:
+    shown, name_error = _text_name(rel)
+    return {"rel": shown, "size": st.st_size, "mtime": _mtime(st), "ctime": st.st_ctime, "etag": None,
+            "error": name_error or error}
+
+
+def _link_entry(rel: str, path: str, real_root: str, seen: set, extensions: tuple[str, ...] | None) -> dict | None:
+    """The entry of a symbolic link under the policy of :func:`_local_files`, or None (not listed)."""
+    target = os.path.realpath(path)
+    inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
+    try:
+        st = os.stat(path)
+    except OSError:
+        broken = "broken symbolic link (its target does not exist)"
+        return _local_entry(rel, os.lstat(path), broken) if _wanted(rel, extensions) else None
+    if stat.S_ISDIR(st.st_mode):
+        log.warning("directory link %r not followed (%s)", rel, "its folder is listed under its real path" if inside
+                    else "it leads out of the input root")
+        return None
+    if not _wanted(rel, extensions):
+        return None
+    if not inside:
+        return _local_entry(rel, os.lstat(path), "symbolic link to a file outside the input root: not followed")
+    if not stat.S_ISREG(st.st_mode):
+        log.warning("skipped %r: a link to something that is not a regular file", rel)
+        return None
+    if (st.st_dev, st.st_ino) in seen:
+        log.info("link %r not listed: its file is listed already", rel)
+        return None
+    seen.add((st.st_dev, st.st_ino))
+    return _local_entry(rel, st)
+
+
+def _kind(entry: os.DirEntry) -> str:
+    mode = entry.stat(follow_symlinks=False).st_mode
+    return ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+
+
+def relative_to(inner: str, outer: str) -> str | None:
+    """``inner``'s path relative to ``outer`` when it lies inside it ("" for the same location), else None.
+    Local paths are compared after resolving links."""
+    if is_s3(inner) != is_s3(outer):
+        return None
+    if is_s3(inner):
+        a, b = inner[5:].rstrip("/"), outer[5:].rstrip("/")
+    else:
+        a, b = (os.path.realpath(resolve(u)[1]) for u in (inner, outer))
+    if a == b:
+        return ""
+    return a[len(b):].lstrip("/") if a.startswith(b.rstrip("/") + "/") else None
 
 
 @lru_cache(maxsize=16)
@@ -224,26 +388,36 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_relpath(rel: str, max_part: int = 120) -> str:
-    """A relative output key derived from an input name that cannot escape its prefix.
+    """A relative output key derived from an input name that cannot escape its prefix and never
+    collides with another input's.
 
-    ``..``, ``.``, empty and absolute components are dropped, odd characters replaced, long
-    components shortened (with a hash to stay unique).
+    ``..``, ``.``, empty and absolute components are dropped, backslashes split components, odd
+    characters are replaced and long components shortened. When this changed the name at all, a hash
+    of the whole original relative path is added to the last component (``a/./b.png``, ``a//b.png``,
+    ``a\\b.png`` and ``a/b.png`` are four keys).
     """
-    import hashlib
     parts = []
     for p in rel.replace("\\", "/").split("/"):
         if p in ("", ".", ".."):
             continue
         clean = _SAFE.sub("_", p).lstrip(".") or "_"
-        if clean != p and len(clean) <= max_part:  # keep distinct names distinct ("a b" vs "a_b")
-            stem, ext = os.path.splitext(clean)
-            clean = f"{stem}-{hashlib.sha256(p.encode()).hexdigest()[:8]}{ext}"
         if len(clean) > max_part:
             stem, ext = os.path.splitext(clean)
             ext = ext if len(ext) <= 10 else ""
-            clean = stem[: max_part - 17 - len(ext)] + "-" + hashlib.sha256(p.encode()).hexdigest()[:16] + ext
+            clean = stem[: max_part - 17 - len(ext)] + "-" + _name_hash(p) + ext
         parts.append(clean)
-    return "/".join(parts) or "_"
+    out = "/".join(parts) or "_"
+    if out != rel:
+        head, _, last = out.rpartition("/")
+        stem, ext = os.path.splitext(last)
+        ext = ext if len(ext) <= 10 else ""
+        stem = stem[: max(1, max_part - 17 - len(ext))] if ext else last[: max_part - 17]
+        out = (head + "/" if head else "") + f"{stem}-{_name_hash(rel)}{ext}"
+    return out
+
+
+def _name_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def parquet_bytes(table: pa.Table, **write_options) -> bytes:

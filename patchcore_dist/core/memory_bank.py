@@ -112,6 +112,24 @@ def search_excluding(index, queries: np.ndarray, exclude: np.ndarray, k: int = 1
         d2, idx = index.search(q, k, params=faiss.SearchParameters(sel=faiss.IDSelectorNot(batch)))
     return np.sqrt(np.maximum(d2, 0)), idx
 
+def index_holds(index, bank: np.ndarray, probes: int = 8) -> bool:
+    """Whether ``index`` was built over ``bank``: a few rows spread over the bank are stored under their
+    own ids, as the index encodes them (exactly for flat and HNSW storage; for IVF-PQ the row's own
+    encoding). Catches a foreign index of the same shape, which would score against other data."""
+    faiss = _faiss()
+    ids = np.unique(np.linspace(0, len(bank) - 1, min(probes, len(bank))).astype(np.int64))
+    rows = np.ascontiguousarray(bank[ids], dtype=np.float32)
+    ivf = isinstance(index, faiss.IndexIVF)
+    if ivf:
+        index.make_direct_map()
+    try:
+        stored = np.stack([index.reconstruct(int(i)) for i in ids])
+        expected = index.sa_decode(index.sa_encode(rows)) if isinstance(index, faiss.IndexIVFPQ) else rows
+    finally:
+        if ivf:
+            index.set_direct_map_type(faiss.DirectMap.NoMap)
+    return stored.shape == expected.shape and bool(np.allclose(stored, expected, rtol=1e-5, atol=1e-6))
+
 
 class PrunedFlatSearch:
     """Exact k-NN on the CPU with fewer flops than brute force: lower bounds, exact re-rank, proof.

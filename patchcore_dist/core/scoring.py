@@ -81,8 +81,10 @@ def anomaly_maps(scores: torch.Tensor, grid: tuple[int, int], size: int, sigma: 
     return gaussian_blur(m, sigma)
 
 
-def anomaly_map_original(scores: torch.Tensor, grid: tuple[int, int], geom, sigma: float = 4.0) -> np.ndarray:
+def anomaly_map_original(scores: torch.Tensor, grid: tuple[int, int], geom, sigma: float = 4.0,
+                         size: tuple[int, int] | None = None) -> np.ndarray:
     """One image's patch scores [h*w] -> its anomaly map on the original image (``geom``: a
-    preprocessing.Geometry): smoothed at model resolution, then mapped back through resize and crop."""
+    preprocessing.Geometry): smoothed at model resolution, then mapped back through resize and crop
+    (sampled at ``size`` (h, w) instead of the original's pixels when given)."""
     from .preprocessing import to_original
-    return to_original(anomaly_maps(scores, grid, geom.crop, sigma)[0].numpy(), geom)
+    return to_original(anomaly_maps(scores, grid, geom.crop, sigma)[0].numpy(), geom, size)

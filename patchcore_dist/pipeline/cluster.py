@@ -68,7 +68,8 @@ def init_ray(config: Config):
         # held by actors the read/decode tasks starve (seen on 2 cores).
         num_cpus = config.runtime.ray_num_cpus or max(2, (os.cpu_count() or 2) + 1)
         log.info("starting a local Ray instance (%d logical CPUs)", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose())
+        # address="local": without it ray.init joins any cluster `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose())
     return ray
 
 
@@ -87,6 +88,9 @@ def actor_pool(config: Config) -> dict:
     if rt.device == "cuda":
         raise JobError("runtime.device=cuda but the Ray cluster has no GPUs: use runtime.device=auto or cpu")
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    if rt.actor_cpus > cpus:
+        raise JobError(f"runtime.actor_cpus={rt.actor_cpus} but the Ray cluster has {cpus} CPUs: no actor could "
+                       "be placed (the job would wait forever); lower runtime.actor_cpus")
     size = rt.num_actors or max(1, int((cpus - 1) // rt.actor_cpus) if cpus > 2 else 1)
     log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_for("cpu"))
     return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu")}

@@ -6,7 +6,6 @@ are rebuilt from them at the masks' resolution for the pixel metrics.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import defaultdict
@@ -14,17 +13,16 @@ from collections import defaultdict
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from PIL import Image
 
 from ..artifacts import storage
 from ..artifacts.inputs import category_entry, category_test, mask_uri
 from ..artifacts.scores import read_scores
 from ..config import load_config
 from ..core import calibration
-from ..core.metrics import f1_threshold, image_auroc, pixel_auroc, pro_score
-from ..core.preprocessing import geometry
+from ..core.metrics import PixelHistogram, f1_threshold, image_auroc
+from ..core.preprocessing import decode_image, geometry
 from ..core.scoring import anomaly_map_original
-from ..errors import JobError
+from ..errors import ImageError, JobError, StorageError
 from .score import run_score
 from .stages import render_batch
 
@@ -35,10 +33,7 @@ def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
     """The anomaly map of a score-table row at ``size`` (H, W) of its ground-truth mask."""
     grid = torch.tensor(row["patch_scores"], dtype=torch.float32)
     g = geometry(row["height"], row["width"], config.image.resize, config.image.crop)
-    full = anomaly_map_original(grid, (row["grid_h"], row["grid_w"]), g, config.scoring.sigma)
-    if full.shape != size:
-        full = np.asarray(Image.fromarray(full).resize((size[1], size[0]), Image.BILINEAR))
-    return full
+    return anomaly_map_original(grid, (row["grid_h"], row["grid_w"]), g, config.scoring.sigma, tuple(size))
 
 
 def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | None = None,
@@ -108,38 +103,50 @@ def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrang
 
 
 def collect_labelled(latest: dict, dataset: str, config, opts: dict) -> tuple[list, dict, list, list]:
-    """Per test image: label, score and (with its ground-truth mask) the anomaly map at the mask's
-    resolution. Returns the rows, the per-defect groups ("all" and one per defect type), the errors
+    """Per test image: label, score and (with its ground-truth mask) the pixel histograms of its anomaly
+    map at the mask's resolution; each mask and map is dropped once it is counted, so memory does not
+    grow with the test set. Returns the rows, the per-defect groups ("all", "good" and one per defect
+    type: labels, scores, pixels), the errors (images in no metric: not scored, or an unusable mask)
     and the warnings."""
     rows, errors, warnings = [], [], []
-    groups = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": []})
-    for r in sorted(latest.values(), key=lambda r: r["image"]):
+    usable = [r for r in sorted(latest.values(), key=lambda r: r["image"]) if not r["error"]]
+    errors += [{"image": r["image"], "error": r["error"]} for r in latest.values() if r["error"]]
+    grids = [r["patch_scores"] for r in usable if r["patch_scores"]]
+    lo, hi = (min(map(min, grids)), max(map(max, grids))) if grids else (0.0, 1.0)  # maps lie within
+    groups = defaultdict(lambda: {"labels": [], "scores": [], "pixels": PixelHistogram(lo, hi)})
+    for r in usable:
         _, defect, name = category_entry(dataset, r["image"])
-        if r["error"]:
-            errors.append({"image": r["image"], "error": r["error"]})
-            continue
         label = 0 if defect == "good" else 1
-        amap = mask = None
-        if label == 0:
-            amap = full_map(r, config, (r["height"], r["width"]))
-            mask = np.zeros(amap.shape, bool)
-        else:
-            try:
-                m = Image.open(io.BytesIO(storage.read_bytes(mask_uri(dataset, defect, name), **opts)))
-                mask = np.asarray(m.convert("L")) > 127
-                amap = full_map(r, config, mask.shape)
-            except FileNotFoundError:
-                warnings.append(f"no ground-truth mask for {r['image']}: left out of the pixel metrics")
+        try:
+            mask = np.zeros((r["height"], r["width"]), bool) if label == 0 else _mask(dataset, defect, name, config, opts)
+        except (ImageError, StorageError) as e:
+            errors.append({"image": r["image"], "error": f"ground-truth mask {mask_uri(dataset, defect, name)}: {e}"})
+            continue
+        if mask is None:
+            warnings.append(f"no ground-truth mask for {r['image']}: left out of the pixel metrics")
         rows.append({"image": r["image"], "defect": defect, "label": label, "score": r["score"],
                      "heatmap": r["heatmap"]})
+        pixels = None if mask is None else PixelHistogram(lo, hi).add(mask, full_map(r, config, mask.shape))
         for key in ("all", defect):
             g = groups[key]
             g["labels"].append(label)
             g["scores"].append(r["score"])
-            if mask is not None:
-                g["masks"].append(mask)
-                g["maps"].append(amap)
-    return rows, groups, errors, warnings
+            if pixels is not None:
+                g["pixels"] = g["pixels"] + pixels
+    return rows, groups, sorted(errors, key=lambda e: e["image"]), warnings
+
+
+def _mask(dataset: str, defect: str, name: str, config, opts: dict) -> np.ndarray | None:
+    """A test image's ground-truth mask (pixels > 127 are the defect), None when there is none; read and
+    decoded within the image limits (an ImageError says why a mask cannot be used)."""
+    uri = mask_uri(dataset, defect, name)
+    try:
+        data = storage.read_bytes(uri, **opts, limit=config.image.max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > config.image.max_bytes:
+        raise ImageError(f"file is over the limit image.max_bytes={config.image.max_bytes}")
+    return decode_image(data, config.image.max_pixels, min_side=1)[..., 0] > 127
 
 
 def compute_metrics(rows: list[dict], groups: dict) -> dict:
@@ -148,8 +155,8 @@ def compute_metrics(rows: list[dict], groups: dict) -> dict:
     labels = np.array([r["label"] for r in rows])
     scores = np.array([r["score"] for r in rows])
     allm = groups["all"]
-    metrics = {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(allm["masks"], allm["maps"]),
-               "pro": _pro(allm["masks"], allm["maps"])}
+    metrics = {"image_auroc": image_auroc(labels, scores), "pixel_auroc": allm["pixels"].auroc(),
+               "pro": allm["pixels"].pro()}
     metrics["threshold"], metrics["f1"] = f1_threshold(labels, scores) if labels.min() != labels.max() else (None, None)
     good = groups.get("good")
     breakdown = {}
@@ -158,10 +165,9 @@ def compute_metrics(rows: list[dict], groups: dict) -> dict:
             continue
         lab = np.r_[good["labels"], d["labels"]] if good else np.array(d["labels"])
         sc = np.r_[good["scores"], d["scores"]] if good else np.array(d["scores"])
-        mk = (good["masks"] if good else []) + d["masks"]
-        mp = (good["maps"] if good else []) + d["maps"]
+        px = good["pixels"] + d["pixels"] if good else d["pixels"]
         breakdown[defect] = {"images": len(d["labels"]), "image_auroc": image_auroc(lab, sc),
-                             "pixel_auroc": pixel_auroc(mk, mp), "pro": _pro(mk, mp)}
+                             "pixel_auroc": px.auroc(), "pro": px.pro()}
     metrics["per_defect"] = breakdown
     order = np.argsort(-scores)
     metrics["top"] = [{"image": rows[i]["image"], "score": float(scores[i]), "label": int(labels[i])}
@@ -178,12 +184,6 @@ def write_results(metrics: dict, rows: list[dict], dataset: str, output: str, co
     log.info("evaluate: image AUROC %.3f, pixel AUROC %.3f, PRO %.3f, threshold %s; report %s",
              metrics["image_auroc"], metrics["pixel_auroc"], metrics["pro"], metrics["threshold"],
              storage.join(output, "report.html"))
-
-
-def _pro(masks, maps) -> float:
-    if not masks or not any(m.any() for m in masks) or all(m.all() for m in masks):
-        return float("nan")
-    return pro_score(masks, maps)
 
 
 def _clean(x):

@@ -20,12 +20,14 @@ from .. import __version__
 from ..artifacts import storage
 from ..artifacts.features import copy_reused, read_shard
 from ..artifacts.inputs import holdout, list_images, resolve_train_root
-from ..artifacts.model import MANIFEST, ModelWriter, clean_uncommitted, config_yaml, npy_bytes, reusable_features
+from ..artifacts.model import (MANIFEST, ModelWriter, acquire_fit_lease, clean_uncommitted, config_yaml, npy_bytes,
+                               release_fit_lease, remove_orphan_shards, reusable_features)
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..config import Config
 from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
 from ..errors import JobError
+from . import faults
 from .cluster import actor_pool, init_ray, iterate_with_progress
 from .coreset import build_memory_bank
 from .stages import Extract, decode_batch
@@ -56,10 +58,14 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     """Fit a model on the normal images under ``train``; returns its manifest."""
     t_start = time.time()
     run_id, started = new_run_id()
-    plan = plan_fit(train, model, config, reuse, validation)
-    rows = extract_features(plan, config)
-    t_extract = time.time() - t_start
-    manifest = commit_model(plan, rows, config)
+    lease = acquire_fit_lease(model, config.storage.options())  # a second fit into `model` is refused
+    try:
+        plan = plan_fit(train, model, config, reuse, validation)
+        rows = extract_features(plan, config)
+        t_extract = time.time() - t_start
+        manifest = commit_model(plan, rows, config)
+    finally:
+        release_fit_lease(lease, config.storage.options())
     t = manifest["training"]
     elapsed = time.time() - t_start
     log.info("fit done: %d images (%d errors, %d reused), %d patches -> memory bank %d x %d, extraction %.1f s, "
@@ -90,12 +96,15 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
     if reuse and (reuse.rstrip("/") == model.rstrip("/") or reuse.rstrip("/").startswith(model.rstrip("/") + "/")):
         raise JobError("--reuse must name another (committed) model than --model, outside it")
     root = resolve_train_root(train, opts)
-    files = [(e["uri"], e["rel"]) for e in list_images(root, opts, "training images")]
+    listed = list_images(root, opts, "training images", exclude=model, max_bytes=config.image.max_bytes)
+    files = [(e["uri"], e["rel"]) for e in listed]
     held = holdout(files, config.fit.holdout_fraction, config.seed) if not validation else set()
-    items = [{"uri": u, "rel": r, "split": "validation" if u in held else "features"} for u, r in files]
+    items = [{"uri": e["uri"], "rel": e["rel"], "split": "validation" if e["uri"] in held else "features",
+              "error": e["error"]} for e in listed]
     if validation:
-        items += [{"uri": e["uri"], "rel": e["rel"], "split": "validation"}
-                  for e in list_images(validation, opts, "validation images")]
+        items += [{"uri": e["uri"], "rel": e["rel"], "split": "validation", "error": e["error"]}
+                  for e in list_images(validation, opts, "validation images", exclude=model,
+                                       max_bytes=config.image.max_bytes)]
     plan = FitPlan(model, root, items, len(files) - len(held), held, validation=validation, reuse=reuse)
     plan.reusable = reusable_features(reuse, config, opts) if reuse else {}
     clean_uncommitted(model, opts)
@@ -118,16 +127,33 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
     context.execution_options.preserve_order = True
     try:
         pool = actor_pool(config)  # its batch size suits the actors' device
-        ds = ray.data.from_items(plan.items, override_num_blocks=max(1, min(len(plan.items), 200)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable)},
-                            batch_size=pool["batch_size"], num_cpus=0.5)
-        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model), **pool)
+        injected = faults.from_env()
+        readable = [{k: it[k] for k in ("uri", "rel", "split")} for it in plan.items if not it["error"]]
         rows = {c: [] for c in COLUMNS}
-        for batch in iterate_with_progress(ds, len(plan.items), "extracting"):
+        if not readable:
+            return _with_refused(rows, plan.items)
+        ds = ray.data.from_items(readable, override_num_blocks=max(1, min(len(readable), 200)))
+        ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable),
+                                                     "faults": injected},
+                            batch_size=pool["batch_size"], num_cpus=0.5)
+        ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model, injected), **pool)
+        for batch in iterate_with_progress(ds, len(readable), "extracting"):
             for c in COLUMNS:
                 rows[c].extend(batch[c].tolist())
     finally:
         context.execution_options.preserve_order = preserve_order
+    return _with_refused(rows, plan.items)
+
+
+def _with_refused(rows: dict[str, list], items: list[dict]) -> dict[str, list]:
+    """The extraction's columns plus a row for every file the listing refused (never read)."""
+    for it in items:
+        if it["error"]:
+            row = {"uri": it["uri"], "rel": it["rel"], "split": it["split"], "digest": "", "height": 0, "width": 0,
+                   "error": it["error"], "unchanged": False, "shard": "", "row": -1, "patches": 0,
+                   "shard_sha256": "", "shard_bytes": 0}
+            for c in COLUMNS:
+                rows[c].append(row[c])
     return rows
 
 
@@ -141,7 +167,7 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     errors = len(ok) - sum(ok)
     if not any(train_ok):
         raise JobError(f"none of the {plan.training + len(plan.held)} training images could be used; first errors: "
-                       + "; ".join(f"{r}: {e}" for r, e in zip(rows["rel"], rows["error"]) if e)[:800]
+                       + "; ".join(f"{r!r}: {e}" for r, e in zip(rows["rel"], rows["error"]) if e)[:800]
                        + " (no model was written)")
     if errors:
         log.warning("%d of %d images could not be used (listed in %s/errors.parquet)", errors, len(ok), plan.model)
@@ -149,6 +175,7 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     for o, split, name, sha, nb in zip(ok, rows["split"], rows["shard"], rows["shard_sha256"], rows["shard_bytes"]):
         if o:
             writer.record(f"{split}/{name}", sha, int(nb))
+    remove_orphan_shards(plan.model, set(writer.files), opts)
     shards, counts = _training_shards(rows, train_ok)
     train_uris = [storage.join(plan.model, "features", s) for s in shards]
     bank, stats, selected, layout = build_memory_bank(train_uris, counts, config, opts)

@@ -31,6 +31,7 @@ from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables,
 from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
+from . import faults
 from .cluster import actor_pool, init_ray, iterate_with_progress
 from .stages import Score, decode_batch, render_batch
 
@@ -97,7 +98,7 @@ def _incompatible(model: Config, user: Config) -> str:
 
 
 LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                            ("ctime", pa.float64()), ("etag", pa.string())])
+                            ("ctime", pa.float64()), ("etag", pa.string()), ("error", pa.string())])
 
 
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
@@ -147,7 +148,8 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
     except ModelError as e:
         raise JobError(f"cannot score: {e}") from None
     config = score_config(model.config, pre, config_file, overrides)
-    entries = pa.Table.from_pylist(list_images(images, opts, "images"), schema=LISTING_SCHEMA)
+    entries = pa.Table.from_pylist(list_images(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes),
+                                   schema=LISTING_SCHEMA)
     open_tables(output, opts)
     if rescore == "changed":
         unchanged, known = previous(output, model.digest, entries, opts)
@@ -175,20 +177,26 @@ def _heatmap_range(model: LoadedModel, config: Config) -> tuple[float, float]:
 
 def score_dataset(plan: ScorePlan):
     """The Ray Data pipeline over the images to read (Arrow blocks of the plan's todo table, each
-    row with its index ``idx``): decode tasks -> scoring actors -> render tasks."""
+    row with its index ``idx``): decode tasks -> scoring actors -> render tasks (None when the listing
+    refused every file of the run)."""
     config = plan.config
     ray = init_ray(config)
     cfg = config.to_dict()
     pool = actor_pool(config)  # its batch size suits the actors' device
     bs = pool["batch_size"]
     todo = plan.todo.append_column("idx", pa.array(np.arange(plan.todo.num_rows), pa.int64()))
+    todo = todo.filter(todo.column("error").is_null())  # files the listing refused are never read
+    if not todo.num_rows:
+        return None
     step = -(-todo.num_rows // max(1, min(todo.num_rows, 200)))
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
     keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "keep_bytes": keep_bytes}, batch_size=bs, num_cpus=0.5)
-    ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg), **pool)
+    injected = faults.from_env()
+    ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "keep_bytes": keep_bytes, "faults": injected},
+                        batch_size=bs, num_cpus=0.5)
+    ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
     if config.output.heatmaps:
-        ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": plan.vrange,
+        ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": plan.vrange, "faults": injected,
                                                      "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest),
                                                      "peak_normalise": plan.peak_normalise},
                             batch_size=bs, num_cpus=0.5)
@@ -212,7 +220,7 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
         commit(plan.output, plan.digest, rows, opts, pa.concat_tables(grids) if grids else None)
         counts["commits"] += 1
         pending.clear()
-    for batch in iterate_with_progress(ds, plan.todo.num_rows, "scoring"):
+    for batch in _with_refused(plan, iterate_with_progress(ds, plan.todo.num_rows, "scoring") if ds else ()):
         idx = np.asarray(batch["idx"], np.int64)
         _, first = np.unique(idx, return_index=True)
         keep = np.sort(first[~seen[idx[first]]])
@@ -234,6 +242,25 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
         raise JobError(f"internal error: {int(seen.sum())} results for {len(seen)} images; the rows committed so far "
                        "are kept, run the job again to complete it")
     return counts
+
+
+def _with_refused(plan: ScorePlan, batches):
+    """The files the listing refused (a name that cannot be read, over image.max_bytes) as one batch of
+    error rows (they are never read), then the dataset's batches."""
+    refused = np.flatnonzero(plan.todo.column("error").is_valid().to_numpy(zero_copy_only=False))
+    if len(refused):
+        t = plan.todo.take(pa.array(refused))
+        n = len(refused)
+        yield {"idx": refused, "uri": np.array(t.column("uri").to_pylist(), object),
+               "error": np.array(t.column("error").to_pylist(), object), "score": np.full(n, np.nan),
+               "unchanged": np.zeros(n, bool), "height": np.zeros(n, np.int32), "width": np.zeros(n, np.int32),
+               "digest": np.array([""] * n, object), "size": t.column("size").to_numpy(zero_copy_only=False),
+               "mtime": t.column("mtime").to_numpy(zero_copy_only=False),
+               "ctime": t.column("ctime").to_numpy(zero_copy_only=False),
+               "etag": np.array(t.column("etag").to_pylist(), object), "decode_ms": np.zeros(n, np.float32),
+               "score_ms": np.zeros(n, np.float32), "grid_h": np.zeros(n, np.int32), "grid_w": np.zeros(n, np.int32),
+               "patch_scores": np.zeros((n, 1), np.float32)}
+    yield from batches
 
 
 def _tally(counts: dict, rows: pa.Table, unchanged: np.ndarray) -> None:
@@ -269,7 +296,8 @@ def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) 
         "image": pa.array(b["uri"], pa.string()), "score": score, "is_anomaly": anomaly,
         "heatmap": _strings(b["heatmap"]) if "heatmap" in b else pa.nulls(n, pa.string()),
         "height": pa.array(b["height"], pa.int32()), "width": pa.array(b["width"], pa.int32()),
-        "model": pa.array([plan.digest] * n, pa.string()), "error": err, "digest": _strings(b["digest"]),
+        "model": pa.array([plan.digest] * n, pa.string()), "error": err,
+        "warning": _strings(b["warning"]) if "warning" in b else pa.nulls(n, pa.string()), "digest": _strings(b["digest"]),
         "size": pa.array(b["size"], pa.int64()), "mtime": pa.array(b["mtime"], pa.float64(), from_pandas=True),
         "ctime": pa.array(b["ctime"], pa.float64(), from_pandas=True), "etag": _strings(b["etag"]),
         "decode_ms": pa.array(b["decode_ms"], pa.float32()), "score_ms": pa.array(b["score_ms"], pa.float32()),

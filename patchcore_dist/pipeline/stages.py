@@ -17,9 +17,10 @@ import numpy as np
 from ..artifacts import storage
 from ..config import Config
 from ..core.calibration import peak_normalised
-from ..core.preprocessing import decode_image, geometry, resize_crop
+from ..core.preprocessing import decode_sized, geometry, resize_crop, resize_rgb
 from ..errors import ImageError
-from ..render.heatmap import colorize, encode, overlay
+from ..render.heatmap import colorize, encode, overlay, render_size
+from . import faults as _faults
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,18 @@ def _err(e: Exception) -> str:
     return msg if isinstance(e, (ImageError, FileNotFoundError)) else f"{type(e).__name__}: {msg}"
 
 
-def decode_batch(batch: dict, config: dict, known_digests: set | None = None, keep_bytes: bool = False) -> dict:
+def decode_batch(batch: dict, config: dict, known_digests: set | None = None, keep_bytes: bool = False,
+                 faults: tuple = ()) -> dict:
     """Decode task: uri -> digest, original size, the model's uint8 crop; or an error.
 
     Already processed images are not decoded again (``unchanged``): score's rows carry
     ``known_digest`` (the digest of the image's previous successful row, null if none), fit passes
     ``known_digests`` (features reused).
     ``keep_bytes``: also pass on the file's bytes (column ``data``) for the overlay renderer, so that
-    storage is read once per image; :func:`render_batch` drops them again.
+    storage is read once per image; :func:`render_batch` drops them again. ``faults``: the fault
+    tests' injected faults (:mod:`.faults`).
     """
+    _faults.on_batch(faults, "decode")
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
     known_digests = known_digests or set()
@@ -53,13 +57,15 @@ def decode_batch(batch: dict, config: dict, known_digests: set | None = None, ke
         d = err = ""
         data = b""
         try:
-            data = storage.read_bytes(str(uri), **opts)
+            data = storage.read_bytes(str(uri), **opts, limit=cfg.image.max_bytes + 1)
+            if len(data) > cfg.image.max_bytes:  # grew since it was listed
+                raise ImageError(f"file is over the limit image.max_bytes={cfg.image.max_bytes} (read no further)")
             d = hashlib.sha256(data).hexdigest()
             unchanged[i] = known[i] == d or d in known_digests
             if not unchanged[i]:
-                rgb = decode_image(data, cfg.image.max_pixels, cfg.image.min_side)
-                h, w = rgb.shape[:2]
-                crops[i] = resize_crop(rgb, cfg.image.resize, c)
+                # a large JPEG decodes at a reduced scale, still twice the model's resolution
+                rgb, (h, w) = decode_sized(data, cfg.image.max_pixels, cfg.image.min_side, 2 * cfg.image.resize)
+                crops[i] = resize_crop(rgb, cfg.image.resize, c, size=(h, w))
         except Exception as e:  # one bad file is one error row
             err = _err(e)
         digest.append(d)
@@ -111,8 +117,9 @@ def _threads(config: Config) -> None:
 class Extract:
     """Fit's actor: backbone + patch features, written to a Parquet shard per batch."""
 
-    def __init__(self, config: dict, model_uri: str):
+    def __init__(self, config: dict, model_uri: str, faults: tuple = ()):
         from ..core.patchcore import Embedder
+        self.faults = faults
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
         self.opts = self.cfg.storage.options()
@@ -148,6 +155,7 @@ class Extract:
             except Exception as e:
                 log.exception("feature extraction failed for a batch")
                 errors[idx] = f"feature extraction failed: {_err(e)}"
+        _faults.on_batch(self.faults, "extract")  # after the batch's shards are written: they become orphans
         return _without_crop(batch, shard=shard, row=row, patches=patches, shard_sha256=sha, shard_bytes=nbytes, error=errors,
                              extract_ms=_per_image_ms(t0, n))
 
@@ -155,9 +163,10 @@ class Extract:
 class Score:
     """Score's actor: backbone + memory bank; returns image scores and patch-score grids."""
 
-    def __init__(self, model_uri: str, config: dict):
+    def __init__(self, model_uri: str, config: dict, faults: tuple = ()):
         from ..artifacts.model import load_model
         from ..core.patchcore import PatchCore
+        self.faults = faults
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
         opts = self.cfg.storage.options()
@@ -165,6 +174,7 @@ class Score:
         self.pc = PatchCore(self.cfg, model.bank, index=model.index, read_weights=_reader(opts))
 
     def __call__(self, batch: dict) -> dict:
+        _faults.on_batch(self.faults, "score")
         n = len(batch["uri"])
         score = np.full(n, np.nan, np.float64)
         grids = np.zeros((n, 1), np.float32)
@@ -197,34 +207,61 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
     ``vrange``. Only in the pipeline when output.heatmaps is on."""
     import torch
     from ..core.scoring import anomaly_map_original
+
+def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float], faults: tuple = (),
+                 peak_normalise: bool = True) -> dict:
+    """Render task: anomaly map at the original resolution (capped at render.heatmap.MAX_RENDER_PIXELS)
+    -> heatmap PNG (and an overlay JPEG) under ``heatmaps_uri``, mirroring each input's relative path
+    with its extension (cat.jpg -> cat.jpg.png, so cat.png and cat.jpg stay apart). The map is
+    peak-normalised (its maximum reads the image score; not for models fitted before the scale was
+    calibrated on such maps) and coloured on the fixed scale ``vrange``. A heatmap that cannot be made
+    or written never costs the image its score: ``heatmap`` stays null and the reason is in
+    ``warning``. Only in the pipeline when output.heatmaps is on."""
+    _faults.on_batch(faults, "render")
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
     n = len(batch["uri"])
     heatmap = np.array([None] * n, object)
-    errors = np.array(batch["error"], object)
+    warning = np.array([""] * n, object)
     for i in range(n):
-        if errors[i] or batch["unchanged"][i]:
+        if batch["error"][i] or batch["unchanged"][i]:
             continue
         try:
-            h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
-            grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
-            g = geometry(int(batch["height"][i]), int(batch["width"][i]), cfg.image.resize, cfg.image.crop)
-            full = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma)
-            if peak_normalise:
-                full = peak_normalised(full, float(batch["score"][i]))
-            rgb = colorize(full, vrange)
-            base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
-            storage.write_bytes(base + ".png", encode(rgb), **opts)
-            heatmap[i] = base + ".png"
-            if cfg.output.overlay:
-                # the bytes the decode task read (keep_bytes), else a second read
-                data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
-                orig = decode_image(bytes(data), cfg.image.max_pixels, cfg.image.min_side)
-                storage.write_bytes(base + "_overlay.jpg", encode(overlay(orig, rgb, full, vrange), "JPEG", quality=90),
-                                    **opts)
+            heatmap[i], warning[i] = _render_one(batch, i, cfg, heatmaps_uri, vrange, opts, peak_normalise)
         except Exception as e:
-            log.exception("heatmap failed for %s", batch["uri"][i])
-            errors[i] = f"heatmap failed: {_err(e)}"
+            warning[i] = f"heatmap not written: {_err(e)}"
+        if warning[i]:
+            log.warning("%s: %s", repr(str(batch["uri"][i])), warning[i])
     out = {k: v for k, v in batch.items() if k != "data"}  # the images' bytes stop here
-    out.update(heatmap=heatmap, error=errors)
+    out.update(heatmap=heatmap, warning=warning)
     return out
+
+
+def _render_one(batch: dict, i: int, cfg: Config, heatmaps_uri: str, vrange: tuple[float, float],
+                opts: dict, peak_normalise: bool = True) -> tuple[str, str]:
+    """Image ``i``'s heatmap PNG and overlay JPEG; returns the heatmap's URI and a warning ("" or why the
+    overlay was not written)."""
+    import torch
+    from ..core.scoring import anomaly_map_original
+    h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
+    grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
+    height, width = int(batch["height"][i]), int(batch["width"][i])
+    size = render_size(height, width)
+    g = geometry(height, width, cfg.image.resize, cfg.image.crop)
+    amap = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma, size)
+    if peak_normalise:
+        amap = peak_normalised(amap, float(batch["score"][i]))
+    rgb = colorize(amap, vrange)
+    base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
+    storage.write_bytes(base + ".png", encode(rgb), **opts)
+    if not cfg.output.overlay:
+        return base + ".png", ""
+    try:
+        # the bytes the decode task read (keep_bytes), else a second read
+        data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
+        orig, _ = decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))
+        blended = overlay(resize_rgb(orig, size), rgb, amap, vrange)
+        storage.write_bytes(base + "_overlay.jpg", encode(blended, "JPEG", quality=90), **opts)
+    except Exception as e:
+        return base + ".png", f"overlay not written: {_err(e)}"
+    return base + ".png", ""

@@ -12,6 +12,21 @@ import numpy as np
 # yellow, to dark red at the hot end; the decision threshold sits at its centre (green-yellow).
 COLOR_MAP = "jet"
 
+# Heatmaps and overlays of originals larger than this are rendered at the largest size of the same
+# aspect ratio within it (16 MP: e.g. 4096 x 4096), which bounds a render task's memory (~30 bytes per
+# rendered pixel: map, colours, overlay).
+MAX_RENDER_PIXELS = 16_777_216
+
+
+def render_size(height: int, width: int, max_pixels: int | None = None) -> tuple[int, int]:
+    """The (height, width) a heatmap of an original of this size is rendered at: the original's, or
+    scaled down to fit ``max_pixels`` (default :data:`MAX_RENDER_PIXELS`)."""
+    max_pixels = max_pixels or MAX_RENDER_PIXELS
+    if height * width <= max_pixels:
+        return height, width
+    s = (max_pixels / (height * width)) ** 0.5
+    return max(1, int(height * s)), max(1, int(width * s))
+
 
 @functools.lru_cache(maxsize=1)
 def color_table() -> np.ndarray:
@@ -23,7 +38,7 @@ def color_table() -> np.ndarray:
 def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
     """Where each score lies on the scale [lo, hi], clipped to [0, 1]."""
     lo, hi = vrange
-    return np.clip((amap - lo) / (hi - lo), 0, 1)
+    return np.clip((np.asarray(amap, np.float32) - np.float32(lo)) / np.float32(hi - lo), 0, 1)
 
 
 def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
@@ -42,5 +57,5 @@ def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
 def overlay(original: np.ndarray, heatmap_rgb: np.ndarray, amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
     """The heatmap blended onto the original image: nearly transparent at the cold end (a normal image
     stays readable), 70 % opaque at the hot end."""
-    alpha = (0.1 + 0.6 * heat_level(amap, vrange))[..., None]
+    alpha = (np.float32(0.1) + np.float32(0.6) * heat_level(amap, vrange))[..., None]
     return (original * (1 - alpha) + heatmap_rgb * alpha).astype(np.uint8)

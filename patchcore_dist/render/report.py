@@ -12,6 +12,8 @@ from PIL import Image
 
 from ..artifacts import storage
 from ..artifacts.inputs import category_entry, mask_uri
+from ..core.preprocessing import decode_sized
+from ..errors import ImageError, StorageError
 from .heatmap import COLOR_MAP, encode
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin-bottom:1em}
@@ -37,15 +39,21 @@ def _b64_png(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(encode(np.asarray(img))).decode()
 
 
-def _thumb(uri: str | None, opts: dict, size: int = 200, mode: str = "RGB") -> str:
+def _thumb(uri: str | None, opts: dict, image_config, size: int = 200) -> str:
+    """A thumbnail of an input, heatmap or mask, decoded within the image limits (allowed formats only,
+    ``image.max_bytes`` / ``image.max_pixels``); "" when there is none or it cannot be shown."""
     if not uri:
         return ""
     try:
-        img = Image.open(io.BytesIO(storage.read_bytes(uri, **opts))).convert(mode)
-    except (FileNotFoundError, OSError):
+        data = storage.read_bytes(uri, **opts, limit=image_config.max_bytes + 1)
+        if len(data) > image_config.max_bytes:
+            return ""
+        rgb, _ = decode_sized(data, image_config.max_pixels, min_side=1, shorter_side=size)
+    except (FileNotFoundError, ImageError, StorageError):
         return ""
+    img = Image.fromarray(rgb)
     img.thumbnail((size, size))
-    return _b64_png(img.convert("RGB"))
+    return _b64_png(img)
 
 
 def _figure_png(fig) -> str:
@@ -138,8 +146,9 @@ def _gallery(rows: list[dict], dataset: str, opts: dict) -> str:
     for r in rows:
         rel, defect, name = category_entry(dataset, r["image"])
         overlay = r["heatmap"][:-4] + "_overlay.jpg" if r.get("heatmap") else None
-        mask = "" if defect == "good" else _thumb(mask_uri(dataset, defect, name), opts, mode="L")
-        cells = [_thumb(r["image"], opts), _thumb(overlay, opts) or _thumb(r.get("heatmap"), opts), mask]
+        mask = "" if defect == "good" else _thumb(mask_uri(dataset, defect, name), opts, config.image)
+        cells = [_thumb(r["image"], opts, config.image),
+                 _thumb(overlay, opts, config.image) or _thumb(r.get("heatmap"), opts, config.image), mask]
         imgs = "".join(f"<td>{'<img src=' + repr(c) + '>' if c else '<i>none</i>'}</td>" for c in cells)
         out.append(f"<tr><td>{html.escape(rel)}<br>score {r['score']:.3f}<br>"
                    f"{'anomalous' if r['label'] else 'normal'}</td>{imgs}</tr>")

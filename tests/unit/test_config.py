@@ -65,3 +65,56 @@ def test_actor_pool_takes_the_batch_size_of_its_device(monkeypatch):
     assert cpu["batch_size"] == 4 and "num_gpus" not in cpu
     with pytest.raises(RuntimeError, match="no GPUs"):
         actor_pool(load_config(None, ["runtime.device=cuda"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    (["seed=100000000000000000000000"], "seed: Input should be less than or equal to"),
+    (["scoring.sigma=.inf"], "scoring.sigma: Input should be a finite number"),
+    (["scoring.sigma=1e9"], r"scoring.sigma \(1000000000.0\) is larger than the anomaly map"),
+    (["coreset.oversample=.inf"], "coreset.oversample: Input should be a finite number"),
+    (["coreset.oversample=1000"], "coreset.oversample: Input should be less than or equal to 100"),
+    (["index.pq_m=7"], r"index.pq_m \(7\) must divide embedding.target_dim \(1024\)"),
+    (["index.type=ivf_pq", "index.pq_m=7"], "must divide"),
+    (["index.hnsw_m=100000"], "index.hnsw_m: Input should be less than or equal to 256"),
+    (["image.resize=1000000"], "image.resize: Input should be less than or equal to 4096"),
+    (["image.max_pixels=10000000000"], "image.max_pixels: Input should be less than or equal to"),
+    (["image.max_bytes=0"], "image.max_bytes: Input should be greater than 0"),
+    (["coreset.size=1000000000"], "larger than any realistic memory bank"),
+    (["runtime.batch_size=true"], "runtime.batch_size: Input should be a valid integer"),
+    (["runtime.batch_size=2.5"], "runtime.batch_size: Input should be a valid integer"),
+    (["runtime.actor_cpus=true"], "runtime.actor_cpus: a boolean is not a number"),
+    (["runtime.actor_cpus=5", "runtime.ray_num_cpus=2"], "exceeds runtime.ray_num_cpus"),
+    (["output.patch_scores=3"], "output.patch_scores"),
+    (["storage.endpoint_url=ftp://host"], "http:// or https://"),
+])
+def test_values_that_would_fail_later_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_numbers_in_yaml_spellings_are_still_read():
+    c = load_config(None, ["coreset.ratio=1e-3", "runtime.actor_cpus=2", "scoring.sigma=0"])
+    assert c.coreset.ratio == 0.001 and c.runtime.actor_cpus == 2.0 and c.scoring.sigma == 0.0
+
+
+def test_credentials_in_the_endpoint_are_refused_and_not_echoed(tmp_path):
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+    with pytest.raises(ConfigError, match="must not contain credentials") as e:
+        load_config(None, [f"storage.endpoint_url=http://AKIAEXAMPLE:{secret}@127.0.0.1:9000"])
+    assert secret not in str(e.value)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"storage:\n  endpoint_url: https://u:{secret}@minio.example\n")
+    with pytest.raises(ConfigError, match="must not contain credentials") as e:
+        load_config(p)
+    assert secret not in str(e.value)
+
+
+def test_actor_cpus_above_the_cluster_is_refused_where_the_pool_is_made(monkeypatch):
+    import ray
+    from patchcore_dist.errors import JobError
+    from patchcore_dist.pipeline.cluster import actor_pool
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert actor_pool(load_config(None, ["runtime.actor_cpus=4"]))["num_cpus"] == 4.0
+    with pytest.raises(JobError, match=r"runtime.actor_cpus=6.0 but the Ray cluster has 4 CPUs"):
+        actor_pool(load_config(None, ["runtime.actor_cpus=6"]))

@@ -1,0 +1,58 @@
+"""Deterministic fault injection for the fault tests: a stage's worker process exits hard on its N-th
+batch, once.
+
+``PATCHCORE_FAULT="<stage>:<n>:<marker file>[;<stage>:<n>:<marker file>...]"`` in the driver's
+environment (stages: ``decode``, ``extract``, ``score``, ``render``). The driver reads it when it
+builds the pipeline and hands it to the stages as an argument, so workers that were started before
+the variable was set see it too. On its N-th batch a worker process of that stage creates the marker
+file with create-if-absent semantics (``O_EXCL``) and, if it was the one to create it, calls
+``os._exit`` like a killed process (no cleanup, no exception for Ray to catch). The marker makes the
+fault happen once per job even though Ray restarts the actor or retries the task in a fresh process,
+and tells the test that the fault did happen. Unset (always, outside tests) it does nothing.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+
+from ..errors import JobError
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "PATCHCORE_FAULT"
+STAGES = ("decode", "extract", "score", "render")
+EXIT_CODE = 70
+
+_batches: collections.Counter = collections.Counter()  # batches seen by this worker process, per stage
+
+
+def from_env() -> tuple[tuple[str, int, str], ...]:
+    """The faults asked for in the driver's environment, checked: ((stage, n, marker), ...)."""
+    raw = os.environ.get(FAULT_ENV, "").strip()
+    out = []
+    for spec in filter(None, (s.strip() for s in raw.split(";"))):
+        stage, _, rest = spec.partition(":")
+        n, _, marker = rest.partition(":")
+        if stage not in STAGES or not n.isdigit() or int(n) < 1 or not marker:
+            raise JobError(f"{FAULT_ENV}: {spec!r} is not <stage>:<batch number>:<marker file> "
+                           f"with a stage of {', '.join(STAGES)}")
+        out.append((stage, int(n), marker))
+    if out:
+        log.warning("fault injection on (%s): %s", FAULT_ENV, raw)
+    return tuple(out)
+
+
+def on_batch(faults, stage: str) -> None:
+    """Count a batch of ``stage`` in this process; exit hard if a fault is due and not yet taken."""
+    if not faults:
+        return
+    _batches[stage] += 1
+    for name, n, marker in faults:
+        if name != stage or n != _batches[stage]:
+            continue
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue  # taken by an earlier process of this job
+        os._exit(EXIT_CODE)
