@@ -249,7 +249,7 @@ def _render_one(batch: dict, i: int, cfg: Config, heatmaps_uri: str, vrange: tup
     size = render_size(height, width)
     g = geometry(height, width, cfg.image.resize, cfg.image.crop)
     amap = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma, size)
-    if peak_normalise:
+    if peak_normalise and "score" in batch:
         amap = peak_normalised(amap, float(batch["score"][i]))
     rgb = colorize(amap, vrange)
     base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))

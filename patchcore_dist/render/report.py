@@ -139,7 +139,7 @@ def _image_table(rows: list[dict], errors: list[dict], dataset: str, output: str
     return f'<table class="sortable">{head}<tbody>{"".join(body)}</tbody></table>'
 
 
-def _gallery(rows: list[dict], dataset: str, opts: dict) -> str:
+def _gallery(rows: list[dict], dataset: str, opts: dict, config) -> str:
     """A table of image | heatmap overlay | ground-truth mask for ``rows``."""
     head = "<tr><th>image</th><th>input</th><th>heatmap overlay</th><th>ground truth</th></tr>"
     out = []
@@ -196,9 +196,9 @@ def render_report(metrics: dict, rows: list[dict], dataset: str, config, opts: d
 {_summary(metrics, dataset, config)}
 <h2>Image scores</h2><img style="max-width:600px" src="{_histogram(rows, metrics['threshold'])}">
 {_scale_section(metrics)}
-<h2>Highest-scored images</h2>{_gallery(top, dataset, opts)}
-<h2>Worst-missed anomalous images (lowest scores)</h2>{_gallery(missed, dataset, opts)}
-<h2>Highest-scored normal images (false alarms)</h2>{_gallery(false_alarms, dataset, opts)}
+<h2>Highest-scored images</h2>{_gallery(top, dataset, opts, config)}
+<h2>Worst-missed anomalous images (lowest scores)</h2>{_gallery(missed, dataset, opts, config)}
+<h2>Highest-scored normal images (false alarms)</h2>{_gallery(false_alarms, dataset, opts, config)}
 <h2>Every image ({len(rows)} scored, {len(metrics['errors'])} errors; click a column to sort)</h2>
 {_image_table(rows, metrics['errors'], dataset, output, threshold)}
 {'<h2>Warnings</h2><ul>' + warns + '</ul>' if warns else ''}
