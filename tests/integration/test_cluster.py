@@ -30,6 +30,18 @@ def _wait_for_job_agent(address: str, env: dict, attempts: int = 60) -> None:
     raise AssertionError(f"the job agent at {address} never came up: {r.stderr[-2000:]}")
 
 
+def _submit(cmd: list[str], env: dict, attempts: int = 60):
+    """`ray job submit`, again while the head has no job agent registered yet (it answers 500 "No
+    available agent" until the agent of a node is up; a loaded machine takes longer)."""
+    import time
+    for _ in range(attempts):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
+            return r
+        time.sleep(2)
+    return r
+
+
 def test_ray_job_submit_fit_and_score(category, tmp_path):
     import ray
     ray.shutdown()  # `ray stop` below ends every Ray process on this machine; later tests start afresh
@@ -48,9 +60,8 @@ def test_ray_job_submit_fit_and_score(category, tmp_path):
         small = ["image.resize=128", "image.crop=128", "runtime.num_actors=1"]
         for args in (["jobs/fit.py", "--train", f"{category}/train/good", "--model", model] + small,
                      ["jobs/score.py", "--model", model, "--images", f"{category}/test", "--output", out] + small):
-            r = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ROOT,
-                                "--runtime-env-json", runtime_env, "--", sys.executable] + args,
-                               env=env, capture_output=True, text=True, timeout=600)
+            r = _submit([RAY, "job", "submit", "--address", address, "--working-dir", ROOT,
+                         "--runtime-env-json", runtime_env, "--", sys.executable] + args, env)
             assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
         assert "score done" in r.stdout  # the job's summary line reaches the submitter
         table = read_scores(out)
