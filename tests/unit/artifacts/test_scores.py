@@ -226,12 +226,12 @@ def test_listing_gives_ctime_locally_and_the_etag_on_s3(tmp_path, s3, bucket):
     (tmp_path / "x.png").write_bytes(b"12345")
     [e] = storage.list_entries(str(tmp_path))
     assert e["ctime"] == os.stat(tmp_path / "x.png").st_ctime and e["etag"] is None
-    storage.write_bytes(f"s3://{bucket}/listing/x.png", b"12345", endpoint_url=s3)
-    [e] = storage.list_entries(f"s3://{bucket}/listing", endpoint_url=s3)
-    head = boto3.client("s3", endpoint_url=s3).head_object(Bucket=bucket, Key="listing/x.png")
+    storage.write_bytes(f"s3://{bucket}/etag-listing/x.png", b"12345", endpoint_url=s3)
+    [e] = storage.list_entries(f"s3://{bucket}/etag-listing", endpoint_url=s3)
+    head = boto3.client("s3", endpoint_url=s3).head_object(Bucket=bucket, Key="etag-listing/x.png")
     assert e["etag"] == head["ETag"] and e["ctime"] is None and e["size"] == 5
-    [single] = storage.list_entries(f"s3://{bucket}/listing/x.png", endpoint_url=s3)
-    assert single["uri"] == f"s3://{bucket}/listing/x.png" and single["etag"] == head["ETag"]
+    [single] = storage.list_entries(f"s3://{bucket}/etag-listing/x.png", endpoint_url=s3)
+    assert single["uri"] == f"s3://{bucket}/etag-listing/x.png" and single["etag"] == head["ETag"]
     with pytest.raises(FileNotFoundError):
         storage.list_entries(f"s3://{bucket}/no/such/prefix", endpoint_url=s3)
 
