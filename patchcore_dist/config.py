@@ -44,6 +44,7 @@ MAX_RESIZE = 4096           # model input side: activations grow with its square
 MAX_BANK = 20_000_000       # memory-bank rows: 80 GB of float32 at D = 1024, above any bank in the capacity plan
 MAX_PIXELS = 1_000_000_000  # decoding and rendering take ~44 bytes per pixel
 MAX_BATCH = 4096
+MAX_WORKING = 32768         # tiling.working_size: a 32k-pixel side, far above any camera
 
 
 class _Section(BaseModel):
@@ -181,6 +182,24 @@ class OutputConfig(_Section):
     patch_scores: bool = Field(False, description="store the patch-score grid in the score table")
 
 
+class TilingConfig(_Section):
+    """High-resolution inspection (:mod:`patchcore_dist.core.tiling`): tiles of side image.crop over the
+    working image instead of one resized crop. Part of the feature identity when enabled."""
+    enabled: bool = Field(False, description="score tiles at working resolution instead of one resized crop")
+    working_size: Optional[Int] = Field(None, gt=0, le=MAX_WORKING,
+                                        description="longer side of the working image; None: native resolution")
+    overlap: Real = Field(0.25, ge=0.0, le=0.9, description="fraction of the tile side two neighbouring tiles share")
+    bank: str = Field("single", description="single: one memory bank over all tiles (per_position is not built)")
+
+    @field_validator("bank")
+    @classmethod
+    def _bank(cls, v):
+        if v != "single":
+            raise ValueError(f"tiling.bank={v!r} is not available: only 'single' (one memory bank over every "
+                             "tile) is built; per-position banks are not")
+        return v
+
+
 class FitConfig(_Section):
     # Normal images held out of the memory bank to calibrate the decision threshold (when no
     # --validation folder is given); 0 disables calibration.
@@ -224,6 +243,7 @@ class Config(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     fit: FitConfig = FitConfig()
+    tiling: TilingConfig = TilingConfig()
     storage: StorageConfig = StorageConfig()
     seed: Int = Field(0, ge=0, le=MAX_SEED)
 
@@ -233,6 +253,9 @@ class Config(_Section):
         if self.embedding.target_dim % self.index.pq_m:
             raise ValueError(f"index.pq_m ({self.index.pq_m}) must divide embedding.target_dim "
                              f"({self.embedding.target_dim}) (IVF-PQ splits each feature into pq_m parts)")
+        if self.tiling.enabled and self.image.crop % 8:
+            raise ValueError(f"image.crop ({self.image.crop}) must be a multiple of 8 with tiling (tiles start on "
+                             "the backbone's feature cells, 8 pixels each)")
         if self.scoring.sigma > self.image.crop:
             raise ValueError(f"scoring.sigma ({self.scoring.sigma}) is larger than the anomaly map "
                              f"(image.crop = {self.image.crop} pixels)")
@@ -244,8 +267,11 @@ class Config(_Section):
     def feature_dict(self) -> dict:
         """The part of the config that determines patch features (for reuse and compatibility)."""
         d = self.to_dict()
-        return {"backbone": d["backbone"], "image": {k: d["image"][k] for k in ("resize", "crop")},
-                "embedding": d["embedding"]}
+        out = {"backbone": d["backbone"], "image": {k: d["image"][k] for k in ("resize", "crop")},
+               "embedding": d["embedding"]}
+        if self.tiling.enabled:  # absent when off: the digests of untiled models stay as they were
+            out["tiling"] = {k: d["tiling"][k] for k in ("working_size", "overlap", "bank")}
+        return out
 
     def feature_digest(self) -> str:
         return hashlib.sha256(json.dumps(self.feature_dict(), sort_keys=True).encode()).hexdigest()[:16]

@@ -64,19 +64,43 @@ def maintain(a: argparse.Namespace) -> None:
 
 
 def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--normal", required=True, help="folder of normal images")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--normal", help="folder of normal images")
+    src.add_argument("--photo", help="a scikit-image texture (brick, gravel, grass): a high-resolution category of "
+                                     "native-scale mosaics of it")
     p.add_argument("--output", required=True, help="new category root")
     p.add_argument("--kinds", default="scratch,stain,foreign,hole,deformation")
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--defects-per-kind", type=int, default=None)
+    p.add_argument("--defect-size", type=_size_range, default=None,
+                   help="defect extent in pixels, MIN-MAX (e.g. 10-40); default: fractions of the image "
+                        "(10-40 with --photo)")
+    p.add_argument("--image-size", type=int, default=1024, help="--photo: side of the images, pixels")
+    p.add_argument("--images", type=int, default=20, help="--photo: normal images to make")
+
+
+def _size_range(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition("-")
+    try:
+        lo_f, hi_f = float(lo), float(hi if sep else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN-MAX pixels, e.g. 10-40") from None
+    if not 1 <= lo_f <= hi_f:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return lo_f, hi_f
 
 
 def synthesize(a: argparse.Namespace) -> None:
     from ..config import load_config
-    from ..synthetic.categories import synthesize_folder
+    from ..synthetic.categories import make_highres_category, synthesize_folder
     cfg = load_config(a.config, a.overrides)
-    counts = synthesize_folder(a.normal, a.output, a.kinds.split(","), a.test_fraction, a.defects_per_kind,
-                               cfg.seed, cfg.storage.options(), cfg.image.max_pixels)
+    kinds = a.kinds.split(",")
+    if a.photo:
+        counts = make_highres_category(a.output, a.photo, a.images, a.image_size, a.defect_size or (10, 40), kinds,
+                                       cfg.seed, cfg.storage.options())
+    else:
+        counts = synthesize_folder(a.normal, a.output, kinds, a.test_fraction, a.defects_per_kind,
+                                   cfg.seed, cfg.storage.options(), cfg.image.max_pixels, a.defect_size)
     print(f"wrote {a.output}: {counts}")
 
 

@@ -98,19 +98,34 @@ def deserialize_index(data: bytes):
     return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def search_excluding(index, queries: np.ndarray, exclude: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distances [N, k] and indices [N, k] of the k nearest rows of a faiss flat ``index``
-    other than the rows ``exclude`` (e.g. a training image's own patches, to score it as if it were
-    unseen). Excluding every row would leave nothing to search: then none is excluded."""
-    faiss = _faiss()
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(k, index.ntotal - len(exclude)) if len(exclude) < index.ntotal else min(k, index.ntotal)
-    if len(exclude) == 0 or len(exclude) >= index.ntotal:
-        d2, idx = index.search(q, k)
-    else:
-        batch = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
-        d2, idx = index.search(q, k, params=faiss.SearchParameters(sel=faiss.IDSelectorNot(batch)))
-    return np.sqrt(np.maximum(d2, 0)), idx
+def search_excluding(bank: np.ndarray, queries: np.ndarray, exclude: np.ndarray, k: int = 1,
+                     chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distances [N, k] and indices [N, k] of the k nearest rows of ``bank`` other than the
+    rows ``exclude`` (e.g. a training image's own patches, to score it as if it were unseen). Excluding
+    every row would leave nothing to search: then none is excluded.
+
+    Written with torch rather than a faiss ID selector: faiss's flat search with a selector leaves
+    BLAS (measured 1.7 s for 784 queries against 3,136 rows, against a few ms here). Exact: the
+    squared distances of one GEMM, the excluded columns set to infinity, the k smallest kept.
+    """
+    b = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    exclude = np.asarray(exclude, np.int64)
+    if len(exclude) >= len(b):
+        exclude = exclude[:0]
+    k = min(k, len(b) - len(exclude))
+    b_sq = (b * b).sum(1)
+    out_d, out_i = [], []
+    for s in range(0, len(q), chunk):
+        x = q[s:s + chunk]
+        d2 = (x * x).sum(1, keepdim=True) - 2.0 * (x @ b.T) + b_sq
+        if len(exclude):
+            d2[:, torch.from_numpy(exclude)] = float("inf")
+        d, i = torch.topk(d2, k, dim=1, largest=False)
+        out_d.append(d)
+        out_i.append(i)
+    return torch.cat(out_d).clamp_min_(0).sqrt_().numpy(), torch.cat(out_i).numpy()
+
 
 def index_holds(index, bank: np.ndarray, probes: int = 8) -> bool:
     """Whether ``index`` was built over ``bank``: a few rows spread over the bank are stored under their

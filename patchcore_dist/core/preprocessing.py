@@ -89,13 +89,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_sized(data: bytes, max_pixels: int = 100_000_000, min_side: int = 16,
-                 shorter_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+                 shorter_side: int | None = None, longer_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded bytes -> (HxWx3 uint8 RGB with EXIF orientation applied, the original (height, width)).
 
     The first frame of a multi-frame file (TIFF pages, APNG, animated WebP) is used. ``shorter_side``:
     the caller needs no more than this many pixels on the shorter side; a JPEG at least twice as large
     is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (still at least ``shorter_side``), which bounds the
-    memory of large photographs. The returned size is the original's either way.
+    memory of large photographs. ``longer_side``: the same, for a caller that needs this many pixels on
+the longer side (a tiled working image). The returned size is the original's either way.
     """
     with _pixel_limit(max_pixels):
         img = _open(data, max_pixels)
@@ -103,8 +104,8 @@ def decode_sized(data: bytes, max_pixels: int = 100_000_000, min_side: int = 16,
         if min(w, h) < min_side:
             raise ImageError(f"image is {w}x{h}, smaller than image.min_side={min_side}")
         try:
-            if shorter_side and img.format == "JPEG" and min(w, h) >= 2 * shorter_side:
-                scale = shorter_side / min(w, h)
+            scale = shorter_side / min(w, h) if shorter_side else (longer_side / max(w, h) if longer_side else 1.0)
+            if img.format == "JPEG" and scale <= 0.5:
                 img.draft(img.mode, (max(1, int(w * scale)), max(1, int(h * scale))))
             img.load()
         except (OSError, SyntaxError, ValueError) as e:

@@ -88,3 +88,4 @@ def anomaly_map_original(scores: torch.Tensor, grid: tuple[int, int], geom, sigm
     (sampled at ``size`` (h, w) instead of the original's pixels when given)."""
     from .preprocessing import to_original
     return to_original(anomaly_maps(scores, grid, geom.crop, sigma)[0].numpy(), geom, size)
+

@@ -96,9 +96,33 @@ def actor_pool(config: Config) -> dict:
     return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu")}
 
 
+def map_in_tasks(batches, fn, fn_kwargs: dict, num_cpus: float = 0.5, in_flight: int | None = None):
+    """``fn(batch, **fn_kwargs)`` as Ray tasks over a stream of batches made on the driver, at most
+    ``in_flight`` at once (default: the cluster's CPUs); results in completion order. A task whose
+    worker dies is retried by Ray."""
+    import ray
+    task = ray.remote(num_cpus=num_cpus)(fn)
+    limit = in_flight or max(2, int(ray.cluster_resources().get("CPU", 2)))
+    pending = []
+    for batch in batches:
+        pending.append(task.remote(batch, **fn_kwargs))
+        while len(pending) >= limit:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
 def iterate_with_progress(ds, total: int, what: str, every: float = 5.0):
-    """The dataset's output batches (numpy), with progress: a bar with rate and ETA on a terminal,
-    else one line every ``every`` seconds (images done, errors, rate)."""
+    """The dataset's output batches (numpy), with progress (:func:`progress`)."""
+    yield from progress(ds.iter_batches(batch_size=None, batch_format="numpy"), total, what, every)
+
+
+def progress(batches, total: int, what: str, every: float = 5.0, count=None):
+    """Batches of image rows, with progress: a bar with rate and ETA on a terminal, else one line
+    every ``every`` seconds (images done, errors, rate). ``count(batch)``: the images a batch
+    completes (default: its rows)."""
     import sys
     bar = None
     if sys.stderr.isatty():
@@ -107,8 +131,8 @@ def iterate_with_progress(ds, total: int, what: str, every: float = 5.0):
     t0 = last = time.time()
     done = errors = 0
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n = len(batch["uri"])
+        for batch in batches:
+            n = count(batch) if count else len(batch["uri"])
             done += n
             errors += sum(1 for e in batch["error"] if isinstance(e, str) and e)
             yield batch

@@ -12,7 +12,6 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
 
 from ..artifacts import storage
 from ..artifacts.inputs import category_entry, category_test, mask_uri
@@ -20,8 +19,8 @@ from ..artifacts.scores import read_scores
 from ..config import load_config
 from ..core import calibration
 from ..core.metrics import PixelHistogram, f1_threshold, image_auroc
-from ..core.preprocessing import decode_image, geometry
-from ..core.scoring import anomaly_map_original
+from ..core.preprocessing import decode_image
+from ..core.tiling import anomaly_map_of
 from ..errors import ImageError, JobError, StorageError
 from .score import run_score
 from .stages import render_batch
@@ -31,9 +30,8 @@ log = logging.getLogger(__name__)
 
 def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
     """The anomaly map of a score-table row at ``size`` (H, W) of its ground-truth mask."""
-    grid = torch.tensor(row["patch_scores"], dtype=torch.float32)
-    g = geometry(row["height"], row["width"], config.image.resize, config.image.crop)
-    return anomaly_map_original(grid, (row["grid_h"], row["grid_w"]), g, config.scoring.sigma, tuple(size))
+    return anomaly_map_of(row["patch_scores"], (row["grid_h"], row["grid_w"]), row["height"], row["width"], config,
+                          tuple(size))
 
 
 def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | None = None,

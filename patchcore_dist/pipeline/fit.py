@@ -28,15 +28,16 @@ from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
 from ..errors import JobError
 from . import faults
-from .cluster import actor_pool, init_ray, iterate_with_progress
+from .cluster import actor_pool, init_ray, progress
 from .coreset import build_memory_bank
-from .stages import Extract, decode_batch
+from .stages import Extract, decode_batch, decode_tiles
 
 log = logging.getLogger(__name__)
 
 # Normal images whose anomaly maps fix the heatmap scale (and, without validation images, whose image
 # scores centre it).
 NORMAL_SAMPLE = 128
+MIN_TILED_SAMPLE = 8  # with tiling: training images scored at least (however many tiles they hold)
 # Per-image columns of the extraction, kept in images.parquet (but the shard checksums).
 COLUMNS = ("uri", "rel", "split", "digest", "height", "width", "error", "unchanged", "shard", "row", "patches",
            "shard_sha256", "shard_bytes")
@@ -81,7 +82,8 @@ def _fit_record(plan: FitPlan, rows: dict, manifest: dict, run_id: str, started:
     return {"run_id": run_id, "job": "fit", "started": started, "ended": now_iso(), "model": manifest["model_digest"],
             "model_uri": plan.model, "inputs": plan.root, "output": plan.model, "images_listed": len(plan.items),
             "scored": t["used"], "skipped": t["reused"], "errors": t["errors"],
-            "errors_by_reason": error_reasons([e for e in rows["error"] if e]), "patches": t["patches"],
+            "errors_by_reason": error_reasons([e for e, t in zip(rows["error"], rows.get("tile", [0] * len(rows["error"])))
+                                               if e and t == 0]), "patches": t["patches"],
             "bank_rows": manifest["bank"]["rows"], "threshold": manifest["stats"].get("threshold"),
             "seconds": round(elapsed, 2), "images_per_s": round(len(plan.items) / elapsed, 2), "version": __version__}
 
@@ -107,6 +109,10 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
                                        max_bytes=config.image.max_bytes)]
     plan = FitPlan(model, root, items, len(files) - len(held), held, validation=validation, reuse=reuse)
     plan.reusable = reusable_features(reuse, config, opts) if reuse else {}
+    if plan.reusable and config.tiling.enabled:
+        log.warning("--reuse: features are extracted again with tiling on (reuse works image by image, "
+                    "a tiled image has many feature rows)")
+        plan.reusable = {}
     clean_uncommitted(model, opts)
     n_val = len(items) - plan.training
     log.info("fit: %d training images under %s%s -> model %s", plan.training, root,
@@ -129,20 +135,55 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
         pool = actor_pool(config)  # its batch size suits the actors' device
         injected = faults.from_env()
         readable = [{k: it[k] for k in ("uri", "rel", "split")} for it in plan.items if not it["error"]]
-        rows = {c: [] for c in COLUMNS}
+        columns = _columns(config)
+        rows = {c: [] for c in columns}
         if not readable:
             return _with_refused(rows, plan.items)
         ds = ray.data.from_items(readable, override_num_blocks=max(1, min(len(readable), 200)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable),
-                                                     "faults": injected},
-                            batch_size=pool["batch_size"], num_cpus=0.5)
+        if config.tiling.enabled:  # one image per decode task; the actors' batches are tiles
+            ds = ds.map_batches(decode_tiles, fn_kwargs={"config": cfg, "faults": injected}, batch_size=1, num_cpus=0.5)
+        else:
+            ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable),
+                                                         "faults": injected},
+                                batch_size=pool["batch_size"], num_cpus=0.5)
         ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model, injected), **pool)
-        for batch in iterate_with_progress(ds, len(readable), "extracting"):
-            for c in COLUMNS:
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+        for batch in progress(batches, len(readable), "extracting", count=_images_in):
+            for c in columns:
                 rows[c].extend(batch[c].tolist())
     finally:
         context.execution_options.preserve_order = preserve_order
-    return _with_refused(rows, plan.items)
+    return _with_refused(whole_images(rows) if config.tiling.enabled else rows, plan.items)
+
+
+def _columns(config: Config) -> tuple[str, ...]:
+    """The extraction's per-row columns: per image, or with tiling per tile (its number and count too)."""
+    return COLUMNS + (("tile", "tiles") if config.tiling.enabled else ())
+
+
+def _images_in(batch: dict) -> int:
+    """Images a batch of extraction rows completes (with tiling: its images' last tiles)."""
+    if "tile" not in batch:
+        return len(batch["uri"])
+    return int((np.asarray(batch["tile"]) == np.asarray(batch["tiles"]) - 1).sum())
+
+
+def whole_images(rows: dict[str, list]) -> dict[str, list]:
+    """Tile rows: an image with any failed tile is an error on every one of its rows (the image is not
+    used, never in part); missing tiles likewise."""
+    by_image: dict[str, list[int]] = {}
+    for i, uri in enumerate(rows["uri"]):
+        by_image.setdefault(uri, []).append(i)
+    for uri, idx in by_image.items():
+        errors = [(rows["tile"][i], rows["error"][i]) for i in idx if rows["error"][i]]
+        tiles = rows["tiles"][idx[0]]
+        if not errors and len({rows["tile"][i] for i in idx}) == tiles:
+            continue
+        why = (f"tile {errors[0][0] + 1} of {tiles} failed: {errors[0][1]}" if tiles > 1 else errors[0][1]) if errors \
+            else f"only {len(idx)} of {tiles} tiles were extracted"
+        for i in idx:
+            rows["error"][i] = why
+    return rows
 
 
 def _with_refused(rows: dict[str, list], items: list[dict]) -> dict[str, list]:
@@ -151,8 +192,8 @@ def _with_refused(rows: dict[str, list], items: list[dict]) -> dict[str, list]:
         if it["error"]:
             row = {"uri": it["uri"], "rel": it["rel"], "split": it["split"], "digest": "", "height": 0, "width": 0,
                    "error": it["error"], "unchanged": False, "shard": "", "row": -1, "patches": 0,
-                   "shard_sha256": "", "shard_bytes": 0}
-            for c in COLUMNS:
+                   "shard_sha256": "", "shard_bytes": 0, "tile": 0, "tiles": 1}
+            for c in rows:
                 rows[c].append(row[c])
     return rows
 
@@ -164,13 +205,14 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
         copy_reused(rows, plan.reusable, plan.model, opts)
     ok = [not e for e in rows["error"]]
     train_ok = [o and s == "features" for o, s in zip(ok, rows["split"])]
-    errors = len(ok) - sum(ok)
+    first = [t == 0 for t in rows["tile"]] if "tile" in rows else [True] * len(ok)  # one row per image
+    errors = sum(1 for o, f in zip(ok, first) if f and not o)
     if not any(train_ok):
         raise JobError(f"none of the {plan.training + len(plan.held)} training images could be used; first errors: "
                        + "; ".join(f"{r!r}: {e}" for r, e in zip(rows["rel"], rows["error"]) if e)[:800]
                        + " (no model was written)")
     if errors:
-        log.warning("%d of %d images could not be used (listed in %s/errors.parquet)", errors, len(ok), plan.model)
+        log.warning("%d of %d images could not be used (listed in %s/errors.parquet)", errors, sum(first), plan.model)
     writer = ModelWriter(plan.model, opts)
     for o, split, name, sha, nb in zip(ok, rows["split"], rows["shard"], rows["shard_sha256"], rows["shard_bytes"]):
         if o:
@@ -180,11 +222,15 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     train_uris = [storage.join(plan.model, "features", s) for s in shards]
     bank, stats, selected, layout = build_memory_bank(train_uris, counts, config, opts)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
-    stats.update(calibrate([storage.join(plan.model, "validation", s) for s in val_shards], bank, selected, layout,
-                           config, opts))
-    _write_model_files(writer, bank, rows, ok, config, stats)
-    digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], train_ok) if t)).encode()).hexdigest()
-    training = {"uri": plan.root, "images": plan.training, "used": int(sum(train_ok)), "errors": errors,
+    if config.tiling.enabled:
+        stats.update(calibrate_tiled(rows, ok, plan.model, bank, selected, layout, config, opts))
+    else:
+        stats.update(calibrate([storage.join(plan.model, "validation", s) for s in val_shards], bank, selected,
+                               layout, config, opts))
+    _write_model_files(writer, bank, rows, [o or not f for o, f in zip(ok, first)], config, stats)
+    used = [t and f for t, f in zip(train_ok, first)]
+    digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], used) if t)).encode()).hexdigest()
+    training = {"uri": plan.root, "images": plan.training, "used": int(sum(used)), "errors": errors,
                 "reused": int(sum(rows["unchanged"])), "digest": digest[:16], "patches": stats.pop("patches"),
                 "reuse_from": plan.reuse,
                 "validation": plan.validation or (f"{len(plan.held)} held out" if plan.held else None)}
@@ -209,12 +255,88 @@ def _write_model_files(writer: ModelWriter, bank: np.ndarray, rows: dict[str, li
     stats["index"] = type(index).__name__
     writer.put("index.faiss", serialize_index(index))
     writer.put("config.yaml", config_yaml(config))
-    images = pa.table({c: rows[c] for c in COLUMNS if c not in ("shard_sha256", "shard_bytes")})
+    images = pa.table({c: rows[c] for c in rows if c not in ("shard_sha256", "shard_bytes")})
     writer.put("images.parquet", storage.parquet_bytes(images))
     err_idx = [i for i, o in enumerate(ok) if not o]
     writer.put("errors.parquet", storage.parquet_bytes(pa.table({
         "image": [rows["uri"][i] for i in err_idx], "error": [rows["error"][i] for i in err_idx]},
         schema=pa.schema([("image", pa.string()), ("error", pa.string())]))))
+
+
+def calibrate_tiled(rows: dict[str, list], ok: list[bool], model: str, bank: np.ndarray, selected: np.ndarray,
+                    layout: list, config: Config, opts: dict) -> dict:
+    """:func:`calibrate` for a tiled model: each normal image's tiles searched (a training image without
+    any patch of its own tiles in the bank), stitched into its image score (not re-weighted); the cold
+    end from the stitched grids smoothed at grid resolution (:func:`tiled_normal_scores`)."""
+    val = [i for i, o in enumerate(ok) if o and rows["split"][i] == "validation"]
+    scores, maps = tiled_normal_scores(rows, val or [i for i, o in enumerate(ok) if o and rows["split"][i] == "features"],
+                                       model, bank, selected if not val else None, layout, config, opts)
+    stats: dict = {}
+    if val:
+        stats = calibration.calibration_stats(scores, config.fit.target_fpr)
+        centre, source, of = stats["threshold"], "calibrated threshold", "validation"
+        log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", centre, len(scores),
+                 config.fit.target_fpr)
+    ref = calibration.normal_reference(scores, maps)
+    if not val:
+        centre, source = ref["p99"], "p99 of held-out training image scores (no calibrated threshold)"
+        of = "training, each without its own patches"
+    lo, hi = calibration.heatmap_scale(ref["cold"], centre)
+    stats.update(normal_image_score={**ref, "images_of": of}, heatmap_min=lo, heatmap_max=hi,
+                 heatmap_threshold=centre, heatmap_threshold_source=source)
+    log.info("heatmap scale [%.3f, %.3f]: cold = typical normal pixel, centre %.3f = %s", lo, hi, centre, source)
+    return stats
+
+
+def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str, bank: np.ndarray,
+                        selected: np.ndarray | None, layout: list, config: Config, opts: dict
+                        ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Stitched image scores and smoothed stitched grids of the images among the tile rows
+    ``candidates``. Validation images (``selected`` None): all of them. Training images: each searched
+    without the bank rows that came from its own tiles, as many as hold :data:`NORMAL_SAMPLE` tiles (at
+    least :data:`MIN_TILED_SAMPLE` images): an image of many tiles costs as much search as many untiled
+    images."""
+    from ..core import tiling
+    from ..core.memory_bank import search_excluding
+    from ..core.scoring import gaussian_blur
+    from ..core.tiling import tiling_layout
+    offsets = {uri.rsplit("/", 1)[-1]: (int(o), per) for (uri, _, per), o in
+               zip(layout, np.cumsum([0] + [n * per for _, n, per in layout]))}
+    images: dict[str, list[int]] = {}
+    for i in candidates:
+        images.setdefault(rows["uri"][i], []).append(i)
+    scores, maps, cache, tiles = [], [], {}, 0
+    for idx in images.values():
+        if selected is not None and tiles >= NORMAL_SAMPLE and len(scores) >= MIN_TILED_SAMPLE:
+            break
+        tiles += len(idx)
+        idx = sorted(idx, key=lambda i: rows["tile"][i])
+        own = np.zeros(0, np.int64)
+        if selected is not None:
+            spans = [(offsets[rows["shard"][i]][0] + rows["row"][i] * offsets[rows["shard"][i]][1],
+                      offsets[rows["shard"][i]][1]) for i in idx]
+            own = np.flatnonzero(np.any([(selected >= lo) & (selected < lo + n) for lo, n in spans], axis=0))
+        grids = []
+        for i in idx:
+            f = _tile_features(rows, i, model, cache, opts)
+            d, _ = search_excluding(bank, f, own, config.scoring.num_neighbors)
+            grids.append(d.mean(1))
+        g = int(round(np.sqrt(len(grids[0]))))
+        grids = np.stack([np.asarray(x).reshape(g, g) for x in grids])
+        lay = tiling_layout(rows["height"][idx[0]], rows["width"][idx[0]], config)
+        stitched = tiling.stitch(lay, grids)
+        scores.append(float(stitched.max()))
+        if len(maps) < NORMAL_SAMPLE:
+            maps.append(gaussian_blur(torch.from_numpy(stitched)[None], config.scoring.sigma / lay.stride)[0].numpy())
+    return np.asarray(scores), maps
+
+
+def _tile_features(rows: dict[str, list], i: int, model: str, cache: dict, opts: dict) -> np.ndarray:
+    """Row ``i``'s patch features [h*w, D] float32, from its shard (the last shard read is kept)."""
+    name, split = rows["shard"][i], rows["split"][i]
+    if cache.get("name") != (split, name):
+        cache.update(name=(split, name), feats=read_shard(storage.join(model, split, name), opts)[1])
+    return cache["feats"][rows["row"][i]].astype(np.float32)
 
 
 def calibrate(validation_uris: list[str], bank: np.ndarray, selected: np.ndarray, layout: list, config: Config,
@@ -270,7 +392,6 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
     its own patches would look far more normal than an unseen one); re-weighted as configured."""
     from ..core.memory_bank import MemoryBank, search_excluding
     from ..core.scoring import anomaly_maps, reweighted_image_scores
-    index = build_index(bank, config.index.model_copy(update={"type": "flat"}))
     s = config.scoring
     memory = MemoryBank(bank, exact_search="brute") if s.reweight else None
     scores, maps, offset = [], [], 0
@@ -282,7 +403,7 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
         for j, f in enumerate(feats):
             lo = offset + j * per_image
             own = np.flatnonzero((selected >= lo) & (selected < lo + per_image))
-            d, idx = search_excluding(index, f.astype(np.float32), own, s.num_neighbors)
+            d, idx = search_excluding(bank, f.astype(np.float32), own, s.num_neighbors)
             patch = torch.from_numpy(d.mean(1))
             score = patch.max()
             if memory is not None:

@@ -32,8 +32,9 @@ from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
 from . import faults
-from .cluster import actor_pool, init_ray, iterate_with_progress
-from .stages import Score, decode_batch, render_batch
+from .cluster import actor_pool, init_ray, iterate_with_progress, map_in_tasks, progress
+from .stages import Score, decode_batch, decode_tiles, render_batch
+from .tiles import TileAssembler
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,11 @@ def score_config(model_config: Config, user: Config, config_file: str | None, ov
 
 def _incompatible(model: Config, user: Config) -> str:
     a, b = model.feature_dict(), user.feature_dict()
-    diffs = [f"{s}.{k}: model {a[s][k]!r}, given {b[s].get(k)!r}" for s in a for k in a[s] if a[s][k] != b[s].get(k)]
+    keys = [(s, k) for s in sorted(set(a) | set(b)) for k in sorted(set(a.get(s, {})) | set(b.get(s, {})))]
+    diffs = [f"{s}.{k}: model {a.get(s, {}).get(k)!r}, given {b.get(s, {}).get(k)!r}" for s, k in keys
+             if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
+    if "tiling" in set(a) ^ set(b):
+        diffs.insert(0, f"tiling.enabled: model {'tiling' in a}, given {'tiling' in b}")
     return "incompatible config: the model's features were built with other settings (" + "; ".join(diffs) + ")"
 
 
@@ -192,15 +197,38 @@ def score_dataset(plan: ScorePlan):
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
     keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
     injected = faults.from_env()
+    if config.tiling.enabled:  # one image per decode task; the actors' batches are tiles
+        ds = ds.map_batches(decode_tiles, fn_kwargs={"config": cfg, "faults": injected}, batch_size=1, num_cpus=0.5)
+        return ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
     ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "keep_bytes": keep_bytes, "faults": injected},
                         batch_size=bs, num_cpus=0.5)
     ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
     if config.output.heatmaps:
-        ds = ds.map_batches(render_batch, fn_kwargs={"config": cfg, "vrange": plan.vrange, "faults": injected,
-                                                     "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest),
-                                                     "peak_normalise": plan.peak_normalise},
-                            batch_size=bs, num_cpus=0.5)
+            ds = ds.map_batches(render_batch, fn_kwargs=_render_kwargs(plan, injected), batch_size=bs, num_cpus=0.5)
     return ds
+
+
+def _render_kwargs(plan: ScorePlan, injected: tuple) -> dict:
+    return {"config": plan.config.to_dict(), "vrange": plan.vrange, "faults": injected,
+            "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest), "peak_normalise": plan.peak_normalise}
+
+
+def scored_batches(plan: ScorePlan, ds):
+    """The image rows of the dataset's output batches, with progress. With tiling on, the tile rows are
+    stitched into image rows on the driver (:class:`.tiles.TileAssembler`) and their heatmaps drawn by
+    render tasks, at most a few at a time."""
+    total = plan.todo.num_rows
+    if not plan.config.tiling.enabled:
+        yield from iterate_with_progress(ds, total, "scoring")
+        return
+    assembler = TileAssembler(plan.config)
+    images = (b for b in map(assembler.add, ds.iter_batches(batch_size=None, batch_format="numpy")) if b is not None)
+    if plan.config.output.heatmaps:
+        images = map_in_tasks(images, render_batch, _render_kwargs(plan, faults.from_env()), num_cpus=0.5)
+    yield from progress(images, total, "scoring")
+    if assembler.incomplete:
+        raise JobError(f"internal error: {assembler.incomplete} images are missing tiles; the rows committed so far "
+                       "are kept, run the job again to complete it")
 
 
 def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
@@ -220,7 +248,7 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
         commit(plan.output, plan.digest, rows, opts, pa.concat_tables(grids) if grids else None)
         counts["commits"] += 1
         pending.clear()
-    for batch in _with_refused(plan, iterate_with_progress(ds, plan.todo.num_rows, "scoring") if ds else ()):
+    for batch in _with_refused(plan, scored_batches(plan, ds) if ds else ()):
         idx = np.asarray(batch["idx"], np.int64)
         _, first = np.unique(idx, return_index=True)
         keep = np.sort(first[~seen[idx[first]]])

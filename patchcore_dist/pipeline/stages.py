@@ -17,7 +17,7 @@ import numpy as np
 from ..artifacts import storage
 from ..config import Config
 from ..core.calibration import peak_normalised
-from ..core.preprocessing import decode_sized, geometry, resize_crop, resize_rgb
+from ..core.preprocessing import decode_sized, resize_crop, resize_rgb
 from ..errors import ImageError
 from ..render.heatmap import colorize, encode, overlay, render_size
 from . import faults as _faults
@@ -28,6 +28,40 @@ log = logging.getLogger(__name__)
 def _err(e: Exception) -> str:
     msg = str(e) or type(e).__name__
     return msg if isinstance(e, (ImageError, FileNotFoundError)) else f"{type(e).__name__}: {msg}"
+
+
+def _read_image(uri: str, known: str | None, cfg: Config, opts: dict, known_digests: set, need: dict) -> dict:
+    """One image file: its bytes, digest and whether it is unchanged (then not decoded), else the decoded
+    pixels (reduced in decoding as ``need`` allows, :func:`decode_sized`) and the original size."""
+    data = storage.read_bytes(str(uri), **opts, limit=cfg.image.max_bytes + 1)
+    if len(data) > cfg.image.max_bytes:  # grew since it was listed
+        raise ImageError(f"file is over the limit image.max_bytes={cfg.image.max_bytes} (read no further)")
+    out = {"data": data, "digest": hashlib.sha256(data).hexdigest(), "rgb": None, "size": (0, 0)}
+    out["unchanged"] = known == out["digest"] or out["digest"] in known_digests
+    if not out["unchanged"]:
+        try:
+            out["rgb"], out["size"] = decode_sized(data, cfg.image.max_pixels, cfg.image.min_side, **need)
+        except Exception as e:  # the row keeps the file's digest
+            out["error"] = _err(e)
+    return out
+
+
+def _decoded(batch: dict, config: dict, known_digests: set | None, faults: tuple, need: dict):
+    """The decode tasks' common part: every row's file read (and decoded unless unchanged), in order;
+    yields (row, what :func:`_read_image` returned or None, error message, milliseconds, config)."""
+    _faults.on_batch(faults, "decode")
+    cfg = Config.model_validate(config)
+    opts = cfg.storage.options()
+    known = batch.get("known_digest", [None] * len(batch["uri"]))
+    for i, uri in enumerate(batch["uri"]):
+        t0 = time.perf_counter()
+        got, err = None, ""
+        try:
+            got = _read_image(uri, known[i], cfg, opts, known_digests or set(), need)
+            err = got.get("error", "")
+        except Exception as e:  # one bad file is one error row
+            err = _err(e)
+        yield i, got, err, (time.perf_counter() - t0) * 1e3, cfg
 
 
 def decode_batch(batch: dict, config: dict, known_digests: set | None = None, keep_bytes: bool = False,
@@ -41,45 +75,66 @@ def decode_batch(batch: dict, config: dict, known_digests: set | None = None, ke
     storage is read once per image; :func:`render_batch` drops them again. ``faults``: the fault
     tests' injected faults (:mod:`.faults`).
     """
-    _faults.on_batch(faults, "decode")
-    cfg = Config.model_validate(config)
-    opts = cfg.storage.options()
-    known_digests = known_digests or set()
-    known = batch.get("known_digest", [None] * len(batch["uri"]))
-    c = cfg.image.crop
+    c, resize = config["image"]["crop"], config["image"]["resize"]
     n = len(batch["uri"])
     crops = np.zeros((n, c, c, 3), np.uint8)
-    digest, height, width, error, ms, kept = [], [], [], [], [], []
+    cols = {k: [] for k in ("digest", "height", "width", "error", "decode_ms", "data")}
     unchanged = np.zeros(n, bool)
-    for i, uri in enumerate(batch["uri"]):
-        t0 = time.perf_counter()
-        h = w = 0
-        d = err = ""
-        data = b""
-        try:
-            data = storage.read_bytes(str(uri), **opts, limit=cfg.image.max_bytes + 1)
-            if len(data) > cfg.image.max_bytes:  # grew since it was listed
-                raise ImageError(f"file is over the limit image.max_bytes={cfg.image.max_bytes} (read no further)")
-            d = hashlib.sha256(data).hexdigest()
-            unchanged[i] = known[i] == d or d in known_digests
-            if not unchanged[i]:
-                # a large JPEG decodes at a reduced scale, still twice the model's resolution
-                rgb, (h, w) = decode_sized(data, cfg.image.max_pixels, cfg.image.min_side, 2 * cfg.image.resize)
-                crops[i] = resize_crop(rgb, cfg.image.resize, c, size=(h, w))
-        except Exception as e:  # one bad file is one error row
-            err = _err(e)
-        digest.append(d)
-        height.append(h)
-        width.append(w)
-        error.append(err)
-        ms.append((time.perf_counter() - t0) * 1e3)
-        kept.append(data if keep_bytes and h and not err else b"")
+    # a large JPEG decodes at a reduced scale, still twice the model's resolution
+    for i, got, err, ms, _ in _decoded(batch, config, known_digests, faults, {"shorter_side": 2 * resize}):
+        h, w = got["size"] if got else (0, 0)
+        if got and not err and not got["unchanged"]:
+            try:
+                crops[i] = resize_crop(got["rgb"], resize, c, size=(h, w))
+            except Exception as e:
+                err = _err(e)
+        unchanged[i] = bool(got and got["unchanged"])
+        for k, v in zip(cols, (got["digest"] if got else "", h, w, err, ms,
+                               got["data"] if keep_bytes and got and h and not err else b"")):
+            cols[k].append(v)
     out = dict(batch)
-    out.update(digest=np.array(digest, object), height=np.array(height, np.int32),
-               width=np.array(width, np.int32), error=np.array(error, object), crop=crops,
-               decode_ms=np.array(ms, np.float32), unchanged=unchanged)
+    out.update(digest=np.array(cols["digest"], object), height=np.array(cols["height"], np.int32),
+               width=np.array(cols["width"], np.int32), error=np.array(cols["error"], object), crop=crops,
+               decode_ms=np.array(cols["decode_ms"], np.float32), unchanged=unchanged)
     if keep_bytes:
-        out["data"] = np.array(kept, object)
+        out["data"] = np.array(cols["data"], object)
+    return out
+
+
+def decode_tiles(batch: dict, config: dict, known_digests: set | None = None, faults: tuple = ()) -> dict:
+    """Decode task with tiling on: one output row per tile (:mod:`..core.tiling`), the image's columns
+    repeated, with ``tile`` (its number, row by row) and ``tiles`` (the image's tile count) and the tile's
+    pixels as ``crop``. A failed or unchanged image is one row (``tiles`` = 1) with nothing to compute.
+    Run it on one image per batch: a large image's tiles are many rows, which the scoring stage's
+    batches spread over the actors."""
+    from ..core.tiling import tiling_layout
+    from ..core.tiling import cut_tiles
+    c, longer = config["image"]["crop"], config["tiling"]["working_size"]
+    parts, rows, tile, tiles = [], [], [], []
+    cols = {k: [] for k in ("digest", "height", "width", "error", "decode_ms", "unchanged")}
+    for i, got, err, ms, cfg in _decoded(batch, config, known_digests, faults, {"longer_side": longer}):
+        h, w = got["size"] if got else (0, 0)
+        pixels = np.zeros((1, c, c, 3), np.uint8)
+        if got and not err and not got["unchanged"]:
+            try:
+                layout = tiling_layout(h, w, cfg)
+                pixels = cut_tiles(resize_rgb(got["rgb"], (layout.work_h, layout.work_w)), layout)
+            except Exception as e:
+                err = _err(e)
+        n = len(pixels)
+        parts.append(pixels)
+        rows += [i] * n
+        tile += list(range(n))
+        tiles += [n] * n
+        for k, v in zip(cols, (got["digest"] if got else "", h, w, err, ms, bool(got and got["unchanged"]))):
+            cols[k] += [v] + ([0.0 if k == "decode_ms" else v] * (n - 1))
+    idx = np.asarray(rows, np.int64)
+    out = {k: np.asarray(v)[idx] for k, v in batch.items()}
+    out.update(digest=np.array(cols["digest"], object), height=np.array(cols["height"], np.int32),
+               width=np.array(cols["width"], np.int32), error=np.array(cols["error"], object),
+               crop=np.concatenate(parts), decode_ms=np.array(cols["decode_ms"], np.float32),
+               unchanged=np.array(cols["unchanged"], bool), tile=np.array(tile, np.int32),
+               tiles=np.array(tiles, np.int32))
     return out
 
 
@@ -198,16 +253,6 @@ class Score:
                              score_ms=_per_image_ms(t0, n))
 
 
-def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float],
-                 peak_normalise: bool = True) -> dict:
-    """Render task: anomaly map at the original resolution -> heatmap PNG (and an overlay JPEG) under
-    ``heatmaps_uri``, mirroring each input's relative path with its extension (cat.jpg -> cat.jpg.png,
-    so cat.png and cat.jpg stay apart). The map is peak-normalised (its maximum reads the image score;
-    not for models fitted before the scale was calibrated on such maps) and coloured on the fixed scale
-    ``vrange``. Only in the pipeline when output.heatmaps is on."""
-    import torch
-    from ..core.scoring import anomaly_map_original
-
 def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float], faults: tuple = (),
                  peak_normalise: bool = True) -> dict:
     """Render task: anomaly map at the original resolution (capped at render.heatmap.MAX_RENDER_PIXELS)
@@ -241,14 +286,11 @@ def _render_one(batch: dict, i: int, cfg: Config, heatmaps_uri: str, vrange: tup
                 opts: dict, peak_normalise: bool = True) -> tuple[str, str]:
     """Image ``i``'s heatmap PNG and overlay JPEG; returns the heatmap's URI and a warning ("" or why the
     overlay was not written)."""
-    import torch
-    from ..core.scoring import anomaly_map_original
+    from ..core.tiling import anomaly_map_of
     h, w = int(batch["grid_h"][i]), int(batch["grid_w"][i])
-    grid = torch.from_numpy(np.array(batch["patch_scores"][i][: h * w], np.float32))
     height, width = int(batch["height"][i]), int(batch["width"][i])
     size = render_size(height, width)
-    g = geometry(height, width, cfg.image.resize, cfg.image.crop)
-    amap = anomaly_map_original(grid, (h, w), g, cfg.scoring.sigma, size)
+    amap = anomaly_map_of(batch["patch_scores"][i], (h, w), height, width, cfg, size)
     if peak_normalise and "score" in batch:
         amap = peak_normalised(amap, float(batch["score"][i]))
     rgb = colorize(amap, vrange)

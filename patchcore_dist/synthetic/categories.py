@@ -18,7 +18,7 @@ from ..core.preprocessing import decode_image
 from ..errors import ImageError, JobError
 from ..render.heatmap import encode as encode_png
 from .defects import DEFECT_KINDS, inject
-from .photos import photo_variants
+from .photos import TEXTURES, mosaic_variants, photo_variants
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 def make_category(normal: list[np.ndarray], output: str, kinds: Iterable[str] = DEFECT_KINDS,
                   test_fraction: float = 0.3, defects_per_kind: int | None = None, seed: int = 0,
                   foreign_sources: list[np.ndarray] | None = None, names: list[str] | None = None,
-                  storage_options: dict | None = None) -> dict:
-    """Split normal images into train/test and write an MVTec-layout category with injected defects."""
+                  storage_options: dict | None = None, defect_size: tuple[float, float] | None = None) -> dict:
+    """Split normal images into train/test and write an MVTec-layout category with injected defects
+    (``defect_size``: (min, max) extent in pixels of each defect, drawn uniformly; else the demo's
+    fractions of the image)."""
     if len(normal) < 3:
         raise ValueError(f"need at least 3 normal images to build a category, got {len(normal)}")
     kinds = list(kinds)
@@ -52,7 +54,8 @@ def make_category(normal: list[np.ndarray], output: str, kinds: Iterable[str] = 
             src = None
             if foreign_sources:
                 src = foreign_sources[rng.integers(len(foreign_sources))]
-            img, mask = inject(normal[i], kind, rng, source=src)
+            size = rng.uniform(*defect_size) if defect_size else None
+            img, mask = inject(normal[i], kind, rng, source=src, size=size)
             if not mask.any():
                 continue
             name = f"{names[i]}_{j:03d}"
@@ -78,9 +81,22 @@ def make_demo_benchmark(output: str, categories: Iterable[str] = ("brick", "grav
     return result
 
 
+def make_highres_category(output: str, photo: str = "brick", n_images: int = 20, size: int = 1024,
+                          defect_size: tuple[float, float] = (10, 40), kinds: Iterable[str] = DEFECT_KINDS,
+                          seed: int = 0, storage_options: dict | None = None) -> dict:
+    """A high-resolution category: ``size`` x ``size`` native-scale mosaics of a scikit-image texture
+    (:func:`.photos.mosaic_variants`) with small defects of ``defect_size`` pixels and exact masks."""
+    if photo not in TEXTURES:
+        raise JobError(f"--photo {photo!r}: high-resolution categories are made of textures ({', '.join(TEXTURES)})")
+    normal = mosaic_variants(photo, n_images, size, seed)
+    others = [v for c in ("coffee", "rocket", "astronaut") for v in photo_variants(c, 1, 256, seed + 99)]
+    return make_category(normal, output, kinds, seed=seed, foreign_sources=others, storage_options=storage_options,
+                         defect_size=defect_size)
+
+
 def synthesize_folder(normal: str, output: str, kinds: Iterable[str] = DEFECT_KINDS, test_fraction: float = 0.3,
                       defects_per_kind: int | None = None, seed: int = 0, storage_options: dict | None = None,
-                      max_pixels: int = 100_000_000) -> dict:
+                      max_pixels: int = 100_000_000, defect_size: tuple[float, float] | None = None) -> dict:
     """A folder of normal images (local or s3) -> an MVTec-layout category under ``output``."""
     opts = storage_options or {}
     files = list_images(normal, opts, "normal images")
@@ -96,6 +112,6 @@ def synthesize_folder(normal: str, output: str, kinds: Iterable[str] = DEFECT_KI
     if len(images) < 3:
         raise JobError(f"need at least 3 usable normal images under {normal}, found {len(images)}")
     counts = make_category(images, output, kinds, test_fraction, defects_per_kind, seed,
-                           names=names, storage_options=opts)
+                           names=names, storage_options=opts, defect_size=defect_size)
     counts["skipped"] = len(skipped)
     return counts

@@ -13,9 +13,10 @@ from scipy import ndimage
 DEFECT_KINDS = ("scratch", "stain", "foreign", "hole", "deformation")
 
 
-def _blob_mask(h: int, w: int, rng: np.random.Generator, frac: float) -> np.ndarray:
-    """An irregular blob covering about ``frac`` of the image, away from the borders."""
-    area = frac * h * w
+def _blob_mask(h: int, w: int, rng: np.random.Generator, frac: float, size: float | None = None) -> np.ndarray:
+    """An irregular blob covering about ``frac`` of the image (or about ``size`` pixels across), away
+    from the borders."""
+    area = frac * h * w if size is None else np.pi * (size / 2) ** 2
     r = np.sqrt(area / np.pi)
     cy = rng.uniform(0.25, 0.75) * h
     cx = rng.uniform(0.25, 0.75) * w
@@ -27,19 +28,19 @@ def _blob_mask(h: int, w: int, rng: np.random.Generator, frac: float) -> np.ndar
     return np.asarray(img) > 127
 
 
-def scratch(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.ndarray, np.ndarray]:
+def scratch(image: np.ndarray, rng: np.random.Generator, size: float | None = None, **_) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
     n = rng.integers(3, 6)
     x, y = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
     angle = rng.uniform(0, np.pi)
-    length = rng.uniform(0.25, 0.45) * min(h, w)
+    length = rng.uniform(0.25, 0.45) * min(h, w) if size is None else size
     pts = [(x, y)]
     for _ in range(n):
         angle += rng.normal(0, 0.25)
         x += np.cos(angle) * length / n
         y += np.sin(angle) * length / n
         pts.append((x, y))
-    width = max(2, int(round(min(h, w) * rng.uniform(0.012, 0.02))))
+    width = max(2, int(round((min(h, w) if size is None else 8 * size) * rng.uniform(0.012, 0.02))))
     m = Image.new("L", (w, h), 0)
     ImageDraw.Draw(m).line(pts, fill=255, width=width, joint="curve")
     mask = np.asarray(m) > 127
@@ -50,9 +51,9 @@ def scratch(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.ndarra
     return out, mask
 
 
-def stain(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.ndarray, np.ndarray]:
+def stain(image: np.ndarray, rng: np.random.Generator, size: float | None = None, **_) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
-    mask = _blob_mask(h, w, rng, rng.uniform(0.01, 0.03))
+    mask = _blob_mask(h, w, rng, rng.uniform(0.01, 0.03), size)
     tint = np.array(rng.choice([[140, 60, 20], [60, 40, 20], [30, 90, 30], [160, 30, 120]]), dtype=np.float32)
     soft = ndimage.gaussian_filter(mask.astype(np.float32), 1.5)[..., None] * 0.8
     out = (image.astype(np.float32) * (1 - soft) + tint * soft).clip(0, 255).astype(np.uint8)
@@ -60,10 +61,10 @@ def stain(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.ndarray,
 
 
 def foreign(image: np.ndarray, rng: np.random.Generator, source: np.ndarray | None = None,
-            **_) -> tuple[np.ndarray, np.ndarray]:
+            size: float | None = None, **_) -> tuple[np.ndarray, np.ndarray]:
     """Material from ``source`` (another image) pasted into a blob; a colour-inverted copy if none."""
     h, w = image.shape[:2]
-    mask = _blob_mask(h, w, rng, rng.uniform(0.01, 0.03))
+    mask = _blob_mask(h, w, rng, rng.uniform(0.01, 0.03), size)
     if source is None:
         src = 255 - image[::-1, ::-1]
     else:
@@ -73,9 +74,9 @@ def foreign(image: np.ndarray, rng: np.random.Generator, source: np.ndarray | No
     return out, mask
 
 
-def hole(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.ndarray, np.ndarray]:
+def hole(image: np.ndarray, rng: np.random.Generator, size: float | None = None, **_) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape[:2]
-    mask = _blob_mask(h, w, rng, rng.uniform(0.006, 0.015))
+    mask = _blob_mask(h, w, rng, rng.uniform(0.006, 0.015), size)
     dist = ndimage.distance_transform_edt(mask)
     depth = np.clip(dist / max(dist.max(), 1.0), 0, 1)[..., None]
     out = image.astype(np.float32)
@@ -85,10 +86,11 @@ def hole(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.ndarray, 
     return out.clip(0, 255).astype(np.uint8), mask | rim
 
 
-def deformation(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.ndarray, np.ndarray]:
+def deformation(image: np.ndarray, rng: np.random.Generator, size: float | None = None,
+                **_) -> tuple[np.ndarray, np.ndarray]:
     """Swirl a disc of the surface; the mask is where pixels moved by more than one pixel."""
     h, w = image.shape[:2]
-    r = min(h, w) * rng.uniform(0.09, 0.14)
+    r = min(h, w) * rng.uniform(0.09, 0.14) if size is None else size / 2
     cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     dy, dx = yy - cy, xx - cx
@@ -106,9 +108,11 @@ def deformation(image: np.ndarray, rng: np.random.Generator, **_) -> tuple[np.nd
 KINDS = {"scratch": scratch, "stain": stain, "foreign": foreign, "hole": hole, "deformation": deformation}
 
 
-def inject(image: np.ndarray, kind: str, rng: np.random.Generator,
-           source: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def inject(image: np.ndarray, kind: str, rng: np.random.Generator, source: np.ndarray | None = None,
+           size: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One defect of ``kind``; ``size``: its extent in pixels (a blob's diameter, a scratch's length),
+    else a fraction of the image as the demo uses."""
     if kind not in KINDS:
         raise ValueError(f"unknown defect kind {kind!r}; one of {', '.join(DEFECT_KINDS)}")
-    out, mask = KINDS[kind](np.ascontiguousarray(image[..., :3]), rng, source=source)
+    out, mask = KINDS[kind](np.ascontiguousarray(image[..., :3]), rng, source=source, size=size)
     return out, mask.astype(bool)

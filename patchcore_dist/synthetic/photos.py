@@ -37,3 +37,22 @@ def photo_variants(name: str, n: int, size: int, seed: int = 0) -> list[np.ndarr
         arr = arr * rng.uniform(0.93, 1.07) + rng.uniform(-6, 6)
         out.append(np.clip(arr, 0, 255).astype(np.uint8))
     return out
+
+
+def mosaic_variants(name: str, n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` normal ``size`` x ``size`` RGB images of a scikit-image texture at its native scale (no
+    resampling): random windows of the photograph mirrored into a seamless mosaic as large as needed
+    (high-resolution inspection), with flips and small lighting changes."""
+    rng = np.random.default_rng(seed)
+    img = _photo(name)
+    h, w = img.shape[:2]
+    canvas = np.pad(img, ((0, size + h), (0, size + w), (0, 0)), mode="symmetric")
+    out = []
+    for _ in range(n):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        arr = canvas[y:y + size, x:x + size].astype(np.float32)
+        if rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        arr = arr * rng.uniform(0.95, 1.05) + rng.uniform(-4, 4)
+        out.append(np.ascontiguousarray(np.clip(arr, 0, 255).astype(np.uint8)))
+    return out

@@ -1,0 +1,179 @@
+"""High-resolution inspection: tiles of the working image at the model's input size, their patch
+scores stitched onto one grid over the whole image, and the anomaly map at full resolution.
+
+The working image is the original, or the original with its longer side resized to
+``tiling.working_size``. Tiles of side ``image.crop`` are taken with stride ``crop x (1 - overlap)``
+(rounded down to a multiple of the feature stride, at least one stride); the last row and column are
+shifted to end at the border. The working image is padded by mirroring at the bottom and right to
+the "canvas": at least one tile, and a whole number of feature cells (at most stride - 1 pixels), so
+that every tile starts on a feature cell and the tiles' grids stitch cell on cell. Cells that lie
+wholly in the padding are dropped from the stitched grid: they never count for the image score.
+
+Overlapping cells are averaged: a patch near a tile's border is seen with less context there (the
+backbone pads with zeros) and scores higher than the same patch seen in the middle of its neighbour
+tile; the mean damps those border artefacts, while a real defect is high in every tile that sees it.
+The maximum would keep the artefacts.
+
+Pure numpy / torch: the stages cut and stitch, the algorithm is unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ImageError
+from .preprocessing import geometry
+from .scoring import anomaly_map_original, gaussian_blur
+
+# Pixels per patch-feature cell of the registry's backbones (their first level, ResNet layer2 /
+# EfficientNet stage 3, has stride 8). Tile origins are multiples of it.
+FEATURE_STRIDE = 8
+
+
+def working_size(height: int, width: int, longer_side: int | None) -> tuple[int, int]:
+    """The working image's (height, width): the original's, or its longer side resized to ``longer_side``."""
+    if not longer_side:
+        return height, width
+    scale = longer_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def positions(canvas: int, tile: int, step: int) -> tuple[int, ...]:
+    """Tile origins along one side: 0, step, 2 step, ... and the last one ending at the canvas border."""
+    if canvas <= tile:
+        return (0,)
+    return tuple(sorted(set(range(0, canvas - tile, step)) | {canvas - tile}))
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where an image's tiles lie: original size, working size, canvas and tile origins (pixels)."""
+    height: int
+    width: int
+    work_h: int
+    work_w: int
+    tile: int
+    stride: int
+    tops: tuple[int, ...]
+    lefts: tuple[int, ...]
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return (max(self.tile, _ceil_to(self.work_h, self.stride)), max(self.tile, _ceil_to(self.work_w, self.stride)))
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        """The stitched grid: feature cells that cover some pixel of the working image."""
+        return -(-self.work_h // self.stride), -(-self.work_w // self.stride)
+
+    @property
+    def origins(self) -> list[tuple[int, int]]:
+        """(top, left) of every tile, row by row."""
+        return [(t, l) for t in self.tops for l in self.lefts]
+
+    def __len__(self) -> int:
+        return len(self.tops) * len(self.lefts)
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def tile_layout(height: int, width: int, tile: int, overlap: float = 0.25, longer_side: int | None = None,
+                stride: int = FEATURE_STRIDE) -> TileLayout:
+    """The tiles of an original image of ``height`` x ``width`` pixels."""
+    if tile % stride:
+        raise ValueError(f"tile side {tile} is not a multiple of the feature stride {stride}")
+    wh, ww = working_size(height, width, longer_side)
+    step = max(stride, int(tile * (1.0 - overlap)) // stride * stride)
+    layout = TileLayout(height, width, wh, ww, tile, stride, (), ())
+    ch, cw = layout.canvas
+    return TileLayout(height, width, wh, ww, tile, stride, positions(ch, tile, step), positions(cw, tile, step))
+
+
+def cut_tiles(working: np.ndarray, layout: TileLayout) -> np.ndarray:
+    """The working image (work_h x work_w x 3 uint8) -> its tiles [n, tile, tile, 3] uint8, row by row
+    (mirrored padding to the canvas)."""
+    ch, cw = layout.canvas
+    h, w = working.shape[:2]
+    padded = np.pad(working, ((0, ch - h), (0, cw - w), (0, 0)), mode="symmetric") if (ch, cw) != (h, w) else working
+    t = layout.tile
+    return np.stack([padded[y:y + t, x:x + t] for y, x in layout.origins])
+
+
+def stitch(layout: TileLayout, grids: np.ndarray) -> np.ndarray:
+    """Patch-score grids of the tiles [n, g, g] (row by row) -> the stitched grid over the image's
+    cells [cells_h, cells_w]: each cell the mean over the tiles that cover it."""
+    grids = np.asarray(grids, np.float64)
+    if len(grids) != len(layout):
+        raise ImageError(f"{len(grids)} tile grids for a layout of {len(layout)} tiles")
+    g = grids.shape[1]
+    if layout.tile % g or grids.shape[2] != g:
+        raise ImageError(f"tile grids of {grids.shape[1]}x{grids.shape[2]} do not divide the tile side {layout.tile}")
+    cell = layout.tile // g
+    if any(v % cell for v in layout.tops + layout.lefts):
+        raise ImageError(f"tile origins are not multiples of the backbone's feature stride {cell}")
+    ch, cw = layout.canvas
+    total = np.zeros((ch // cell, cw // cell))
+    count = np.zeros_like(total)
+    for (y, x), grid in zip(layout.origins, grids):
+        total[y // cell:y // cell + g, x // cell:x // cell + g] += grid
+        count[y // cell:y // cell + g, x // cell:x // cell + g] += 1
+    rows, cols = -(-layout.work_h // cell), -(-layout.work_w // cell)
+    return (total / count)[:rows, :cols].astype(np.float32)
+
+
+def image_score(layout: TileLayout, stitched: np.ndarray, tile_grids: np.ndarray, tile_weights: np.ndarray) -> float:
+    """The image score: the stitched grid's maximum, times the re-weighting factor of the tile that
+    scores that cell highest (1 without re-weighting)."""
+    flat = int(np.argmax(stitched))
+    cy, cx = divmod(flat, stitched.shape[1])
+    g = tile_grids.shape[1]
+    cell = layout.tile // g
+    best, weight = -np.inf, 1.0
+    for (y, x), grid, w in zip(layout.origins, tile_grids, tile_weights):
+        ty, tx = cy - y // cell, cx - x // cell
+        if 0 <= ty < g and 0 <= tx < g and grid[ty, tx] > best:
+            best, weight = grid[ty, tx], float(w)
+    return float(stitched[cy, cx]) * weight
+
+
+def anomaly_map(stitched: np.ndarray, layout: TileLayout, sigma: float = 4.0,
+                size: tuple[int, int] | None = None) -> np.ndarray:
+    """The stitched grid -> the anomaly map at ``size`` (h, w; default the original's): upsampled to
+    the working resolution, cropped to the working image, smoothed there (``sigma`` in working pixels,
+    as in a tile), then resized to ``size``."""
+    rows, cols = stitched.shape
+    cell = layout.stride
+    m = torch.as_tensor(np.asarray(stitched, np.float32))[None, None]
+    m = F.interpolate(m, size=(rows * cell, cols * cell), mode="bilinear", align_corners=False)[0]
+    m = gaussian_blur(m[:, :layout.work_h, :layout.work_w].contiguous(), sigma)
+    out_h, out_w = size or (layout.height, layout.width)
+    if (out_h, out_w) != (layout.work_h, layout.work_w):
+        shrink = out_h < layout.work_h or out_w < layout.work_w
+        m = F.interpolate(m[None], size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=shrink)[0]
+    return m[0].numpy()
+
+
+def anomaly_map_of(scores: torch.Tensor | np.ndarray, grid: tuple[int, int], height: int, width: int, config,
+                   size: tuple[int, int] | None = None) -> np.ndarray:
+    """One image's patch-score grid (as stored in a score row) -> its anomaly map on the original image
+    (at ``size`` when given): through resize and crop, or, with ``config.tiling`` on, the stitched grid
+    through the working image."""
+    scores = torch.as_tensor(np.asarray(scores, np.float32)[: grid[0] * grid[1]])
+    if config.tiling.enabled:
+        layout = tiling_layout(height, width, config)
+        if tuple(grid) != layout.cells:
+            raise ValueError(f"a patch-score grid of {grid[0]}x{grid[1]} for a tiled image of {layout.cells} cells")
+        return anomaly_map(scores.reshape(grid).numpy(), layout, config.scoring.sigma, size)
+    g = geometry(height, width, config.image.resize, config.image.crop)
+    return anomaly_map_original(scores, grid, g, config.scoring.sigma, size)
+
+
+def tiling_layout(height: int, width: int, config):
+    """The tile layout of an original image of ``height`` x ``width`` under ``config`` (image.crop, tiling)."""
+    t = config.tiling
+    return tile_layout(height, width, config.image.crop, t.overlap, t.working_size)
