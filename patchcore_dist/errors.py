@@ -42,3 +42,7 @@ class ShardError(PatchCoreError, RuntimeError):
 
 class JobError(PatchCoreError, RuntimeError):
     """A job that cannot start or complete; the message says why. Nothing half-written is committed."""
+
+
+class InjectedFault(PatchCoreError, RuntimeError):
+    """A fault the fault tests asked for (``PATCHCORE_FAULT=...:raise``): an error inside a stage."""

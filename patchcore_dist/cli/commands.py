@@ -97,7 +97,7 @@ def synthesize(a: argparse.Namespace) -> None:
     kinds = a.kinds.split(",")
     if a.photo:
         counts = make_highres_category(a.output, a.photo, a.images, a.image_size, a.defect_size or (10, 40), kinds,
-                                       cfg.seed, cfg.storage.options())
+                                       cfg.seed, cfg.storage.options(), a.test_fraction, a.defects_per_kind)
     else:
         counts = synthesize_folder(a.normal, a.output, kinds, a.test_fraction, a.defects_per_kind,
                                    cfg.seed, cfg.storage.options(), cfg.image.max_pixels, a.defect_size)

@@ -1,14 +1,16 @@
 """Deterministic fault injection for the fault tests: a stage's worker process exits hard on its N-th
 batch, once.
 
-``PATCHCORE_FAULT="<stage>:<n>:<marker file>[;<stage>:<n>:<marker file>...]"`` in the driver's
+``PATCHCORE_FAULT="<stage>:<n>:<marker file>[:raise][;...]"`` in the driver's
 environment (stages: ``decode``, ``extract``, ``score``, ``render``). The driver reads it when it
 builds the pipeline and hands it to the stages as an argument, so workers that were started before
 the variable was set see it too. On its N-th batch a worker process of that stage creates the marker
 file with create-if-absent semantics (``O_EXCL``) and, if it was the one to create it, calls
 ``os._exit`` like a killed process (no cleanup, no exception for Ray to catch). The marker makes the
 fault happen once per job even though Ray restarts the actor or retries the task in a fresh process,
-and tells the test that the fault did happen. Unset (always, outside tests) it does nothing.
+and tells the test that the fault did happen. With ``:raise`` the batch raises :class:`InjectedFault`
+instead (an error inside the stage, which turns the batch's rows into error rows). Unset (always,
+outside tests) it does nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import collections
 import logging
 import os
 
-from ..errors import JobError
+from ..errors import InjectedFault, JobError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,11 @@ def from_env() -> tuple[tuple[str, int, str], ...]:
     for spec in filter(None, (s.strip() for s in raw.split(";"))):
         stage, _, rest = spec.partition(":")
         n, _, marker = rest.partition(":")
+        marker, raising = (marker[:-len(":raise")], True) if marker.endswith(":raise") else (marker, False)
         if stage not in STAGES or not n.isdigit() or int(n) < 1 or not marker:
-            raise JobError(f"{FAULT_ENV}: {spec!r} is not <stage>:<batch number>:<marker file> "
+            raise JobError(f"{FAULT_ENV}: {spec!r} is not <stage>:<batch number>:<marker file>[:raise] "
                            f"with a stage of {', '.join(STAGES)}")
-        out.append((stage, int(n), marker))
+        out.append((stage, int(n), marker + (":raise" if raising else "")))
     if out:
         log.warning("fault injection on (%s): %s", FAULT_ENV, raw)
     return tuple(out)
@@ -51,8 +54,11 @@ def on_batch(faults, stage: str) -> None:
     for name, n, marker in faults:
         if name != stage or n != _batches[stage]:
             continue
+        path, raising = (marker[:-len(":raise")], True) if marker.endswith(":raise") else (marker, False)
         try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
             continue  # taken by an earlier process of this job
+        if raising:
+            raise InjectedFault(f"injected fault in {stage} batch {n}")
         os._exit(EXIT_CODE)

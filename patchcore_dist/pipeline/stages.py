@@ -229,7 +229,6 @@ class Score:
         self.pc = PatchCore(self.cfg, model.bank, index=model.index, read_weights=_reader(opts))
 
     def __call__(self, batch: dict) -> dict:
-        _faults.on_batch(self.faults, "score")
         n = len(batch["uri"])
         score = np.full(n, np.nan, np.float64)
         grids = np.zeros((n, 1), np.float32)
@@ -238,17 +237,18 @@ class Score:
         errors = np.array(batch["error"], object)
         t0 = time.perf_counter()
         idx = _to_process(batch)
-        if len(idx):
-            try:
+        try:
+            _faults.on_batch(self.faults, "score")
+            if len(idx):
                 pred = self.pc.predict(batch["crop"][idx], maps=False)
                 score[idx] = pred.image_scores
                 h, w = pred.patch_scores.shape[1:]
                 grids = np.zeros((n, h * w), np.float32)
                 grids[idx] = pred.patch_scores.reshape(len(idx), -1)
                 gh[idx], gw[idx] = h, w
-            except Exception as e:
-                log.exception("scoring failed for a batch")
-                errors[idx] = f"scoring failed: {_err(e)}"
+        except Exception as e:
+            log.exception("scoring failed for a batch")
+            errors[idx] = f"scoring failed: {_err(e)}"
         return _without_crop(batch, score=score, patch_scores=grids, grid_h=gh, grid_w=gw, error=errors,
                              score_ms=_per_image_ms(t0, n))
 

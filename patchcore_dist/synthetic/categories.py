@@ -83,15 +83,16 @@ def make_demo_benchmark(output: str, categories: Iterable[str] = ("brick", "grav
 
 def make_highres_category(output: str, photo: str = "brick", n_images: int = 20, size: int = 1024,
                           defect_size: tuple[float, float] = (10, 40), kinds: Iterable[str] = DEFECT_KINDS,
-                          seed: int = 0, storage_options: dict | None = None) -> dict:
+                          seed: int = 0, storage_options: dict | None = None, test_fraction: float = 0.3,
+                          defects_per_kind: int | None = None) -> dict:
     """A high-resolution category: ``size`` x ``size`` native-scale mosaics of a scikit-image texture
     (:func:`.photos.mosaic_variants`) with small defects of ``defect_size`` pixels and exact masks."""
     if photo not in TEXTURES:
         raise JobError(f"--photo {photo!r}: high-resolution categories are made of textures ({', '.join(TEXTURES)})")
     normal = mosaic_variants(photo, n_images, size, seed)
     others = [v for c in ("coffee", "rocket", "astronaut") for v in photo_variants(c, 1, 256, seed + 99)]
-    return make_category(normal, output, kinds, seed=seed, foreign_sources=others, storage_options=storage_options,
-                         defect_size=defect_size)
+    return make_category(normal, output, kinds, test_fraction, defects_per_kind, seed=seed, foreign_sources=others,
+                         storage_options=storage_options, defect_size=defect_size)
 
 
 def synthesize_folder(normal: str, output: str, kinds: Iterable[str] = DEFECT_KINDS, test_fraction: float = 0.3,
