@@ -141,21 +141,59 @@ def image_score(layout: TileLayout, stitched: np.ndarray, tile_grids: np.ndarray
     return float(stitched[cy, cx]) * weight
 
 
+# Output rows per strip of :func:`anomaly_map`: its temporaries are a few strips of working rows.
+STRIP_ROWS = 256
+
+
 def anomaly_map(stitched: np.ndarray, layout: TileLayout, sigma: float = 4.0,
                 size: tuple[int, int] | None = None) -> np.ndarray:
     """The stitched grid -> the anomaly map at ``size`` (h, w; default the original's): upsampled to
     the working resolution, cropped to the working image, smoothed there (``sigma`` in working pixels,
-    as in a tile), then resized to ``size``."""
-    rows, cols = stitched.shape
-    cell = layout.stride
-    m = torch.as_tensor(np.asarray(stitched, np.float32))[None, None]
-    m = F.interpolate(m, size=(rows * cell, cols * cell), mode="bilinear", align_corners=False)[0]
-    m = gaussian_blur(m[:, :layout.work_h, :layout.work_w].contiguous(), sigma)
+    as in a tile), then resampled bilinearly to ``size``.
+
+    Drawn in strips of :data:`STRIP_ROWS` output rows, each from the working rows it needs plus the
+    smoothing's halo, so memory is the output map and a few strips (a 20 MP image does not need its
+    working-resolution map at once); equal to the whole-image computation.
+    """
     out_h, out_w = size or (layout.height, layout.width)
-    if (out_h, out_w) != (layout.work_h, layout.work_w):
-        shrink = out_h < layout.work_h or out_w < layout.work_w
-        m = F.interpolate(m[None], size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=shrink)[0]
-    return m[0].numpy()
+    out = np.empty((out_h, out_w), np.float32)
+    sy = layout.work_h / out_h
+    radius = int(4.0 * sigma + 0.5) if sigma > 0 else 0
+    grid = torch.as_tensor(np.asarray(stitched, np.float32))
+    xs = ((torch.arange(out_w, dtype=torch.float32) + 0.5) * (layout.work_w / out_w) - 0.5)
+    for o0 in range(0, out_h, STRIP_ROWS):
+        o1 = min(out_h, o0 + STRIP_ROWS)
+        ys = (torch.arange(o0, o1, dtype=torch.float32) + 0.5) * sy - 0.5  # working rows sampled
+        lo = max(0, int(np.floor(float(ys[0]))))
+        hi = min(layout.work_h, int(np.floor(float(ys[-1]))) + 2)
+        window, top = _smoothed_rows(grid, layout, lo, hi, sigma, radius)
+        out[o0:o1] = _sample(window, ys - top, xs, layout.work_w)
+    return out
+
+
+def _smoothed_rows(grid: torch.Tensor, layout: TileLayout, lo: int, hi: int, sigma: float, radius: int
+                   ) -> tuple[torch.Tensor, int]:
+    """Working rows [lo, hi) of the smoothed working-resolution map (and the row they start at): the
+    grid upsampled over those rows and the smoothing's halo (rows within ``radius``, plus one cell
+    for the bilinear upsampling), smoothed, the halo cut off. At the image's top and bottom the halo
+    is the smoothing's own reflection, as for the whole map; elsewhere it is real rows."""
+    cell = layout.stride
+    a, b = max(0, lo - radius), min(layout.work_h, hi + radius)
+    c0, c1 = max(0, a // cell - 1), min(grid.shape[0], -(-b // cell) + 1)
+    up = F.interpolate(grid[c0:c1][None, None], scale_factor=cell, mode="bilinear", align_corners=False)[0]
+    rows = up[:, a - c0 * cell:b - c0 * cell, :layout.work_w].contiguous()
+    return gaussian_blur(rows, sigma)[0][lo - a:hi - a], lo
+
+
+def _sample(window: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, width: int) -> np.ndarray:
+    """Bilinear samples of ``window`` [rows, width] at row coordinates ``ys`` and column coordinates
+    ``xs`` (pixel units, clamped at the borders as in torch's align_corners=False resizing)."""
+    h = window.shape[0]
+    gy = ((ys + 0.5) / h * 2 - 1).clamp(-1, 1)
+    gx = ((xs + 0.5) / width * 2 - 1).clamp(-1, 1)
+    yy, xx = torch.meshgrid(gy, gx, indexing="ij")
+    g = torch.stack([xx, yy], dim=-1)[None]  # grid_sample takes (x, y)
+    return F.grid_sample(window[None, None], g, mode="bilinear", padding_mode="border", align_corners=False)[0, 0].numpy()
 
 
 def anomaly_map_of(scores: torch.Tensor | np.ndarray, grid: tuple[int, int], height: int, width: int, config,

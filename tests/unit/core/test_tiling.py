@@ -93,3 +93,22 @@ def test_tiling_config_is_checked_and_part_of_the_feature_identity():
         load_config(overrides=["tiling.bank=per_position"])
     with pytest.raises(ConfigError, match="overlap"):
         load_config(overrides=["tiling.overlap=1.0"])
+
+
+@pytest.mark.parametrize("size", [None, (401, 333), (1500, 900)])
+def test_the_map_drawn_in_strips_equals_the_whole_map(size, monkeypatch):
+    """Strips of a few rows (each with its smoothing halo) give the map computed in one piece."""
+    import torch
+    import torch.nn.functional as F
+
+    from patchcore_dist.core.scoring import gaussian_blur
+    lay = tiling.tile_layout(700, 420, 64, 0.25)
+    grid = np.random.default_rng(1).random(lay.cells).astype(np.float32) * 3
+    monkeypatch.setattr(tiling, "STRIP_ROWS", 37)
+    strips = tiling.anomaly_map(grid, lay, 4.0, size)
+    up = F.interpolate(torch.from_numpy(grid)[None, None], scale_factor=8, mode="bilinear", align_corners=False)[0]
+    whole = gaussian_blur(up[:, :lay.work_h, :lay.work_w].contiguous(), 4.0)
+    if size:
+        whole = F.interpolate(whole[None], size=size, mode="bilinear", align_corners=False)[0]
+    assert strips.shape == (size or (700, 420))
+    assert np.allclose(strips, whole[0].numpy(), atol=1e-5)
