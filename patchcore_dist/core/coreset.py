@@ -210,10 +210,9 @@ class _PrunedTraversal:
         if len(todo) > n // 4:  # most columns: the dense product over all of them
             dot = np.dot(self.xt[:, idx], self.xt)[:n][todo]
         else:
-            cols = torch.zeros(_padded(len(todo)), dtype=torch.long)
-            cols[:len(todo)] = torch.from_numpy(todo)
-            block = torch.from_numpy(self.x).index_select(0, cols).T.contiguous()  # torch's blocked transpose
-            dot = np.dot(self.xt[:, idx], block.numpy())[:len(todo)]
+            cols = np.zeros(_padded(len(todo)), np.int64)  # (torch's gather wakes its thread pool: slower here)
+            cols[:len(todo)] = todo
+            dot = np.dot(self.xt[:, idx], np.ascontiguousarray(self.x[cols].T))[:len(todo)]
         np.multiply(dot, -2.0, out=dot)
         np.add(dot, self.sq[todo], out=dot)
         np.add(dot, self.sq[idx], out=dot)
