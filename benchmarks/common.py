@@ -72,3 +72,22 @@ def side_by_side(fns: dict, repeat: int = 5) -> Timings:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def texture_training_images(n: int, texture: str = "brick", size: int = 256, seed: int = 0) -> list[np.ndarray]:
+    """``n`` normal training images of one demo texture: random crops (half of them mirrored, as in
+    the demo) of a scikit-image photograph, each also rotated by (i mod 4) x 90 degrees, so that a
+    realistic training set (hundreds of images) does not repeat the same few views."""
+    from patchcore_dist.synthetic.photos import photo_variants
+    return [np.ascontiguousarray(np.rot90(img, i % 4)) for i, img in enumerate(photo_variants(texture, n, size, seed))]
+
+
+def write_training_folder(images: list[np.ndarray], folder: str) -> list[str]:
+    """The images as PNG files (a folder ``patchcore fit`` can read); returns their paths."""
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(os.path.join(folder, f"{i:04d}.png"))
+        Image.fromarray(img).save(paths[-1])
+    return paths
