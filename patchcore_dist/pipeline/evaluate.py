@@ -23,6 +23,7 @@ from ..core.metrics import PixelHistogram, f1_threshold, image_auroc
 from ..core.preprocessing import decode_image, geometry
 from ..core.scoring import anomaly_map_original
 from ..errors import ImageError, JobError, StorageError
+from .cluster import in_batches, init_ray, use_ray
 from .score import run_score
 from .stages import render_batch
 
@@ -82,7 +83,6 @@ def _evaluation_scale(scored: dict, f1_threshold: float | None, user) -> dict:
 def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrange: tuple[float, float]) -> dict:
     """Heatmap PNGs and overlays of the scored test images drawn again on ``vrange`` (Ray render tasks),
     over the keys the scoring run wrote (so the score table's links stay valid); image URI -> heatmap URI."""
-    import ray
     ok = [r for r in latest.values() if not r["error"]]
     if not ok:
         return {}
@@ -90,13 +90,17 @@ def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrang
               "score": r["score"], "height": r["height"], "width": r["width"], "grid_h": r["grid_h"],
               "grid_w": r["grid_w"], "patch_scores": np.asarray(r["patch_scores"], np.float32)} for r in ok]
     config = scored["config"].model_copy(update={"output": scored["config"].output.model_copy(update={"heatmaps": True})})
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = ds.map_batches(render_batch, fn_kwargs={"config": config.to_dict(), "vrange": vrange,
-                                                 "heatmaps_uri": storage.join(output, "heatmaps", scored["model"]),
-                                                 "peak_normalise": scored["peak_normalise"]},
-                        batch_size=8, num_cpus=0.5)
+    kwargs = {"config": config.to_dict(), "vrange": vrange, "heatmaps_uri": storage.join(output, "heatmaps", scored["model"]),
+              "peak_normalise": scored["peak_normalise"]}
+    if use_ray(config, len(items)):
+        ds = init_ray(config).data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+        ds = ds.map_batches(render_batch, fn_kwargs=kwargs, batch_size=8, num_cpus=0.5)
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    else:  # in process, as the scoring run was
+        columns = {k: np.array([it[k] for it in items], object) for k in items[0]}
+        batches = (render_batch(b, **kwargs) for b in in_batches(columns, 8))
     drawn = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         for uri, heatmap in zip(batch["uri"], batch["heatmap"]):
             drawn[str(uri)] = heatmap if isinstance(heatmap, str) else None
     return drawn

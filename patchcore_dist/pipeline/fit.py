@@ -28,7 +28,8 @@ from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
 from ..errors import JobError
 from . import faults
-from .cluster import actor_pool, init_ray, iterate_with_progress
+from .cluster import (actor_pool, check_cluster_paths, in_batches, init_ray, iterate_with_progress, local_config,
+                      node_id, use_ray)
 from .coreset import build_memory_bank
 from .stages import Extract, decode_batch
 
@@ -52,12 +53,16 @@ class FitPlan:
     reusable: dict = field(default_factory=dict)
     reuse: str | None = None
     validation: str | None = None
+    nodes: set = field(default_factory=set)  # the Ray nodes whose actors extracted features ("local": in process)
 
 
 def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
     """Fit a model on the normal images under ``train``; returns its manifest."""
     t_start = time.time()
     run_id, started = new_run_id()
+    weights = config.backbone.weights if config.backbone.weights not in ("default", "random") else None
+    check_cluster_paths(config, {"--train": train, "--model": model, "--reuse": reuse, "--validation": validation,
+                                 "backbone.weights": weights})
     lease = acquire_fit_lease(model, config.storage.options())  # a second fit into `model` is refused
     try:
         plan = plan_fit(train, model, config, reuse, validation)
@@ -83,6 +88,7 @@ def _fit_record(plan: FitPlan, rows: dict, manifest: dict, run_id: str, started:
             "scored": t["used"], "skipped": t["reused"], "errors": t["errors"],
             "errors_by_reason": error_reasons([e for e in rows["error"] if e]), "patches": t["patches"],
             "bank_rows": manifest["bank"]["rows"], "threshold": manifest["stats"].get("threshold"),
+            "nodes": sorted(plan.nodes),
             "seconds": round(elapsed, 2), "images_per_s": round(len(plan.items) / elapsed, 2), "version": __version__}
 
 
@@ -115,8 +121,35 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
 
 
 def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
-    """Ray: decode tasks and backbone actors; the actors write the feature shards. Returns the
-    per-image columns (:data:`COLUMNS`) in listing order."""
+    """Decode and backbone stages over the plan's readable images, on Ray or in process
+    (:func:`~.cluster.use_ray`); the extractor writes the feature shards. Returns the per-image
+    columns (:data:`COLUMNS`) in listing order."""
+    readable = [{k: it[k] for k in ("uri", "rel", "split")} for it in plan.items if not it["error"]]
+    rows = {c: [] for c in COLUMNS}
+    if readable:
+        batches = (_ray_batches if use_ray(config, len(readable)) else _local_batches)(plan, config, readable)
+        for batch in iterate_with_progress(batches, len(readable), "extracting"):
+            for c in COLUMNS:
+                rows[c].extend(batch[c].tolist())
+            plan.nodes.update(str(n) for n in batch.get("node", ()))
+    return _with_refused(rows, plan.items)
+
+
+def _local_batches(plan: FitPlan, config: Config, readable: list[dict]):
+    """The stages of :func:`_ray_batches` in this process, over batches of runtime.batch_size images in
+    listing order (the batches Ray forms with its order preserved)."""
+    from ..core.devices import pick_device
+    cfg = local_config(config)
+    log.info("extracting in process (%d images, runtime.executor=%s)", len(readable), config.runtime.executor)
+    extract = Extract(cfg, plan.model)
+    columns = {k: np.array([it[k] for it in readable], object) for k in ("uri", "rel", "split")}
+    batch_size = config.runtime.batch_for(pick_device(config.runtime.device).type)
+    for batch in in_batches(columns, batch_size):
+        yield extract(decode_batch(batch, cfg, known_digests=set(plan.reusable)))
+
+
+def _ray_batches(plan: FitPlan, config: Config, readable: list[dict]):
+    """Ray: decode tasks and a pool of backbone actors (the actors write the shards); output batches."""
     ray = init_ray(config)
     cfg = config.to_dict()
     # Same inputs, same model: keep the listing order through the pipeline, so every run forms the same
@@ -126,23 +159,16 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
     preserve_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
     try:
-        pool = actor_pool(config)  # its batch size suits the actors' device
+        pool = actor_pool(config, len(readable))  # its batch size suits the actors' device
         injected = faults.from_env()
-        readable = [{k: it[k] for k in ("uri", "rel", "split")} for it in plan.items if not it["error"]]
-        rows = {c: [] for c in COLUMNS}
-        if not readable:
-            return _with_refused(rows, plan.items)
         ds = ray.data.from_items(readable, override_num_blocks=max(1, min(len(readable), 200)))
         ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "known_digests": set(plan.reusable),
                                                      "faults": injected},
                             batch_size=pool["batch_size"], num_cpus=0.5)
         ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model, injected), **pool)
-        for batch in iterate_with_progress(ds, len(readable), "extracting"):
-            for c in COLUMNS:
-                rows[c].extend(batch[c].tolist())
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         context.execution_options.preserve_order = preserve_order
-    return _with_refused(rows, plan.items)
 
 
 def _with_refused(rows: dict[str, list], items: list[dict]) -> dict[str, list]:
