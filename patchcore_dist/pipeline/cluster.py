@@ -82,22 +82,6 @@ def use_ray(config: Config, images: int) -> bool:
                 or images > rt.local_max_images)
 
 
-def local_config(config: Config) -> dict:
-    """The config handed to the stages run in process: torch threads over every core of the machine
-    (runtime.torch_threads, if set, still decides) instead of one actor's share."""
-    rt = config.runtime
-    threads = rt.torch_threads or max(1, os.cpu_count() or 1)
-    return config.model_copy(update={"runtime": rt.model_copy(update={"torch_threads": threads})}).to_dict()
-
-
-def in_batches(columns: dict, batch_size: int):
-    """Dict-of-numpy batches of ``batch_size`` rows, in order, of a dict of equal-length numpy columns
-    (the in-process counterpart of Ray Data's ``map_batches`` batching)."""
-    n = len(next(iter(columns.values()))) if columns else 0
-    for start in range(0, n, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in columns.items()}
-
-
 def node_id() -> str:
     """The Ray node this process runs on ("local" outside Ray): recorded per batch, so that a run says
     which nodes did its work."""

@@ -23,7 +23,8 @@ from ..core.metrics import PixelHistogram, f1_threshold, image_auroc
 from ..core.preprocessing import decode_image, geometry
 from ..core.scoring import anomaly_map_original
 from ..errors import ImageError, JobError, StorageError
-from .cluster import in_batches, init_ray, use_ray
+from .cluster import init_ray, use_ray
+from .local import in_batches, object_columns
 from .score import run_score
 from .stages import render_batch
 
@@ -97,8 +98,7 @@ def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrang
         ds = ds.map_batches(render_batch, fn_kwargs=kwargs, batch_size=8, num_cpus=0.5)
         batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     else:  # in process, as the scoring run was
-        columns = {k: np.array([it[k] for it in items], object) for k in items[0]}
-        batches = (render_batch(b, **kwargs) for b in in_batches(columns, 8))
+        batches = (render_batch(b, **kwargs) for b in in_batches(object_columns(items, items[0]), 8))
     drawn = {}
     for batch in batches:
         for uri, heatmap in zip(batch["uri"], batch["heatmap"]):

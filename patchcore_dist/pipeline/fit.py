@@ -28,8 +28,8 @@ from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
 from ..errors import JobError
 from . import faults
-from .cluster import (actor_pool, check_cluster_paths, in_batches, init_ray, iterate_with_progress, local_config,
-                      node_id, use_ray)
+from .cluster import actor_pool, check_cluster_paths, init_ray, iterate_with_progress, use_ray
+from .local import driver_threads_kept, in_batches, map_ordered, object_columns
 from .coreset import build_memory_bank
 from .stages import Extract, decode_batch
 
@@ -136,16 +136,17 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
 
 
 def _local_batches(plan: FitPlan, config: Config, readable: list[dict]):
-    """The stages of :func:`_ray_batches` in this process, over batches of runtime.batch_size images in
-    listing order (the batches Ray forms with its order preserved)."""
+    """The stages of :func:`_ray_batches` in this process (:mod:`.local`), over batches of the actors'
+    batch size in listing order (the batches Ray forms with its order preserved)."""
     from ..core.devices import pick_device
-    cfg = local_config(config)
+    cfg = config.to_dict()
     log.info("extracting in process (%d images, runtime.executor=%s)", len(readable), config.runtime.executor)
-    extract = Extract(cfg, plan.model)
-    columns = {k: np.array([it[k] for it in readable], object) for k in ("uri", "rel", "split")}
-    batch_size = config.runtime.batch_for(pick_device(config.runtime.device).type)
-    for batch in in_batches(columns, batch_size):
-        yield extract(decode_batch(batch, cfg, known_digests=set(plan.reusable)))
+    known = set(plan.reusable)
+    with driver_threads_kept():
+        extract = Extract(cfg, plan.model)
+        batches = in_batches(object_columns(readable, ("uri", "rel", "split")),
+                             config.runtime.batch_for(pick_device(config.runtime.device).type))
+        yield from map_ordered(lambda b: extract(decode_batch(b, cfg, known_digests=known)), batches, config)
 
 
 def _ray_batches(plan: FitPlan, config: Config, readable: list[dict]):

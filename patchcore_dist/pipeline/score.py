@@ -32,8 +32,8 @@ from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
 from . import faults
-from .cluster import (actor_pool, check_cluster_paths, in_batches, init_ray, iterate_with_progress, local_config,
-                      use_ray)
+from .cluster import actor_pool, check_cluster_paths, init_ray, iterate_with_progress, use_ray
+from .local import driver_threads_kept, in_batches, map_ordered
 from .stages import Score, decode_batch, render_batch
 
 log = logging.getLogger(__name__)
@@ -197,17 +197,23 @@ def _render_kwargs(plan: ScorePlan, cfg: dict) -> dict:
 
 
 def _local_batches(plan: ScorePlan, todo: pa.Table):
-    """The stages of :func:`_ray_dataset` in this process, over batches of the actors' batch size."""
+    """The stages of :func:`_ray_dataset` in this process (:mod:`.local`), over batches of the actors'
+    batch size."""
     from ..core.devices import pick_device
     config = plan.config
-    cfg = local_config(config)
+    cfg = config.to_dict()
     log.info("scoring in process (%d images, runtime.executor=%s)", todo.num_rows, config.runtime.executor)
-    scorer = Score(plan.model_uri, cfg)
     keep_bytes = config.output.heatmaps and config.output.overlay
+    render = _render_kwargs(plan, cfg) if config.output.heatmaps else None
     columns = {name: todo.column(name).to_numpy(zero_copy_only=False) for name in todo.column_names}
-    for batch in in_batches(columns, config.runtime.batch_for(pick_device(config.runtime.device).type)):
-        out = scorer(decode_batch(batch, cfg, keep_bytes=keep_bytes))
-        yield render_batch(out, **_render_kwargs(plan, cfg)) if config.output.heatmaps else out
+    with driver_threads_kept():
+        scorer = Score(plan.model_uri, cfg)
+
+        def stages(batch):
+            out = scorer(decode_batch(batch, cfg, keep_bytes=keep_bytes))
+            return render_batch(out, **render) if render else out
+        batches = in_batches(columns, config.runtime.batch_for(pick_device(config.runtime.device).type))
+        yield from map_ordered(stages, batches, config)
 
 
 def _ray_dataset(plan: ScorePlan, todo: pa.Table):
