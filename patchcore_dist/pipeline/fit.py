@@ -144,6 +144,7 @@ def _local_batches(plan: FitPlan, config: Config, readable: list[dict]):
     known = set(plan.reusable)
     with driver_threads_kept():
         extract = Extract(cfg, plan.model)
+        extract.node = "local"  # in this process, not on a Ray worker
         batches = in_batches(object_columns(readable, ("uri", "rel", "split")),
                              config.runtime.batch_for(pick_device(config.runtime.device).type))
         yield from map_ordered(lambda b: extract(decode_batch(b, cfg, known_digests=known)), batches, config)

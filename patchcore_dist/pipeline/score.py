@@ -208,6 +208,7 @@ def _local_batches(plan: ScorePlan, todo: pa.Table):
     columns = {name: todo.column(name).to_numpy(zero_copy_only=False) for name in todo.column_names}
     with driver_threads_kept():
         scorer = Score(plan.model_uri, cfg)
+        scorer.node = "local"  # in this process, not on a Ray worker
 
         def stages(batch):
             out = scorer(decode_batch(batch, cfg, keep_bytes=keep_bytes))
