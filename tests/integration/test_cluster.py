@@ -42,9 +42,18 @@ def _submit(cmd: list[str], env: dict, attempts: int = 60):
     return r
 
 
+def _restore_session_ray(was_running: bool) -> None:
+    """The session's local instance again (as the ray_local fixture starts it), so that the later tests
+    still run their jobs on Ray (runtime.executor=auto reuses a running instance)."""
+    import ray
+    if was_running and not ray.is_initialized():
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+
+
 def test_ray_job_submit_fit_and_score(category, tmp_path):
     import ray
-    ray.shutdown()  # `ray stop` below ends every Ray process on this machine; later tests start afresh
+    was_running = ray.is_initialized()
+    ray.shutdown()  # `ray stop` below ends every Ray process on this machine; the session's instance is restarted
     env = dict(os.environ, RAY_AUTH_MODE="token")
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dash = _port(), _port()
@@ -69,6 +78,7 @@ def test_ray_job_submit_fit_and_score(category, tmp_path):
         assert table.num_rows == n and table.column("error").null_count == n
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _restore_session_ray(was_running)
 
 
 def _upload(folder: str, uri: str, endpoint: str) -> int:
@@ -146,5 +156,4 @@ def test_two_node_cluster_fit_and_score_on_s3(category, s3, bucket, tmp_path):
             context.wait_for_min_actors_s = -1
         ray.shutdown()
         cluster.shutdown()
-        if was_running:  # the session's instance, as the ray_local fixture starts it
-            ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+        _restore_session_ray(was_running)
