@@ -47,6 +47,11 @@ MAX_BATCH = 4096
 MAX_WORKING = 32768         # tiling.working_size: a 32k-pixel side, far above any camera
 
 
+# Runtime / storage keys added after models recorded their configs: they never enter config.yaml or
+# the config digest (Config.recorded_dict); older keys stay there so that no pinned digest moves.
+UNRECORDED = ("runtime.executor", "runtime.local_max_images", "storage.shared_paths")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
@@ -159,6 +164,11 @@ class RuntimeConfig(_Section):
     search_precision: Literal["fp32", "tf32"] = Field("fp32", description="GPU nearest-neighbour matmul")
     torch_threads: Optional[Int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
     ray_num_cpus: Optional[Int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="where the stages run: ray (Ray Data tasks and actors), local (the same stage "
+                            "functions in this process, no Ray), auto (local for a small job on this machine)")
+    local_max_images: Int = Field(256, ge=0, le=10_000_000, description="executor=auto: jobs of at most this many "
+                                                                        "images run in process when no cluster is given")
 
     @model_validator(mode="after")
     def _actor_fits(self):
@@ -211,6 +221,21 @@ class FitConfig(_Section):
 class StorageConfig(_Section):
     endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     region: Optional[str] = None
+    shared_paths: list[str] = Field(default_factory=list, description="local folders every node of a multi-node "
+                                                                      "Ray cluster sees at the same path (NFS mounts)")
+
+    @field_validator("shared_paths")
+    @classmethod
+    def _shared(cls, v):
+        """Absolute local folders (or file:// URIs of them), stored without the scheme and trailing slash."""
+        out = []
+        for p in v:
+            path = p[len("file://"):] if p.startswith("file://") else p
+            if "://" in path or not path.startswith("/") or path.rstrip("/") == "":
+                raise ValueError(f"storage.shared_paths: {p!r} is not an absolute local folder (such as /mnt/nfs); "
+                                 "the root folder / is not accepted")
+            out.append(path.rstrip("/"))
+        return out
 
     @field_validator("endpoint_url")
     @classmethod
@@ -263,6 +288,19 @@ class Config(_Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    def recorded_dict(self) -> dict:
+        """The config as a model records it (config.yaml, the config digest): without :data:`UNRECORDED`,
+        the keys that only say where and how this run executes, so that adding them moved no digest and
+        the same model fitted in process or on Ray has the same identity; the tiling section only when
+        tiling is on."""
+        d = self.to_dict()
+        for key in UNRECORDED:
+            section, name = key.split(".")
+            d[section].pop(name, None)
+        if not self.tiling.enabled:  # an untiled model records no tiling section (absent reads as off)
+            d.pop("tiling")
+        return d
 
     def feature_dict(self) -> dict:
         """The part of the config that determines patch features (for reuse and compatibility)."""

@@ -85,7 +85,7 @@ class ModelWriter:
             "library": {"name": "patchcore-dist", "version": __version__},
             "dependencies": dependency_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "config_digest": sha256(json.dumps(config.to_dict(), sort_keys=True).encode())[:16],
+            "config_digest": sha256(json.dumps(config.recorded_dict(), sort_keys=True).encode())[:16],
             "feature_digest": config.feature_digest(),
             "bank": {"rows": int(bank_shape[0]), "dim": int(bank_shape[1])},
             "training": training,
@@ -99,7 +99,7 @@ class ModelWriter:
 
 
 def config_yaml(config: Config) -> bytes:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
+    return yaml.safe_dump(config.recorded_dict(), sort_keys=False).encode()
 
 
 @dataclass

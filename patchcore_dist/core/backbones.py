@@ -9,6 +9,7 @@ import copy
 import io
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -141,8 +142,9 @@ class FeatureExtractor(nn.Module):
         if missing:
             hint = [n for n in modules if n.count(".") <= 1 and n][:40]
             raise BackboneError(f"levels {missing} not found in the backbone; some module names: {hint}")
-        self._outputs: dict[str, torch.Tensor] = {}
-        self._active = False
+        # The levels' outputs of the forward passes under way, per calling thread (the in-process executor
+        # runs batches on several threads through one extractor).
+        self._calls: dict[int, dict[str, torch.Tensor]] = {}
         self._hooks = {name: modules[name].register_forward_hook(self._hook(name)) for name in self.layers}
 
     def holds_level(self, name: str) -> bool:
@@ -158,27 +160,26 @@ class FeatureExtractor(nn.Module):
 
     def _hook(self, name):
         def hook(_module, _inp, out):
-            if not self._active:  # the model called directly (e.g. as a classifier)
+            outputs = self._calls.get(threading.get_ident())
+            if outputs is None:  # the model called directly (e.g. as a classifier)
                 return
-            self._outputs[name] = out
-            if len(self._outputs) == len(self.layers):
+            outputs[name] = out
+            if len(outputs) == len(self.layers):
                 raise FeatureExtractor._Done
         return hook
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._outputs = {}
-        self._active = True
+        outputs: dict[str, torch.Tensor] = {}
+        self._calls[threading.get_ident()] = outputs
         try:
             self.model(x)
         except FeatureExtractor._Done:
             pass
         finally:
-            self._active = False
-        if len(self._outputs) != len(self.layers):
-            raise BackboneError(f"the forward pass did not produce levels {set(self.layers) - set(self._outputs)}")
-        out = [self._outputs[l] for l in self.layers]
-        self._outputs = {}
-        return out
+            self._calls.pop(threading.get_ident(), None)
+        if len(outputs) != len(self.layers):
+            raise BackboneError(f"the forward pass did not produce levels {set(self.layers) - set(outputs)}")
+        return [outputs[l] for l in self.layers]
 
 
 def build_backbone(name: str, layers: Optional[list[str]] = None, weights: str = "default",

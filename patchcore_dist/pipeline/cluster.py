@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
+from ..artifacts import storage
 from ..config import Config
 from ..errors import JobError
 
@@ -53,6 +55,73 @@ def quiet_ray_logs() -> None:
                 handler.addFilter(_DropNotices())
 
 
+def ray_running() -> bool:
+    """Whether this process is already connected to Ray (never imports Ray to find out)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and hasattr(ray, "is_initialized") and ray.is_initialized()
+
+
+def use_ray(config: Config, images: int) -> bool:
+    """Whether a job over ``images`` images runs its stages on Ray (else in this process, the same stage
+    functions over the same batches, without starting Ray).
+
+    runtime.executor decides; ``auto`` runs in process a job of at most runtime.local_max_images images
+    when no cluster is given (no RAY_ADDRESS), this process is not already connected to Ray (a running
+    instance costs nothing to reuse) and no fault injection is asked for (an injected fault exits the
+    worker process: in process, that would be the job's own process). A small job spends most of its
+    time on Ray's start-up otherwise (a few seconds for the instance, more for each actor's start).
+    """
+    from .faults import FAULT_ENV
+    rt = config.runtime
+    if rt.executor != "auto":
+        if rt.executor == "local" and os.environ.get(FAULT_ENV):
+            raise JobError(f"{FAULT_ENV} (fault injection) needs runtime.executor=ray or auto: an injected fault "
+                           "exits the worker process, which would be this job's own process")
+        return rt.executor == "ray"
+    return bool(os.environ.get("RAY_ADDRESS") or ray_running() or os.environ.get(FAULT_ENV)
+                or images > rt.local_max_images)
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("local" outside Ray): recorded per batch, so that a run says
+    which nodes did its work."""
+    if not ray_running():
+        return "local"
+    import ray
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001  (a worker without a node id is no reason to fail a batch)
+        return "unknown"
+
+
+def check_cluster_paths(config: Config, paths: dict[str, str | None]) -> None:
+    """Refuse, before any work, a local path (``--model``, ``--output``, the images...) when the job runs
+    on a multi-node Ray cluster: the workers on other nodes cannot see this machine's disk (they would
+    read nothing, or write shards and heatmaps where the driver never looks). A path under one of
+    storage.shared_paths (a folder every node mounts at the same place, such as NFS) is allowed.
+    Only a job that joins a cluster (RAY_ADDRESS, or a process already connected to Ray) is checked: an
+    instance this job starts has one node."""
+    if config.runtime.executor == "local" or not (os.environ.get("RAY_ADDRESS") or ray_running()):
+        return
+    ray = init_ray(config)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    shared = config.storage.shared_paths
+    local = []
+    for what, uri in paths.items():
+        if not uri or storage.is_s3(uri):
+            continue
+        path = storage.resolve(uri)[1]
+        if not any(path == s or path.startswith(s + "/") for s in shared):
+            local.append(f"{what} {uri}")
+    if local:
+        raise JobError(f"this Ray cluster has {len(nodes)} nodes, and the workers on other nodes cannot see this "
+                       f"machine's disk: {'; '.join(local)} is a local path. Use object storage (s3://...), or, "
+                       "if the path is a folder every node mounts at the same place (NFS), declare it: "
+                       "storage.shared_paths=[/mnt/nfs]")
+
+
 def init_ray(config: Config):
     """Join the cluster at RAY_ADDRESS, or start a local instance (once per process)."""
     import ray
@@ -73,15 +142,16 @@ def init_ray(config: Config):
     return ray
 
 
-def actor_pool(config: Config) -> dict:
+def actor_pool(config: Config, images: int | None = None) -> dict:
     """map_batches arguments for the backbone actors: one per GPU when the cluster has GPUs, with
-    ``batch_size`` (runtime.gpu_batch_size on GPU actors, runtime.batch_size on CPU actors)."""
+    ``batch_size`` (runtime.gpu_batch_size on GPU actors, runtime.batch_size on CPU actors). With
+    ``images``, never more actors than the job has batches (each actor costs seconds to start)."""
     import ray
     from ray.data import ActorPoolStrategy
     gpus = int(ray.cluster_resources().get("GPU", 0))
     rt = config.runtime
     if gpus > 0 and rt.device != "cpu":
-        size = rt.num_actors or gpus
+        size = _fit_to_work(rt.num_actors or gpus, images, rt.batch_for("cuda"))
         log.info("actor pool: %d GPU actor(s), batch size %d", size, rt.batch_for("cuda"))
         return {"compute": ActorPoolStrategy(size=size), "num_gpus": 1, "num_cpus": 1,
                 "batch_size": rt.batch_for("cuda")}
@@ -91,9 +161,14 @@ def actor_pool(config: Config) -> dict:
     if rt.actor_cpus > cpus:
         raise JobError(f"runtime.actor_cpus={rt.actor_cpus} but the Ray cluster has {cpus} CPUs: no actor could "
                        "be placed (the job would wait forever); lower runtime.actor_cpus")
-    size = rt.num_actors or max(1, int((cpus - 1) // rt.actor_cpus) if cpus > 2 else 1)
+    size = _fit_to_work(rt.num_actors or max(1, int((cpus - 1) // rt.actor_cpus) if cpus > 2 else 1), images,
+                        rt.batch_for("cpu"))
     log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_for("cpu"))
     return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu")}
+
+
+def _fit_to_work(size: int, images: int | None, batch_size: int) -> int:
+    return size if images is None else max(1, min(size, -(-images // batch_size)))
 
 
 def map_in_tasks(batches, fn, fn_kwargs: dict, num_cpus: float = 0.5, in_flight: int | None = None):
@@ -114,15 +189,11 @@ def map_in_tasks(batches, fn, fn_kwargs: dict, num_cpus: float = 0.5, in_flight:
         yield ray.get(done[0])
 
 
-def iterate_with_progress(ds, total: int, what: str, every: float = 5.0):
-    """The dataset's output batches (numpy), with progress (:func:`progress`)."""
-    yield from progress(ds.iter_batches(batch_size=None, batch_format="numpy"), total, what, every)
-
-
-def progress(batches, total: int, what: str, every: float = 5.0, count=None):
-    """Batches of image rows, with progress: a bar with rate and ETA on a terminal, else one line
-    every ``every`` seconds (images done, errors, rate). ``count(batch)``: the images a batch
-    completes (default: its rows)."""
+def iterate_with_progress(ds, total: int, what: str, every: float = 5.0, count=None):
+    """The output batches (numpy) of a Ray dataset, or of an iterable of batches (the in-process
+    stages), with progress: a bar with rate and ETA on a terminal, else one line every ``every``
+    seconds (images done, errors, rate). ``count(batch)``: the images a batch completes (default:
+    its rows)."""
     import sys
     bar = None
     if sys.stderr.isatty():
@@ -131,6 +202,7 @@ def progress(batches, total: int, what: str, every: float = 5.0, count=None):
     t0 = last = time.time()
     done = errors = 0
     try:
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy") if hasattr(ds, "iter_batches") else ds
         for batch in batches:
             n = count(batch) if count else len(batch["uri"])
             done += n

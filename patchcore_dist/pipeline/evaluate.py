@@ -22,6 +22,8 @@ from ..core.metrics import PixelHistogram, f1_threshold, image_auroc
 from ..core.preprocessing import decode_image
 from ..core.tiling import anomaly_map_of
 from ..errors import ImageError, JobError, StorageError
+from .cluster import init_ray, use_ray
+from .local import in_batches, object_columns
 from .score import run_score
 from .stages import render_batch
 
@@ -80,7 +82,6 @@ def _evaluation_scale(scored: dict, f1_threshold: float | None, user) -> dict:
 def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrange: tuple[float, float]) -> dict:
     """Heatmap PNGs and overlays of the scored test images drawn again on ``vrange`` (Ray render tasks),
     over the keys the scoring run wrote (so the score table's links stay valid); image URI -> heatmap URI."""
-    import ray
     ok = [r for r in latest.values() if not r["error"]]
     if not ok:
         return {}
@@ -88,13 +89,16 @@ def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrang
               "score": r["score"], "height": r["height"], "width": r["width"], "grid_h": r["grid_h"],
               "grid_w": r["grid_w"], "patch_scores": np.asarray(r["patch_scores"], np.float32)} for r in ok]
     config = scored["config"].model_copy(update={"output": scored["config"].output.model_copy(update={"heatmaps": True})})
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = ds.map_batches(render_batch, fn_kwargs={"config": config.to_dict(), "vrange": vrange,
-                                                 "heatmaps_uri": storage.join(output, "heatmaps", scored["model"]),
-                                                 "peak_normalise": scored["peak_normalise"]},
-                        batch_size=8, num_cpus=0.5)
+    kwargs = {"config": config.to_dict(), "vrange": vrange, "heatmaps_uri": storage.join(output, "heatmaps", scored["model"]),
+              "peak_normalise": scored["peak_normalise"]}
+    if use_ray(config, len(items)):
+        ds = init_ray(config).data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+        ds = ds.map_batches(render_batch, fn_kwargs=kwargs, batch_size=8, num_cpus=0.5)
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    else:  # in process, as the scoring run was
+        batches = (render_batch(b, **kwargs) for b in in_batches(object_columns(items, items[0]), 8))
     drawn = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         for uri, heatmap in zip(batch["uri"], batch["heatmap"]):
             drawn[str(uri)] = heatmap if isinstance(heatmap, str) else None
     return drawn

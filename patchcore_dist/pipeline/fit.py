@@ -28,7 +28,8 @@ from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
 from ..errors import JobError
 from . import faults
-from .cluster import actor_pool, init_ray, progress
+from .cluster import actor_pool, check_cluster_paths, init_ray, iterate_with_progress, use_ray
+from .local import driver_threads_kept, in_batches, map_ordered, object_columns, rebatched
 from .coreset import build_memory_bank
 from .stages import Extract, decode_batch, decode_tiles
 
@@ -53,12 +54,16 @@ class FitPlan:
     reusable: dict = field(default_factory=dict)
     reuse: str | None = None
     validation: str | None = None
+    nodes: set = field(default_factory=set)  # the Ray nodes whose actors extracted features ("local": in process)
 
 
 def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
     """Fit a model on the normal images under ``train``; returns its manifest."""
     t_start = time.time()
     run_id, started = new_run_id()
+    weights = config.backbone.weights if config.backbone.weights not in ("default", "random") else None
+    check_cluster_paths(config, {"--train": train, "--model": model, "--reuse": reuse, "--validation": validation,
+                                 "backbone.weights": weights})
     lease = acquire_fit_lease(model, config.storage.options())  # a second fit into `model` is refused
     try:
         plan = plan_fit(train, model, config, reuse, validation)
@@ -85,6 +90,7 @@ def _fit_record(plan: FitPlan, rows: dict, manifest: dict, run_id: str, started:
             "errors_by_reason": error_reasons([e for e, t in zip(rows["error"], rows.get("tile", [0] * len(rows["error"])))
                                                if e and t == 0]), "patches": t["patches"],
             "bank_rows": manifest["bank"]["rows"], "threshold": manifest["stats"].get("threshold"),
+            "nodes": sorted(plan.nodes),
             "seconds": round(elapsed, 2), "images_per_s": round(len(plan.items) / elapsed, 2), "version": __version__}
 
 
@@ -121,8 +127,43 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
 
 
 def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
-    """Ray: decode tasks and backbone actors; the actors write the feature shards. Returns the
-    per-image columns (:data:`COLUMNS`) in listing order."""
+    """Decode and backbone stages over the plan's readable images, on Ray or in process
+    (:func:`~.cluster.use_ray`); the extractor writes the feature shards. Returns the per-image
+    columns (:data:`COLUMNS`) in listing order."""
+    readable = [{k: it[k] for k in ("uri", "rel", "split")} for it in plan.items if not it["error"]]
+    columns = _columns(config)
+    rows = {c: [] for c in columns}
+    if readable:
+        batches = (_ray_batches if use_ray(config, len(readable)) else _local_batches)(plan, config, readable)
+        for batch in iterate_with_progress(batches, len(readable), "extracting", count=_images_in):
+            for c in columns:
+                rows[c].extend(batch[c].tolist())
+            plan.nodes.update(str(n) for n in batch.get("node", ()))
+    return _with_refused(whole_images(rows) if config.tiling.enabled else rows, plan.items)
+
+
+def _local_batches(plan: FitPlan, config: Config, readable: list[dict]):
+    """The stages of :func:`_ray_batches` in this process (:mod:`.local`), over batches of the actors'
+    batch size in listing order (the batches Ray forms with its order preserved)."""
+    from ..core.devices import pick_device
+    cfg = config.to_dict()
+    log.info("extracting in process (%d images, runtime.executor=%s)", len(readable), config.runtime.executor)
+    known = set(plan.reusable)
+    with driver_threads_kept():
+        extract = Extract(cfg, plan.model)
+        extract.node = "local"  # in this process, not on a Ray worker
+        items = object_columns(readable, ("uri", "rel", "split"))
+        bs = config.runtime.batch_for(pick_device(config.runtime.device).type)
+        if config.tiling.enabled:  # tiles of one image at a time, extracted in batches of bs tiles as on Ray
+            tiles = (decode_tiles(b, cfg) for b in in_batches(items, 1))
+            yield from map_ordered(extract, rebatched(tiles, bs), config)
+            return
+        yield from map_ordered(lambda b: extract(decode_batch(b, cfg, known_digests=known)), in_batches(items, bs),
+                               config)
+
+
+def _ray_batches(plan: FitPlan, config: Config, readable: list[dict]):
+    """Ray: decode tasks and a pool of backbone actors (the actors write the shards); output batches."""
     ray = init_ray(config)
     cfg = config.to_dict()
     # Same inputs, same model: keep the listing order through the pipeline, so every run forms the same
@@ -132,13 +173,8 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
     preserve_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
     try:
-        pool = actor_pool(config)  # its batch size suits the actors' device
+        pool = actor_pool(config, None if config.tiling.enabled else len(readable))  # batch size for the device
         injected = faults.from_env()
-        readable = [{k: it[k] for k in ("uri", "rel", "split")} for it in plan.items if not it["error"]]
-        columns = _columns(config)
-        rows = {c: [] for c in columns}
-        if not readable:
-            return _with_refused(rows, plan.items)
         ds = ray.data.from_items(readable, override_num_blocks=max(1, min(len(readable), 200)))
         if config.tiling.enabled:  # one image per decode task; the actors' batches are tiles
             ds = ds.map_batches(decode_tiles, fn_kwargs={"config": cfg, "faults": injected}, batch_size=1, num_cpus=0.5)
@@ -147,13 +183,9 @@ def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
                                                          "faults": injected},
                                 batch_size=pool["batch_size"], num_cpus=0.5)
         ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model, injected), **pool)
-        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
-        for batch in progress(batches, len(readable), "extracting", count=_images_in):
-            for c in columns:
-                rows[c].extend(batch[c].tolist())
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         context.execution_options.preserve_order = preserve_order
-    return _with_refused(whole_images(rows) if config.tiling.enabled else rows, plan.items)
 
 
 def _columns(config: Config) -> tuple[str, ...]:
@@ -174,7 +206,7 @@ def whole_images(rows: dict[str, list]) -> dict[str, list]:
     by_image: dict[str, list[int]] = {}
     for i, uri in enumerate(rows["uri"]):
         by_image.setdefault(uri, []).append(i)
-    for uri, idx in by_image.items():
+    for idx in by_image.values():
         errors = [(rows["tile"][i], rows["error"][i]) for i in idx if rows["error"][i]]
         tiles = rows["tiles"][idx[0]]
         if not errors and len({rows["tile"][i] for i in idx}) == tiles:

@@ -32,7 +32,8 @@ from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
 from . import faults
-from .cluster import actor_pool, init_ray, iterate_with_progress, map_in_tasks, progress
+from .cluster import actor_pool, check_cluster_paths, init_ray, iterate_with_progress, map_in_tasks, use_ray
+from .local import driver_threads_kept, in_batches, map_ordered, rebatched
 from .stages import Score, decode_batch, decode_tiles, render_batch
 from .tiles import TileAssembler
 
@@ -139,7 +140,8 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
 def _counts() -> dict:
     """What a run's rows add up to: rows, errors, unchanged images, commits; this run's new scores,
     error messages and anomalies (for the run record)."""
-    return {"rows": 0, "errors": 0, "unchanged": 0, "commits": 0, "scores": [], "messages": [], "anomalies": 0}
+    return {"rows": 0, "errors": 0, "unchanged": 0, "commits": 0, "scores": [], "messages": [], "anomalies": 0,
+            "nodes": set()}
 
 
 def plan_score(model_uri: str, images: str, output: str, config_file: str | None, overrides: list[str],
@@ -153,6 +155,9 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
     except ModelError as e:
         raise JobError(f"cannot score: {e}") from None
     config = score_config(model.config, pre, config_file, overrides)
+    weights = config.backbone.weights if config.backbone.weights not in ("default", "random") else None
+    check_cluster_paths(config, {"--model": model_uri, "--images": images, "--output": output,
+                                 "backbone.weights (of the model)": weights})
     entries = pa.Table.from_pylist(list_images(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes),
                                    schema=LISTING_SCHEMA)
     open_tables(output, opts)
@@ -181,18 +186,53 @@ def _heatmap_range(model: LoadedModel, config: Config) -> tuple[float, float]:
 
 
 def score_dataset(plan: ScorePlan):
-    """The Ray Data pipeline over the images to read (Arrow blocks of the plan's todo table, each
-    row with its index ``idx``): decode tasks -> scoring actors -> render tasks (None when the listing
-    refused every file of the run)."""
-    config = plan.config
-    ray = init_ray(config)
-    cfg = config.to_dict()
-    pool = actor_pool(config)  # its batch size suits the actors' device
-    bs = pool["batch_size"]
+    """The output batches of the stages over the images to read (the plan's todo table, each row with
+    its index ``idx``): decode -> score -> render, on Ray or in process (:func:`~.cluster.use_ray`);
+    None when the listing refused every file of the run."""
     todo = plan.todo.append_column("idx", pa.array(np.arange(plan.todo.num_rows), pa.int64()))
     todo = todo.filter(todo.column("error").is_null())  # files the listing refused are never read
     if not todo.num_rows:
         return None
+    return (_ray_dataset if use_ray(plan.config, todo.num_rows) else _local_batches)(plan, todo)
+
+
+def _render_kwargs(plan: ScorePlan, cfg: dict) -> dict:
+    return {"config": cfg, "vrange": plan.vrange, "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest),
+            "peak_normalise": plan.peak_normalise}
+
+
+def _local_batches(plan: ScorePlan, todo: pa.Table):
+    """The stages of :func:`_ray_dataset` in this process (:mod:`.local`), over batches of the actors'
+    batch size."""
+    from ..core.devices import pick_device
+    config = plan.config
+    cfg = config.to_dict()
+    log.info("scoring in process (%d images, runtime.executor=%s)", todo.num_rows, config.runtime.executor)
+    keep_bytes = config.output.heatmaps and config.output.overlay
+    render = _render_kwargs(plan, cfg) if config.output.heatmaps else None
+    columns = {name: todo.column(name).to_numpy(zero_copy_only=False) for name in todo.column_names}
+    with driver_threads_kept():
+        scorer = Score(plan.model_uri, cfg)
+        scorer.node = "local"  # in this process, not on a Ray worker
+
+        def stages(batch):
+            out = scorer(decode_batch(batch, cfg, keep_bytes=keep_bytes))
+            return render_batch(out, **render) if render else out
+        bs = config.runtime.batch_for(pick_device(config.runtime.device).type)
+        if config.tiling.enabled:  # tiles of one image at a time, scored in batches of bs tiles as on Ray
+            tiles = (decode_tiles(b, cfg) for b in in_batches(columns, 1))
+            yield from map_ordered(scorer, rebatched(tiles, bs), config)
+            return
+        yield from map_ordered(stages, in_batches(columns, bs), config)
+
+
+def _ray_dataset(plan: ScorePlan, todo: pa.Table):
+    """The Ray Data pipeline: Arrow blocks of ``todo`` -> decode tasks -> scoring actors -> render tasks."""
+    config = plan.config
+    ray = init_ray(config)
+    cfg = config.to_dict()
+    pool = actor_pool(config, None if config.tiling.enabled else todo.num_rows)  # batch size for the device
+    bs = pool["batch_size"]
     step = -(-todo.num_rows // max(1, min(todo.num_rows, 200)))
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
     keep_bytes = config.output.heatmaps and config.output.overlay  # the overlay needs the original pixels
@@ -204,28 +244,29 @@ def score_dataset(plan: ScorePlan):
                         batch_size=bs, num_cpus=0.5)
     ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
     if config.output.heatmaps:
-            ds = ds.map_batches(render_batch, fn_kwargs=_render_kwargs(plan, injected), batch_size=bs, num_cpus=0.5)
+        ds = ds.map_batches(render_batch, fn_kwargs={**_render_kwargs(plan, cfg), "faults": injected},
+                            batch_size=bs, num_cpus=0.5)
     return ds
 
 
-def _render_kwargs(plan: ScorePlan, injected: tuple) -> dict:
-    return {"config": plan.config.to_dict(), "vrange": plan.vrange, "faults": injected,
-            "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest), "peak_normalise": plan.peak_normalise}
-
-
 def scored_batches(plan: ScorePlan, ds):
-    """The image rows of the dataset's output batches, with progress. With tiling on, the tile rows are
-    stitched into image rows on the driver (:class:`.tiles.TileAssembler`) and their heatmaps drawn by
-    render tasks, at most a few at a time."""
+    """The image rows of the stages' output batches (a Ray dataset, or the in-process batches), with
+    progress. With tiling on, the tile rows are stitched into image rows on the driver
+    (:class:`.tiles.TileAssembler`) and their heatmaps drawn then: by Ray tasks, at most a few at a
+    time, or in process."""
     total = plan.todo.num_rows
     if not plan.config.tiling.enabled:
         yield from iterate_with_progress(ds, total, "scoring")
         return
     assembler = TileAssembler(plan.config)
-    images = (b for b in map(assembler.add, ds.iter_batches(batch_size=None, batch_format="numpy")) if b is not None)
+    on_ray = hasattr(ds, "iter_batches")
+    tiles = ds.iter_batches(batch_size=None, batch_format="numpy") if on_ray else ds
+    images = (b for b in map(assembler.add, tiles) if b is not None)
     if plan.config.output.heatmaps:
-        images = map_in_tasks(images, render_batch, _render_kwargs(plan, faults.from_env()), num_cpus=0.5)
-    yield from progress(images, total, "scoring")
+        kwargs = {**_render_kwargs(plan, plan.config.to_dict()), "faults": faults.from_env() if on_ray else ()}
+        images = map_in_tasks(images, render_batch, kwargs, num_cpus=0.5) if on_ray else \
+            (render_batch(b, **kwargs) for b in images)
+    yield from iterate_with_progress(images, total, "scoring")
     if assembler.incomplete:
         raise JobError(f"internal error: {assembler.incomplete} images are missing tiles; the rows committed so far "
                        "are kept, run the job again to complete it")
@@ -262,6 +303,7 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
         counts["unchanged"] += int(unchanged.sum())
         counts["errors"] += int((rows.column("error").is_valid().to_numpy(zero_copy_only=False) & ~unchanged).sum())
         _tally(counts, rows, unchanged)
+        counts["nodes"].update(str(x) for x in batch.get("node", ()))
         if sum(r.num_rows for r, _ in pending) >= commit_rows:
             flush()
     if pending:
@@ -392,4 +434,4 @@ def score_record(plan: ScorePlan, summary: dict, counts: dict, run_id: str, star
             "threshold": plan.threshold, "anomalies": counts["anomalies"] if calibrated else None,
             "anomaly_rate": (counts["anomalies"] / len(scores) if len(scores) else 0.0) if calibrated else None,
             "score_quantiles": calibration.quantiles(scores), "drift": drift, "seconds": summary["seconds"],
-            "images_per_s": summary["images_per_s"], "version": __version__}
+            "images_per_s": summary["images_per_s"], "nodes": sorted(counts["nodes"]), "version": __version__}

@@ -21,6 +21,7 @@ from ..core.preprocessing import decode_sized, resize_crop, resize_rgb
 from ..errors import ImageError
 from ..render.heatmap import colorize, encode, overlay, render_size
 from . import faults as _faults
+from .cluster import node_id
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class Extract:
         self.opts = self.cfg.storage.options()
         self.embedder = Embedder(self.cfg, read_weights=_reader(self.opts))
         self.model_uri = model_uri
+        self.node = node_id()
 
     def __call__(self, batch: dict) -> dict:
         from ..artifacts.features import write_shard
@@ -212,7 +214,7 @@ class Extract:
                 errors[idx] = f"feature extraction failed: {_err(e)}"
         _faults.on_batch(self.faults, "extract")  # after the batch's shards are written: they become orphans
         return _without_crop(batch, shard=shard, row=row, patches=patches, shard_sha256=sha, shard_bytes=nbytes, error=errors,
-                             extract_ms=_per_image_ms(t0, n))
+                             extract_ms=_per_image_ms(t0, n), node=np.array([self.node] * n, object))
 
 
 class Score:
@@ -227,6 +229,7 @@ class Score:
         opts = self.cfg.storage.options()
         model = load_model(model_uri, opts)
         self.pc = PatchCore(self.cfg, model.bank, index=model.index, read_weights=_reader(opts))
+        self.node = node_id()
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uri"])
@@ -250,7 +253,7 @@ class Score:
             log.exception("scoring failed for a batch")
             errors[idx] = f"scoring failed: {_err(e)}"
         return _without_crop(batch, score=score, patch_scores=grids, grid_h=gh, grid_w=gw, error=errors,
-                             score_ms=_per_image_ms(t0, n))
+                             score_ms=_per_image_ms(t0, n), node=np.array([self.node] * n, object))
 
 
 def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float], faults: tuple = (),

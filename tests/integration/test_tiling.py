@@ -91,3 +91,16 @@ def test_a_tiled_model_scores_with_tiles_only(tiled_model, highres, tmp_path):
     path, _ = tiled_model
     with pytest.raises(JobError, match="tiling"):
         run_score(path, f"{highres}/test/good", str(tmp_path / "o"), overrides=["tiling.enabled=false"])
+
+
+def test_tiled_scoring_in_process_equals_ray(tiled_model, highres, tmp_path):
+    path, _ = tiled_model
+    images = f"{highres}/test/good"
+    scores = {}
+    for executor in ("ray", "local"):
+        out = str(tmp_path / executor)
+        run_score(path, images, out, overrides=[f"runtime.executor={executor}", "runtime.batch_size=8"])
+        rows = read_scores(out).to_pylist()
+        scores[executor] = {r["image"]: r["score"] for r in rows}
+        assert all(Image.open(r["heatmap"]).size == (320, 320) for r in rows)
+    assert scores["local"] == scores["ray"] and len(scores["ray"]) == len(os.listdir(images))

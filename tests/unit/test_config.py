@@ -118,3 +118,43 @@ def test_actor_cpus_above_the_cluster_is_refused_where_the_pool_is_made(monkeypa
     assert actor_pool(load_config(None, ["runtime.actor_cpus=4"]))["num_cpus"] == 4.0
     with pytest.raises(JobError, match=r"runtime.actor_cpus=6.0 but the Ray cluster has 4 CPUs"):
         actor_pool(load_config(None, ["runtime.actor_cpus=6"]))
+
+
+def test_run_placement_keys_leave_the_model_identity_alone():
+    """runtime.executor, runtime.local_max_images and storage.shared_paths are not recorded in a model's
+    config.yaml nor in its config digest: the same model in process or on Ray, on any cluster."""
+    from patchcore_dist.artifacts.model import config_yaml
+    base = load_config()
+    other = load_config(None, ["runtime.executor=ray", "runtime.local_max_images=3", "storage.shared_paths=[/mnt/nfs]"])
+    assert base.recorded_dict() == other.recorded_dict() and config_yaml(base) == config_yaml(other)
+    assert "executor" not in base.recorded_dict()["runtime"] and "shared_paths" not in base.recorded_dict()["storage"]
+
+
+def test_shared_paths_and_executor_are_checked():
+    assert load_config(None, ["storage.shared_paths=[file:///mnt/nfs/]"]).storage.shared_paths == ["/mnt/nfs"]
+    for bad in ("[relative/dir]", "[s3://bucket/x]", "[/]"):
+        with pytest.raises(ConfigError, match="shared_paths"):
+            load_config(None, [f"storage.shared_paths={bad}"])
+    with pytest.raises(ConfigError, match="executor"):
+        load_config(None, ["runtime.executor=threads"])
+    with pytest.raises(ConfigError, match="local_max_images"):
+        load_config(None, ["runtime.local_max_images=-1"])
+
+
+def test_local_paths_are_refused_on_a_multi_node_cluster(monkeypatch, tmp_path):
+    from patchcore_dist.errors import JobError
+    from patchcore_dist.pipeline import cluster
+
+    class TwoNodes:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True}, {"Alive": True}, {"Alive": False}]
+    monkeypatch.setattr(cluster, "ray_running", lambda: True)
+    monkeypatch.setattr(cluster, "init_ray", lambda config: TwoNodes)
+    paths = {"--model": "s3://b/m", "--output": str(tmp_path / "out")}
+    with pytest.raises(JobError, match=r"2 nodes.*--output .*out.*storage.shared_paths"):
+        cluster.check_cluster_paths(load_config(), paths)
+    cluster.check_cluster_paths(load_config(None, [f"storage.shared_paths=[{tmp_path}]"]), paths)
+    cluster.check_cluster_paths(load_config(None, ["runtime.executor=local"]), paths)  # the driver does it all
+    monkeypatch.setattr(cluster, "ray_running", lambda: False)
+    cluster.check_cluster_paths(load_config(), paths)  # no cluster given: a local instance has one node
