@@ -103,4 +103,7 @@ def test_tiled_scoring_in_process_equals_ray(tiled_model, highres, tmp_path):
         rows = read_scores(out).to_pylist()
         scores[executor] = {r["image"]: r["score"] for r in rows}
         assert all(Image.open(r["heatmap"]).size == (320, 320) for r in rows)
-    assert scores["local"] == scores["ray"] and len(scores["ray"]) == len(os.listdir(images))
+    # equal up to float rounding: Ray may group tiles of neighbouring images into other batches, and a
+    # backbone's rounding depends on its batch
+    assert scores["local"].keys() == scores["ray"].keys() and len(scores["ray"]) == len(os.listdir(images))
+    assert all(scores["local"][k] == pytest.approx(v, rel=1e-5) for k, v in scores["ray"].items())
