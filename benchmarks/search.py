@@ -4,17 +4,20 @@
 
 A memory bank from one category's training images (brick, the coreset cut to --bank rows); queries are
 the patch features of batches of 8 images as a scoring actor sees them: in-distribution (brick test
-images), far from the bank (gravel and coffee: another product, or a defect-heavy line) and mixed (all
-three interleaved). Prints ms per image for each mode, run alternately, the ratios against brute force,
-the share of queries the pruned search had to search in full, and that every mode returns brute
-force's neighbours.
+images), far from the bank (gravel and coffee: another product, or a defect-heavy line), mixed within
+each batch (4 brick + 4 far images) and alternating batches (a brick batch, a far batch, ...). Prints
+ms per image for each mode, run alternately (medians of --repeat rounds), the ratios against brute
+force (median of per-round ratios), the share of queries the pruned search had to search in full, how
+many blocks auto pruned / brute-forced, and checks that every mode returns brute force's neighbours.
 """
 import argparse
 import json
+import time
 
 import faiss
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from common import crops, image_files, side_by_side
 
@@ -33,9 +36,13 @@ def main():
     p.add_argument("--bank", type=int, default=3000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: process CPU time (steadier than wall time when other processes load the machine)")
     a = p.parse_args()
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     torch.set_num_threads(a.threads)
     faiss.omp_set_num_threads(a.threads)
+    threadpool_limits(a.threads)  # numpy's BLAS (the bound's projection), as the scoring actors set it
     cfg = load_config(overrides=[f"coreset.size={a.bank}"])
     pc = PatchCore(cfg)
     train, grid = pc.embed(crops(image_files("brick/train/good/*.png")))
@@ -44,26 +51,32 @@ def main():
     sets = {name: pc.embed(crops(image_files(pattern)))[0] for name, pattern in
             (("in-distribution", "brick/test/*/*.png"), ("far", "[gc][ro]*/test/*/*.png"))}
     far_batches, near_batches = batches(sets["far"], per_image), batches(sets["in-distribution"], per_image)
+    halves = zip(batches(sets["in-distribution"], per_image, 4), batches(sets["far"], per_image, 4))
     mixes = {"in-distribution": near_batches, "far from the bank": far_batches,
-             "mixed": [b for pair in zip(near_batches, far_batches) for b in pair]}
+             "mixed in a batch": [np.concatenate(pair) for pair in halves],
+             "alternating": [b for pair in zip(near_batches, far_batches) for b in pair]}
     modes = {m: MemoryBank.from_config(bank, cfg.model_copy(update={"index": cfg.index.model_copy(
         update={"exact_search": m})})) for m in ("brute", "pruned", "auto")}
-    results = {"bank": len(bank), "threads": a.threads}
+    results = {"bank": len(bank), "threads": a.threads, "clock": a.clock}
     for mix, qs in mixes.items():
         images = sum(len(q) for q in qs) / per_image
         truth = [modes["brute"].search(q, 1)[1] for q in qs]
         for m, mb in modes.items():
             assert all(np.array_equal(mb.search(q, 1)[1], t) for q, t in zip(qs, truth)), m
             mb.unproven = 0
-        t = side_by_side({m: (lambda mb=mb: [mb.search(q, 1) for q in qs]) for m, mb in modes.items()}, a.repeat)
+        auto = modes["auto"]._pruned
+        auto.pruned_blocks = auto.brute_blocks = 0
+        t = side_by_side({m: (lambda mb=mb: [mb.search(q, 1) for q in qs]) for m, mb in modes.items()}, a.repeat, clock)
         rounds = a.repeat + 1
         row = {m: round(1e3 * t[m] / images, 2) for m in modes}
         row.update({f"{m}/brute": round(t.ratio(m, "brute"), 3) for m in ("pruned", "auto")})
         row["searched in full (pruned)"] = round(modes["pruned"].unproven / (rounds * images * per_image), 3)
+        row["auto blocks pruned / brute"] = f"{auto.pruned_blocks}/{auto.brute_blocks}"
         results[mix] = row
         print(f"{mix:18s} ms/image  brute {row['brute']:6.2f}  pruned {row['pruned']:6.2f} "
               f"(x{row['pruned/brute']:.3f})  auto {row['auto']:6.2f} (x{row['auto/brute']:.3f})  "
-              f"searched in full by pruned: {100 * row['searched in full (pruned)']:.1f}%", flush=True)
+              f"searched in full by pruned: {100 * row['searched in full (pruned)']:.1f}%  "
+              f"auto blocks pruned/brute {row['auto blocks pruned / brute']}", flush=True)
     print(json.dumps(results))
 
 

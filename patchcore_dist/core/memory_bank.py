@@ -35,11 +35,16 @@ def faiss_gpus() -> int:
 
 # exact_search=auto prunes banks from this many rows (below, brute force is already fast)
 PRUNE_MIN_ROWS = 2048
-# Adaptive pruned search (exact_search=auto): the share of a call's queries left unproven above which
-# the next calls go to brute force (pruning then costs more than it saves; measured in
-# benchmarks/search.py), and how often the pruned search is tried again.
-MAX_UNPROVEN = 0.1
-REPROBE_EVERY = 16
+# Adaptive pruned search (exact_search=auto), decided per block of a call's queries: one query in
+# PROBE_EVERY goes through the bound's first pass (a probe costs about half a brute-force query, so
+# probing adds ~1.5 % on a batch that ends up brute-forced); a block of BLOCK_ROWS queries (about one
+# image's patches) is pruned when at most MAX_FIRST_UNPROVEN of its probes are left unproven, else
+# brute-forced. Pruning costs ~0.55 + 1.35 u of brute force at a first-pass unproven share u (worst
+# case), so it pays up to u ~ 0.33; in-distribution patches leave ~1 %, far ones ~97 %
+# (benchmarks/search.py).
+PROBE_EVERY = 32
+BLOCK_ROWS = 1024
+MAX_FIRST_UNPROVEN = 0.25
 # tf32 search: candidates per query beyond k whose distances are re-measured in float32
 TF32_EXTRA_CANDIDATES = 7
 
@@ -173,9 +178,9 @@ class PrunedFlatSearch:
                  sample: int = 16384, seed: int = 0, margin: float = 1e-4, adaptive: bool = False):
         faiss = _faiss()
         self.adaptive = adaptive
-        self.calls = 0
-        self.brute_mode = False
-        self.brute_blocks = 0  # calls the adaptive search sent to brute force (for benchmarks)
+        # adaptive search's decisions (counters, for tests and benchmarks): blocks pruned / brute-forced
+        self.pruned_blocks = 0
+        self.brute_blocks = 0
         bound_dims = min(bound_dims, bank.shape[1])
         self.flat = flat_index
         self.candidates = candidates
@@ -229,21 +234,40 @@ class PrunedFlatSearch:
 
         Adaptive (``adaptive=True``, exact_search=auto): the bound pays only while it proves most
         answers; on patches far from the bank (a defect-heavy batch, another product) it proves few,
-        and pruning then costs more than brute force. So each call (a scoring actor's batch) that the
-        pruned search left more than :data:`MAX_UNPROVEN` unproven switches the following calls to
-        brute force, and every :data:`REPROBE_EVERY`-th call tries the pruned search again. Either path
-        returns brute force's neighbours; only the cost differs.
+        and pruning then costs nearly twice brute force. So each call probes the bound on one query in
+        :data:`PROBE_EVERY` and, per block of :data:`BLOCK_ROWS` queries, prunes the block only if its
+        probes were mostly proven (:data:`MAX_FIRST_UNPROVEN`), else searches it brute force: a far
+        batch pays only the probes, a mixed one prunes its in-distribution blocks. Either path returns
+        brute force's neighbours; only the cost differs.
         """
         if not self.adaptive:
             return self._search_pruned(q, k)
-        self.calls += 1
-        if self.brute_mode and self.calls % REPROBE_EVERY:
-            self.brute_blocks += 1
-            d2, idx = self.flat.search(np.ascontiguousarray(q), k)
+        prune = self._blocks_to_prune(q, k)
+        self.pruned_blocks += int(prune.sum())
+        self.brute_blocks += int(len(prune) - prune.sum())
+        if prune.all():
+            return self._search_pruned(q, k)
+        if not prune.any():
+            d2, idx = self.flat.search(q, k)
             return d2, idx, len(q)
-        d2, idx, unproven = self._search_pruned(q, k)
-        self.brute_mode = unproven > MAX_UNPROVEN * len(q)
-        return d2, idx, unproven
+        rows = np.repeat(prune, BLOCK_ROWS)[:len(q)]
+        d2 = np.empty((len(q), k), dtype=np.float32)
+        idx = np.empty((len(q), k), dtype=np.int64)
+        d2[rows], idx[rows], unproven = self._search_pruned(np.ascontiguousarray(q[rows]), k)
+        d2[~rows], idx[~rows] = self.flat.search(np.ascontiguousarray(q[~rows]), k)
+        return d2, idx, unproven + int((~rows).sum())
+
+    def _blocks_to_prune(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Per block of :data:`BLOCK_ROWS` queries, whether the bound's first pass proved enough of the
+        block's probes (every :data:`PROBE_EVERY`-th query) for pruning to beat brute force."""
+        probes = np.arange(0, len(q), PROBE_EVERY)
+        sample = np.ascontiguousarray(q[probes])
+        lifted, norms = self._lift(sample)
+        _, _, proven = self._candidates(sample, lifted, norms, k, min(self.candidates + k - 1, self.flat.ntotal))
+        blocks = -(-len(q) // BLOCK_ROWS)
+        block = probes // BLOCK_ROWS
+        unproven = np.bincount(block, weights=~proven, minlength=blocks)
+        return unproven <= MAX_FIRST_UNPROVEN * np.bincount(block, minlength=blocks)
 
     def _search_pruned(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The pruned search of every query: bound, candidates, a wider second chance, brute force for the rest."""

@@ -19,7 +19,7 @@ from ..config import Config
 from ..core.calibration import peak_normalised
 from ..core.preprocessing import decode_sized, resize_crop, resize_rgb
 from ..errors import ImageError
-from ..render.heatmap import colorize, encode, overlay, render_size
+from ..render.heatmap import PNG_OPTIONS, colorize, encode, heat_index, overlay, render_size
 from . import faults as _faults
 from .cluster import node_id
 
@@ -296,16 +296,17 @@ def _render_one(batch: dict, i: int, cfg: Config, heatmaps_uri: str, vrange: tup
     amap = anomaly_map_of(batch["patch_scores"][i], (h, w), height, width, cfg, size)
     if peak_normalise and "score" in batch:
         amap = peak_normalised(amap, float(batch["score"][i]))
-    rgb = colorize(amap, vrange)
+    level = heat_index(amap, vrange)  # once, for the colours and the overlay's opacity
+    rgb = colorize(amap, vrange, level)
     base = storage.join(heatmaps_uri, storage.safe_relpath(str(batch["rel"][i])))
-    storage.write_bytes(base + ".png", encode(rgb), **opts)
+    storage.write_bytes(base + ".png", encode(rgb, **PNG_OPTIONS), **opts)
     if not cfg.output.overlay:
         return base + ".png", ""
     try:
         # the bytes the decode task read (keep_bytes), else a second read
         data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
         orig, _ = decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))
-        blended = overlay(resize_rgb(orig, size), rgb, amap, vrange)
+        blended = overlay(resize_rgb(orig, size), rgb, amap, vrange, level)
         storage.write_bytes(base + "_overlay.jpg", encode(blended, "JPEG", quality=90), **opts)
     except Exception as e:
         return base + ".png", f"overlay not written: {_err(e)}"

@@ -35,15 +35,40 @@ def color_table() -> np.ndarray:
     return (colormaps[COLOR_MAP](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
+# Heatmap PNGs: zlib level 1 and no optimize pass: files ~35 % larger than at Pillow's default level 6,
+# written in a third of the time (still lossless; benchmarks/score_job.py).
+PNG_OPTIONS = {"compress_level": 1, "optimize": False}
+
+
 def heat_level(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
     """Where each score lies on the scale [lo, hi], clipped to [0, 1]."""
     lo, hi = vrange
     return np.clip((np.asarray(amap, np.float32) - np.float32(lo)) / np.float32(hi - lo), 0, 1)
 
 
-def colorize(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
-    """Anomaly map -> RGB uint8 with :data:`COLOR_MAP` on the fixed scale [lo, hi]."""
-    return color_table()[np.rint(heat_level(amap, vrange) * 255).astype(np.int32)]
+def heat_index(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
+    """The colour level (0..255, uint8) of each score on the scale [lo, hi]: the level
+    :func:`colorize` and :func:`overlay` look their colours and opacities up by. Computed in place on
+    one float32 copy (the map can be 16 MP)."""
+    lo, hi = vrange
+    x = np.subtract(np.asarray(amap, np.float32), np.float32(lo), dtype=np.float32)
+    x *= np.float32(255.0 / (hi - lo))
+    np.clip(x, 0, 255, out=x)
+    np.rint(x, out=x)
+    return x.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _alpha_table() -> np.ndarray:
+    """The overlay's opacity per colour level in 1/256 units (uint16): 0.1 at the cold end, 0.7 hot."""
+    return np.rint(256 * (0.1 + 0.6 * np.arange(256) / 255.0)).astype(np.uint16)
+
+
+def colorize(amap: np.ndarray, vrange: tuple[float, float], level: np.ndarray | None = None) -> np.ndarray:
+    """Anomaly map -> RGB uint8 with :data:`COLOR_MAP` on the fixed scale [lo, hi] (a table look-up of
+    :func:`heat_index`; ``level`` when the caller already has it)."""
+    level = heat_index(amap, vrange) if level is None else level
+    return np.take(color_table(), level, axis=0)  # 5x faster than fancy indexing
 
 
 def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
@@ -54,8 +79,15 @@ def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def overlay(original: np.ndarray, heatmap_rgb: np.ndarray, amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
+def overlay(original: np.ndarray, heatmap_rgb: np.ndarray, amap: np.ndarray, vrange: tuple[float, float],
+            level: np.ndarray | None = None) -> np.ndarray:
     """The heatmap blended onto the original image: nearly transparent at the cold end (a normal image
-    stays readable), 70 % opaque at the hot end."""
-    alpha = (np.float32(0.1) + np.float32(0.6) * heat_level(amap, vrange))[..., None]
-    return (original * (1 - alpha) + heatmap_rgb * alpha).astype(np.uint8)
+    stays readable), 70 % opaque at the hot end. Integer arithmetic on 1/256 steps of opacity
+    (within one grey level of the float blend), with one uint16 temporary per channel pass."""
+    level = heat_index(amap, vrange) if level is None else level
+    alpha = _alpha_table()[level][..., None]
+    out = original.astype(np.uint16)
+    out *= 256 - alpha
+    out += heatmap_rgb * alpha
+    out >>= 8
+    return out.astype(np.uint8)

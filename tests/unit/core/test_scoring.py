@@ -94,6 +94,37 @@ def test_pruned_search_returns_the_brute_force_neighbours(real_features, candida
     assert (proven_share > 0.7) if candidates == 16 else (proven_share < 0.5)
 
 
+@pytest.fixture(scope="module")
+def far_queries(objects_category):
+    """Patch features of another product (coffee photographs) than the brick bank: far from it."""
+    _, test, _ = _split(objects_category)
+    return PatchCore(load_config(None, SMALL)).embed(crops(test[:6]))[0]
+
+
+def test_auto_search_prunes_near_blocks_and_brute_forces_far_ones(real_features, far_queries):
+    """exact_search=auto decides per block of queries (by a probe of the bound): in-distribution blocks
+    are pruned, far ones brute-forced, a batch holding both splits; every answer is brute force's."""
+    from patchcore_dist.core.memory_bank import BLOCK_ROWS
+    bank, near = real_features
+    assert len(near) >= BLOCK_ROWS and len(far_queries) >= BLOCK_ROWS
+    brute = MemoryBank(bank, exact_search="brute")
+    auto = MemoryBank(bank)
+    search = auto._pruned
+    assert auto.backend == "faiss-cpu-pruned" and search.adaptive
+    mixed = torch.cat([near[:BLOCK_ROWS], far_queries[:BLOCK_ROWS]])  # two blocks: one near, one far
+    expected = {"near": (near, "pruned"), "far": (far_queries, "brute"), "mixed": (mixed, "both")}
+    for name, (q, mode) in expected.items():
+        before = (search.pruned_blocks, search.brute_blocks)
+        for k in (1, 3):
+            d, i = auto.search(q, k)
+            d0, i0 = brute.search(q, k)
+            assert torch.equal(i[:, 0], i0[:, 0]), name
+            assert torch.allclose(d, d0, rtol=1e-4, atol=1e-3), name
+        pruned, brute_forced = search.pruned_blocks - before[0], search.brute_blocks - before[1]
+        blocks = 2 * -(-len(q) // BLOCK_ROWS)  # two calls (k = 1, 3)
+        assert (pruned, brute_forced) == {"pruned": (blocks, 0), "brute": (0, blocks), "both": (2, 2)}[mode], name
+
+
 def test_training_image_scores_near_zero_with_full_bank(category):
     train, test, _ = _split(category)
     x = crops(train[:4])
