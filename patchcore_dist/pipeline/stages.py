@@ -108,8 +108,7 @@ def decode_tiles(batch: dict, config: dict, known_digests: set | None = None, fa
     pixels as ``crop``. A failed or unchanged image is one row (``tiles`` = 1) with nothing to compute.
     Run it on one image per batch: a large image's tiles are many rows, which the scoring stage's
     batches spread over the actors."""
-    from ..core.tiling import tiling_layout
-    from ..core.tiling import cut_tiles
+    from ..core.tiling import cut_tiles, tiling_layout
     c, longer = config["image"]["crop"], config["tiling"]["working_size"]
     parts, rows, tile, tiles = [], [], [], []
     cols = {k: [] for k in ("digest", "height", "width", "error", "decode_ms", "unchanged")}
