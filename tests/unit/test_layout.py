@@ -121,3 +121,11 @@ def test_every_exception_is_defined_in_errors():
                 defined.append(f"{name}.{node.name}")
     internal = {"patchcore_dist.core.backbones._Done"}  # the extractor's own early-exit signal
     assert all(d.startswith("patchcore_dist.errors.") or d in internal for d in defined), defined
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by their basename (no packages under tests/): two of one name
+    stop the whole suite at collection."""
+    tests = pathlib.Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
