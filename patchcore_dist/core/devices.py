@@ -9,6 +9,7 @@ the legacy flags on a torch that lacks or rejects the new ones.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -38,10 +39,8 @@ def _restore(saved: list) -> None:
         setattr(owner, name, prev)
 
 
-@contextlib.contextmanager
-def fp32_arithmetic(conv: bool | None = None, matmul: bool | None = None):
-    """Inside the block, float32 cuDNN convolutions (``conv``) and CUDA matmuls (``matmul``) run
-    in IEEE float32 (False) or TF32 (True); None leaves a flag as it is. No effect on the CPU."""
+def _apply(conv: bool | None, matmul: bool | None) -> list:
+    """Set the flags (new API, else legacy); returns what to restore."""
     new_api = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
     saved: list = []
     try:
@@ -59,6 +58,53 @@ def fp32_arithmetic(conv: bool | None = None, matmul: bool | None = None):
                 prev = getattr(owner, name)
                 setattr(owner, name, value)
                 saved.append((owner, name, prev))
+    except BaseException:
+        _restore(saved)
+        raise
+    return saved
+
+
+# The flags are process-wide: outermost blocks entered by several threads at once (the in-process
+# executor's stage threads) share one setting, made by the first and restored by the last to leave;
+# restoring per block would interleave and leave torch's convolution and RNN flags mixed (which torch
+# refuses). A block nested in the same thread sets and restores its own flags.
+_LOCK = threading.Lock()
+_ACTIVE: dict = {"depth": 0, "saved": []}
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def fp32_arithmetic(conv: bool | None = None, matmul: bool | None = None):
+    """Inside the block, float32 cuDNN convolutions (``conv``) and CUDA matmuls (``matmul``) run
+    in IEEE float32 (False) or TF32 (True); None leaves a flag as it is. No effect on the CPU. An
+    outermost block entered while another thread's is active keeps that setting (one job, one setting)."""
+    depth = getattr(_THREAD, "depth", 0)
+    _THREAD.depth = depth + 1
+    try:
+        if depth:
+            saved = _apply(conv, matmul)
+            try:
+                yield
+            finally:
+                _restore(saved)
+        else:
+            with _shared(conv, matmul):
+                yield
+    finally:
+        _THREAD.depth = depth
+
+
+@contextlib.contextmanager
+def _shared(conv: bool | None, matmul: bool | None):
+    """The process-wide part of :func:`fp32_arithmetic`: first in sets, last out restores."""
+    with _LOCK:
+        if _ACTIVE["depth"] == 0:
+            _ACTIVE["saved"] = _apply(conv, matmul)
+        _ACTIVE["depth"] += 1
+    try:
         yield
     finally:
-        _restore(saved)
+        with _LOCK:
+            _ACTIVE["depth"] -= 1
+            if _ACTIVE["depth"] == 0:
+                _restore(_ACTIVE["saved"])

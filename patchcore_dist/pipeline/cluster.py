@@ -49,6 +49,8 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     for name in ("ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
+            if not type(handler).__module__.startswith("ray"):
+                continue  # not Ray's (a test's log capture, an application's own handler): left alone
             if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
                 handler.setLevel(logging.WARNING)
             if not any(isinstance(f, _DropNotices) for f in handler.filters):

@@ -309,3 +309,26 @@ def test_fp16_backbone_keeps_scores_within_tolerance(brick_model, category):
     assert np.abs(s - ref).max() / np.median(ref) < 2e-3
     assert spearmanr(s, ref)[0] >= 0.999
     assert round(roc_auc_score(labels, s), 3) == round(roc_auc_score(labels, ref), 3)
+
+
+def test_fp32_arithmetic_from_several_threads_restores_the_flags():
+    """The in-process executor's threads enter and leave the block interleaved: the flags come back
+    as they were (restoring per block would leave convolution and RNN flags mixed)."""
+    import threading
+
+    from patchcore_dist.core.devices import fp32_arithmetic
+    before = torch.backends.cudnn.conv.fp32_precision
+    entered, release = threading.Barrier(2), threading.Event()
+
+    def block(conv):
+        with fp32_arithmetic(conv=conv):
+            entered.wait()
+            release.wait()
+    threads = [threading.Thread(target=block, args=(c,)) for c in (False, False)]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join()
+    assert torch.backends.cudnn.conv.fp32_precision == before
+    assert isinstance(torch.backends.cudnn.allow_tf32, bool)  # not mixed: torch would refuse to say
