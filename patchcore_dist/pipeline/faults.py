@@ -1,11 +1,11 @@
-"""Deterministic fault injection for the fault tests: a stage's worker process exits hard on its N-th
-batch, once.
+"""Deterministic fault injection for the fault tests: the worker process running a stage's N-th batch
+of the job exits hard, once.
 
 ``PATCHCORE_FAULT="<stage>:<n>:<marker file>[:raise][;...]"`` in the driver's
 environment (stages: ``decode``, ``extract``, ``score``, ``render``). The driver reads it when it
 builds the pipeline and hands it to the stages as an argument, so workers that were started before
-the variable was set see it too. On its N-th batch a worker process of that stage creates the marker
-file with create-if-absent semantics (``O_EXCL``) and, if it was the one to create it, calls
+the variable was set see it too. The process running the job's N-th batch of that stage (counted
+across processes in ``<marker>.count``) creates the marker file with create-if-absent semantics (``O_EXCL``) and, if it was the one to create it, calls
 ``os._exit`` like a killed process (no cleanup, no exception for Ray to catch). The marker makes the
 fault happen once per job even though Ray restarts the actor or retries the task in a fresh process,
 and tells the test that the fault did happen. With ``:raise`` the batch raises :class:`InjectedFault`
@@ -14,7 +14,6 @@ outside tests) it does nothing.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 
@@ -26,7 +25,6 @@ FAULT_ENV = "PATCHCORE_FAULT"
 STAGES = ("decode", "extract", "score", "render")
 EXIT_CODE = 70
 
-_batches: collections.Counter = collections.Counter()  # batches seen by this worker process, per stage
 
 
 def from_env() -> tuple[tuple[str, int, str], ...]:
@@ -47,14 +45,26 @@ def from_env() -> tuple[tuple[str, int, str], ...]:
 
 
 def on_batch(faults, stage: str) -> None:
-    """Count a batch of ``stage`` in this process; exit hard if a fault is due and not yet taken."""
-    if not faults:
-        return
-    _batches[stage] += 1
-    for name, n, marker in faults:
-        if name != stage or n != _batches[stage]:
-            continue
+    """Count a batch of ``stage`` for this job; exit hard (or raise) if it is a fault's N-th and the
+    fault is not yet taken.
+
+    The count is the job's, not the process's: each batch appends one byte to ``<marker>.count``
+    (O_APPEND: the kernel places each append after the others, so the offset after it is this batch's
+    number among all the job's processes). Ray decides which worker process runs which task, so a
+    per-process count could never reach N when the batches spread over many workers.
+    """
+    for name, n, marker in faults or ():
         path, raising = (marker[:-len(":raise")], True) if marker.endswith(":raise") else (marker, False)
+        if name != stage or os.path.exists(path):
+            continue
+        fd = os.open(path + ".count", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, b".")
+            number = os.lseek(fd, 0, os.SEEK_CUR)
+        finally:
+            os.close(fd)
+        if number != n:
+            continue
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:

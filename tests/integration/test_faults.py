@@ -1,5 +1,5 @@
 """Faults, injected deterministically: a worker process of a stage exits hard (``os._exit``, like a
-killed process) on its N-th batch, once per job (``PATCHCORE_FAULT``, see pipeline/faults.py). Ray
+killed process) on the job's N-th batch of that stage, once (``PATCHCORE_FAULT``, see pipeline/faults.py). Ray
 restarts the actor or retries the task; the job's result must equal a run without the fault."""
 import os
 
@@ -26,7 +26,7 @@ def clean_model(small_model):
 
 def test_fit_survives_a_dead_decode_task_and_a_dead_extract_actor(clean_model, category, tmp_path, monkeypatch):
     markers = tmp_path / "decode.taken", tmp_path / "extract.taken"
-    # the extract actor dies on its 2nd batch after writing that batch's shard
+    # the extract actor dies on the 2nd batch after writing that batch's shard
     monkeypatch.setenv(FAULT_ENV, f"decode:1:{markers[0]};extract:2:{markers[1]}")
     model = str(tmp_path / "model")
     manifest = run_fit(category, model, load_config(None, SMALL))  # 14 images: 2 batches
