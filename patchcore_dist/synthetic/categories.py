@@ -89,6 +89,8 @@ def make_highres_category(output: str, photo: str = "brick", n_images: int = 20,
     (:func:`.photos.mosaic_variants`) with small defects of ``defect_size`` pixels and exact masks."""
     if photo not in TEXTURES:
         raise JobError(f"--photo {photo!r}: high-resolution categories are made of textures ({', '.join(TEXTURES)})")
+    if n_images < 3 or size < 64 or size > 32768:
+        raise JobError(f"--images {n_images} / --image-size {size}: need at least 3 images of 64 to 32768 pixels")
     normal = mosaic_variants(photo, n_images, size, seed)
     others = [v for c in ("coffee", "rocket", "astronaut") for v in photo_variants(c, 1, 256, seed + 99)]
     return make_category(normal, output, kinds, test_fraction, defects_per_kind, seed=seed, foreign_sources=others,
