@@ -49,12 +49,24 @@ def sha256(data: bytes) -> str:
 
 
 def dependency_versions() -> dict:
+    """Versions of the libraries that shape a model, for its manifest: an imported module's own
+    ``__version__``, else its installed distribution's (importing torchvision or timm just to ask
+    would cost seconds); libraries that are not installed are left out."""
+    import sys
+    from importlib import metadata
     out = {"python": platform.python_version()}
-    for mod in ("torch", "torchvision", "timm", "faiss", "numpy", "pyarrow", "ray"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            pass
+    for mod, dists in (("torch", ("torch",)), ("torchvision", ("torchvision",)), ("timm", ("timm",)),
+                       ("faiss", ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss")), ("numpy", ("numpy",)),
+                       ("pyarrow", ("pyarrow",)), ("ray", ("ray",))):
+        version = getattr(sys.modules.get(mod), "__version__", None)
+        for dist in dists if version is None else ():
+            try:
+                version = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        if version is not None:
+            out[mod] = str(version)
     return out
 
 

