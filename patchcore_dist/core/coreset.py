@@ -1,12 +1,11 @@
 """Greedy k-center coreset ("farthest point first") on randomly projected features (PatchCore 3.2).
 
 Memory is O(N x projection_dim): the projected matrix, its squared norms and a few vectors over N.
-On the CPU the traversal is pruned exactly (:class:`_PrunedTraversal`): every point keeps the
-centre it is assigned to, and a new centre only re-measures the points that the triangle inequality
-cannot prove to stay at least as close to their own centre; the measured points get the same
-float32 arithmetic as the dense step (:func:`_cpu_step`), so the selection is that of the dense
-loop. On a GPU the dense loop runs without synchronising with the host: the selected index stays
-on the device.
+On the CPU the traversal is pruned exactly (:class:`_PrunedTraversal`): a new centre only
+re-measures the points that a lower bound (their distance on a few principal axes) cannot prove to
+stay at least as close to the centres chosen before; the measured points get the same float32
+arithmetic as the dense step (:func:`_cpu_step`), so the selection is that of the dense loop. On a
+GPU the dense loop runs without synchronising with the host: the selected index stays on the device.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from .devices import pick_device
 
 log = logging.getLogger(__name__)
 GRAPH_STEPS = 256
-COLUMN_BLOCK = 64  # BLAS operands padded to a multiple of this: every element takes the same kernel path
+PAD_BLOCK = 64  # BLAS operands padded to a multiple of this many rows: every row takes the same kernel path
 EPS32 = 2.0 ** -24
 BOUND_DIM = 16  # principal axes of the pruning bound
 
@@ -106,29 +105,25 @@ def _starting_distances(x: torch.Tensor, seed: int, num_starting_points: int) ->
 
 
 def _cpu_step(x: torch.Tensor, sq: torch.Tensor, min_dist: torch.Tensor, selected: torch.Tensor):
-    """One greedy step on the CPU, as a function of the slot it fills.
+    """One dense greedy step on the CPU (the oracle of :class:`_PrunedTraversal`), as a function of
+    the slot it fills.
 
-    The matrix is transposed to [d, N]: the vector-matrix product streams it contiguously, about
-    3.5x faster than a matrix-vector product over [N, d] on CPU BLAS; and squared distances are kept
-    (same order, no square roots) to save passes over N, so ``min_dist`` is squared in place. The
-    step runs on numpy views of the same memory: numpy's OpenBLAS product is faster here than torch's
-    CPU BLAS, and a numpy call costs a fraction of a torch dispatch (a step is ~0.1 ms at N = 20k).
-    The columns are padded to a multiple of COLUMN_BLOCK: OpenBLAS rounds the last columns of an
-    odd-sized operand (and those at its threads' boundaries) differently, which made equal rows get
-    unequal distances and the outcome of ties depend on the position and the thread count.
+    Squared distances are kept (same order, no square roots) to save passes over N, so ``min_dist``
+    is squared in place. The step runs on numpy views of the same memory: a numpy call costs a
+    fraction of a torch dispatch. The products are matrix-vector products over rows (:func:`_row_dots`,
+    the arithmetic the pruned traversal repeats on the rows it measures).
     """
     n = x.shape[0]
-    xt = np.zeros((x.shape[1], _padded(n)), np.float32)  # padded: every column takes the same kernel path
-    xt[:, :n] = x.T.numpy()
+    rows = _padded_rows(x.numpy())
     min_dist.square_()
     sq_np, dist_np, selected_np = sq.numpy(), min_dist.numpy(), selected.numpy()
-    product = np.empty(xt.shape[1], np.float32)
+    product = np.empty(len(rows), np.float32)
     new_np = product[:n]
 
     def step(slot: int) -> None:
         idx = int(dist_np.argmax())
         selected_np[slot] = idx
-        np.dot(xt[:, idx], xt, out=product)
+        np.dot(rows, rows[idx], out=product)
         np.multiply(new_np, -2.0, out=new_np)
         np.add(new_np, sq_np, out=new_np)
         np.add(new_np, sq_np[idx], out=new_np)
@@ -136,8 +131,30 @@ def _cpu_step(x: torch.Tensor, sq: torch.Tensor, min_dist: torch.Tensor, selecte
     return step
 
 
+def _padded_rows(x: np.ndarray) -> np.ndarray:
+    """The rows [N, d] with zero rows appended up to a multiple of PAD_BLOCK (see :func:`_row_dots`)."""
+    rows = np.zeros((_padded(len(x)), x.shape[1]), np.float32)
+    rows[:len(x)] = x
+    return rows
+
+
+def _row_dots(rows: np.ndarray, centre: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """rows[points] . centre, with the bits of the full product ``rows @ centre``.
+
+    A matrix-vector product over rows computes each row's dot product alone, in the same order,
+    whatever the rows around it, as long as every row takes the kernel's main path: OpenBLAS handles
+    the last rows of an odd-sized operand with other code (which made equal rows get unequal
+    distances and ties depend on position). So the gathered rows are padded to a multiple of
+    PAD_BLOCK, as the full matrix is. A gather of rows is a copy of contiguous rows: about 10x
+    cheaper per point than gathering columns of a transposed matrix.
+    """
+    idx = np.zeros(_padded(len(points)), np.int64)
+    idx[:len(points)] = points
+    return np.dot(rows[idx], centre)[:len(points)]
+
+
 def _padded(n: int) -> int:
-    return -(-n // COLUMN_BLOCK) * COLUMN_BLOCK
+    return -(-n // PAD_BLOCK) * PAD_BLOCK
 
 
 class _PrunedTraversal:
@@ -150,21 +167,19 @@ class _PrunedTraversal:
     instead of N x d. It leaves a few per cent of the points on real patch features (2-5 % late in
     a 10 % coreset); the bound and the dense formula's own float32 rounding are both accounted
     for (``tau`` terms, see :meth:`_thresholds`), so a skipped point provably keeps its distance. The
-    measured points get the dense step's product (the same BLAS kernel on a column block padded to
-    COLUMN_BLOCK, the same float32 operations in the same order), so the argmax sequence is the
-    dense loop's.
+    measured points get the dense step's product (:func:`_row_dots`: the same BLAS kernel on rows
+    padded to PAD_BLOCK, the same float32 operations in the same order), so the argmax sequence is
+    the dense loop's.
     """
 
     def __init__(self, x: torch.Tensor, sq: torch.Tensor, min_dist: torch.Tensor, selected: torch.Tensor):
         n, d = x.shape
-        self.x = np.ascontiguousarray(x.numpy())  # rows, for gathering the points to measure
-        self.xt = np.zeros((d, _padded(n)), np.float32)  # columns, the dense product's layout
-        self.xt[:, :n] = self.x.T
+        self.x = _padded_rows(x.numpy())  # rows, for gathering the points to measure
         self.tau = 4.0 * (2 * d + 4) * EPS32  # |computed - exact| squared distance <= tau (|p|^2 + |c|^2)
         min_dist.square_()
         self.sq, self.dist, self.selected = sq.numpy(), min_dist.numpy(), selected.numpy()
         self.sq64 = self.sq.astype(np.float64)
-        self.axes = _principal_coordinates(self.x, min(BOUND_DIM, d))  # [m, N_padded] float32
+        self.axes = _principal_coordinates(self.x[:n], min(BOUND_DIM, d))  # [m, N_padded] float32
         m = len(self.axes)
         self.tau_m = 8.0 * (2 * m + 4) * EPS32
         self.norm_p = np.sqrt(np.einsum("ij,ij->j", self.axes, self.axes, dtype=np.float64))[:n]
@@ -207,12 +222,10 @@ class _PrunedTraversal:
     def _distances(self, idx: int, todo: np.ndarray) -> np.ndarray:
         """|p|^2 - 2 p.c + |c|^2 in float32 exactly as :func:`_cpu_step` computes it."""
         n = len(self.dist)
-        if len(todo) > n // 4:  # most columns: the dense product over all of them
-            dot = np.dot(self.xt[:, idx], self.xt)[:n][todo]
+        if len(todo) > n // 2:  # most rows: the full product is cheaper than the gather
+            dot = np.dot(self.x, self.x[idx])[:n][todo]
         else:
-            cols = np.zeros(_padded(len(todo)), np.int64)  # (torch's gather wakes its thread pool: slower here)
-            cols[:len(todo)] = todo
-            dot = np.dot(self.xt[:, idx], np.ascontiguousarray(self.x[cols].T))[:len(todo)]
+            dot = _row_dots(self.x, self.x[idx], todo)
         np.multiply(dot, -2.0, out=dot)
         np.add(dot, self.sq[todo], out=dot)
         np.add(dot, self.sq[idx], out=dot)

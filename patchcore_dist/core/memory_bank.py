@@ -132,6 +132,18 @@ def search_excluding(bank: np.ndarray, queries: np.ndarray, exclude: np.ndarray,
     return torch.cat(out_d).clamp_min_(0).sqrt_().numpy(), torch.cat(out_i).numpy()
 
 
+def excluding_search(bank: np.ndarray, bound_dims: int = 256, candidates: int = 16):
+    """``search(queries, exclude, k) -> (distances, indices)``: :func:`search_excluding` over ``bank``,
+    through :meth:`PrunedFlatSearch.search_excluding` when the bank is large enough for the bound to
+    pay (the same rule as index.exact_search=auto), else by brute force. Same neighbours either way."""
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    if len(bank) < PRUNE_MIN_ROWS or bank.shape[1] < 2 * bound_dims:
+        return lambda q, exclude, k: search_excluding(bank, q, exclude, k)
+    flat = _faiss().IndexFlatL2(bank.shape[1])
+    flat.add(bank)
+    return PrunedFlatSearch(bank, flat, bound_dims, candidates).search_excluding
+
+
 def index_holds(index, bank: np.ndarray, probes: int = 8) -> bool:
     """Whether ``index`` was built over ``bank``: a few rows spread over the bank are stored under their
     own ids, as the index encodes them (exactly for flat and HNSW storage; for IVF-PQ the row's own
@@ -197,6 +209,8 @@ class PrunedFlatSearch:
         self.bound = faiss.IndexFlatL2(bound_dims)
         self.bound.add(lifted)
         self.max_norm = float(norms.max())
+        self.rows = bank  # for search_excluding: the bank (a reference) and its lifted rows
+        self.lifted = torch.from_numpy(lifted)
 
     def _lift(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, D] -> [N, r + 1] = [leading coordinates, residual norm], and the centred norms [N].
@@ -268,6 +282,59 @@ class PrunedFlatSearch:
         block = probes // BLOCK_ROWS
         unproven = np.bincount(block, weights=~proven, minlength=blocks)
         return unproven <= MAX_FIRST_UNPROVEN * np.bincount(block, minlength=blocks)
+
+    def search_excluding(self, q: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`search_excluding` (distances, not squared) through the bound. The bound of every
+        query to every row comes from one masked GEMM in ``bound_dims`` dimensions (a quarter of the
+        exact one's flops at the default); the rows of smallest bound are measured exactly, first
+        ``candidates + k - 1`` of them, then 4x as many for the queries without a proof; the queries
+        still unproven are searched by the exact masked GEMM. Every row outside a query's candidates
+        that is not excluded has a bound at least the largest candidate bound, so the proof is that
+        of :meth:`_candidates`."""
+        exclude = np.asarray(exclude, np.int64)
+        if len(exclude) >= len(self.rows):
+            exclude = exclude[:0]
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        allowed = len(self.rows) - len(exclude)
+        c = min(self.candidates + k - 1, allowed)
+        if c <= k or len(q) == 0:
+            return search_excluding(self.rows, q, exclude, k)
+        lq, norms = self._lift(q)
+        lb, lqt = self.lifted, torch.from_numpy(lq)
+        d2 = torch.addmm((lb * lb).sum(1)[None, :], lqt, lb.T, beta=1.0, alpha=-2.0)
+        d2.add_((lqt * lqt).sum(1, keepdim=True))
+        if len(exclude):
+            d2[:, torch.from_numpy(exclude)] = float("inf")
+        wide = min(4 * c, allowed)
+        bounds, labels = (t.numpy() for t in torch.topk(d2, wide, dim=1, largest=False))
+        del d2
+        slack = self.margin * (norms + self.max_norm) ** 2
+        d2k = np.empty((len(q), k), np.float32)
+        idx = np.empty((len(q), k), np.int64)
+        todo = np.arange(len(q))
+        for width in (c, wide) if wide > c else (c,):
+            d2k[todo], idx[todo], proven = self._measured(q[todo], labels[todo, :width], bounds[todo, width - 1],
+                                                          slack[todo], k)
+            todo = todo[~proven]
+            if not len(todo):
+                break
+        d = np.sqrt(np.maximum(d2k, 0))
+        if len(todo):
+            d[todo], idx[todo] = search_excluding(self.rows, q[todo], exclude, k)
+        return d, idx
+
+    def _measured(self, q: np.ndarray, labels: np.ndarray, largest_bound: np.ndarray, slack: np.ndarray, k: int):
+        """Exact squared distances to the candidate rows ``labels``: the k smallest, and whether each
+        query's k-th is proven (no larger than every bound outside the candidates)."""
+        faiss = _faiss()
+        labels = np.ascontiguousarray(labels)
+        exact = np.empty(labels.shape, dtype=np.float32)
+        q = np.ascontiguousarray(q)
+        self.flat.compute_distance_subset(len(q), faiss.swig_ptr(q), labels.shape[1], faiss.swig_ptr(exact),
+                                          faiss.swig_ptr(labels))
+        order = np.argsort(exact, axis=1, kind="stable")[:, :k]
+        d2 = np.take_along_axis(exact, order, 1)
+        return d2, np.take_along_axis(labels, order, 1), d2[:, -1] <= largest_bound - slack
 
     def _search_pruned(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The pruned search of every query: bound, candidates, a wider second chance, brute force for the rest."""

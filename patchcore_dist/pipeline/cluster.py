@@ -191,6 +191,12 @@ def map_in_tasks(batches, fn, fn_kwargs: dict, num_cpus: float = 0.5, in_flight:
         yield ray.get(done[0])
 
 
+def output_batches(ds):
+    """The output batches (numpy) of a Ray dataset; an iterable of batches (the in-process stages)
+    as it is."""
+    return ds.iter_batches(batch_size=None, batch_format="numpy") if hasattr(ds, "iter_batches") else ds
+
+
 def iterate_with_progress(ds, total: int, what: str, every: float = 5.0, count=None):
     """The output batches (numpy) of a Ray dataset, or of an iterable of batches (the in-process
     stages), with progress: a bar with rate and ETA on a terminal, else one line every ``every``
@@ -204,8 +210,7 @@ def iterate_with_progress(ds, total: int, what: str, every: float = 5.0, count=N
     t0 = last = time.time()
     done = errors = 0
     try:
-        batches = ds.iter_batches(batch_size=None, batch_format="numpy") if hasattr(ds, "iter_batches") else ds
-        for batch in batches:
+        for batch in output_batches(ds):
             n = count(batch) if count else len(batch["uri"])
             done += n
             errors += sum(1 for e in batch["error"] if isinstance(e, str) and e)

@@ -22,7 +22,7 @@ from ..core.metrics import PixelHistogram, f1_threshold, image_auroc
 from ..core.preprocessing import decode_image
 from ..core.tiling import anomaly_map_of
 from ..errors import ImageError, JobError, StorageError
-from .cluster import init_ray, use_ray
+from .cluster import init_ray, output_batches, use_ray
 from .local import in_batches, object_columns
 from .score import run_score
 from .stages import render_batch
@@ -94,7 +94,7 @@ def render_heatmaps(latest: dict, dataset: str, output: str, scored: dict, vrang
     if use_ray(config, len(items)):
         ds = init_ray(config).data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
         ds = ds.map_batches(render_batch, fn_kwargs=kwargs, batch_size=8, num_cpus=0.5)
-        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+        batches = output_batches(ds)
     else:  # in process, as the scoring run was
         batches = (render_batch(b, **kwargs) for b in in_batches(object_columns(items, items[0]), 8))
     drawn = {}

@@ -28,7 +28,8 @@ from ..core import calibration
 from ..core.memory_bank import build_index, serialize_index
 from ..errors import JobError
 from . import faults
-from .cluster import actor_pool, check_cluster_paths, init_ray, iterate_with_progress, use_ray
+from .cluster import (actor_pool, check_cluster_paths, init_ray, iterate_with_progress, output_batches,
+                      use_ray)
 from .local import driver_threads_kept, in_batches, map_ordered, object_columns, rebatched
 from .coreset import build_memory_bank
 from .stages import Extract, decode_batch, decode_tiles
@@ -183,7 +184,7 @@ def _ray_batches(plan: FitPlan, config: Config, readable: list[dict]):
                                                          "faults": injected},
                                 batch_size=pool["batch_size"], num_cpus=0.5)
         ds = ds.map_batches(Extract, fn_constructor_args=(cfg, plan.model, injected), **pool)
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+        yield from output_batches(ds)
     finally:
         context.execution_options.preserve_order = preserve_order
 
@@ -329,7 +330,7 @@ def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str
     least :data:`MIN_TILED_SAMPLE` images): an image of many tiles costs as much search as many untiled
     images."""
     from ..core import tiling
-    from ..core.memory_bank import search_excluding
+    from ..core.memory_bank import excluding_search
     from ..core.scoring import gaussian_blur
     from ..core.tiling import tiling_layout
     offsets = {uri.rsplit("/", 1)[-1]: (int(o), per) for (uri, _, per), o in
@@ -338,6 +339,7 @@ def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str
     for i in candidates:
         images.setdefault(rows["uri"][i], []).append(i)
     scores, maps, cache, tiles = [], [], {}, 0
+    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates)
     for idx in images.values():
         if selected is not None and tiles >= NORMAL_SAMPLE and len(scores) >= MIN_TILED_SAMPLE:
             break
@@ -351,7 +353,7 @@ def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str
         grids = []
         for i in idx:
             f = _tile_features(rows, i, model, cache, opts)
-            d, _ = search_excluding(bank, f, own, config.scoring.num_neighbors)
+            d, _ = search(f, own, config.scoring.num_neighbors)
             grids.append(d.mean(1))
         g = int(round(np.sqrt(len(grids[0]))))
         grids = np.stack([np.asarray(x).reshape(g, g) for x in grids])
@@ -422,10 +424,11 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
     """Image scores and anomaly maps of the first :data:`NORMAL_SAMPLE` training images, each searched
     against the bank without the rows that came from its own patches (a training image scored against
     its own patches would look far more normal than an unseen one); re-weighted as configured."""
-    from ..core.memory_bank import MemoryBank, search_excluding
+    from ..core.memory_bank import MemoryBank, excluding_search
     from ..core.scoring import anomaly_maps, reweighted_image_scores
     s = config.scoring
     memory = MemoryBank(bank, exact_search="brute") if s.reweight else None
+    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates)
     scores, maps, offset = [], [], 0
     for uri, n_img, per_image in layout:
         if len(scores) >= NORMAL_SAMPLE:
@@ -435,7 +438,7 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
         for j, f in enumerate(feats):
             lo = offset + j * per_image
             own = np.flatnonzero((selected >= lo) & (selected < lo + per_image))
-            d, idx = search_excluding(bank, f.astype(np.float32), own, s.num_neighbors)
+            d, idx = search(f.astype(np.float32), own, s.num_neighbors)
             patch = torch.from_numpy(d.mean(1))
             score = patch.max()
             if memory is not None:

@@ -32,7 +32,8 @@ from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
 from . import faults
-from .cluster import actor_pool, check_cluster_paths, init_ray, iterate_with_progress, map_in_tasks, use_ray
+from .cluster import (actor_pool, check_cluster_paths, init_ray, iterate_with_progress, map_in_tasks,
+                      output_batches, use_ray)
 from .local import driver_threads_kept, in_batches, map_ordered, rebatched
 from .stages import Score, decode_batch, decode_tiles, render_batch
 from .tiles import TileAssembler
@@ -260,8 +261,7 @@ def scored_batches(plan: ScorePlan, ds):
         return
     assembler = TileAssembler(plan.config)
     on_ray = hasattr(ds, "iter_batches")
-    tiles = ds.iter_batches(batch_size=None, batch_format="numpy") if on_ray else ds
-    images = (b for b in map(assembler.add, tiles) if b is not None)
+    images = (b for b in map(assembler.add, output_batches(ds)) if b is not None)
     if plan.config.output.heatmaps:
         kwargs = {**_render_kwargs(plan, plan.config.to_dict()), "faults": faults.from_env() if on_ray else ()}
         images = map_in_tasks(images, render_batch, kwargs, num_cpus=0.5) if on_ray else \

@@ -94,6 +94,29 @@ def test_pruned_search_returns_the_brute_force_neighbours(real_features, candida
     assert (proven_share > 0.7) if candidates == 16 else (proven_share < 0.5)
 
 
+@pytest.mark.parametrize("candidates", [16, 1])
+def test_pruned_search_excluding_equals_the_masked_brute_force(real_features, candidates):
+    """A training image scored without its own bank rows (the fit's held-out scores): the bound's
+    search gives the masked GEMM's neighbours, never an excluded row, proven or fallen back."""
+    from patchcore_dist.core.memory_bank import excluding_search, search_excluding
+    bank, _ = real_features
+    per_image = 784
+    search = excluding_search(bank, bound_dims=128, candidates=candidates)
+    assert getattr(search, "__self__", None) is not None  # the pruned path (a bank of >= 2048 rows)
+    for image in (0, 3):
+        lo = image * per_image
+        queries, own = bank[lo:lo + per_image], np.arange(lo, lo + per_image)  # its rows are in the bank
+        for k in (1, 3):
+            d, i = search(queries, own, k)
+            d0, i0 = search_excluding(bank, queries, own, k)
+            assert not np.isin(i, own).any()
+            assert np.allclose(d, d0, rtol=1e-4, atol=1e-3), np.abs(d - d0).max()
+            assert (i[:, 0] == i0[:, 0]).mean() > 0.999
+            assert d.min() > 0  # its own patches (distance 0) were excluded
+    small = excluding_search(bank[:1000])
+    assert getattr(small, "__self__", None) is None  # brute force below 2048 rows
+
+
 @pytest.fixture(scope="module")
 def far_queries(objects_category):
     """Patch features of another product (coffee photographs) than the brick bank: far from it."""
