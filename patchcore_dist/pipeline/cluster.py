@@ -144,10 +144,12 @@ def init_ray(config: Config):
     return ray
 
 
-def actor_pool(config: Config, images: int | None = None) -> dict:
+def actor_pool(config: Config, images: int | None = None, whole_stage: bool = False) -> dict:
     """map_batches arguments for the backbone actors: one per GPU when the cluster has GPUs, with
     ``batch_size`` (runtime.gpu_batch_size on GPU actors, runtime.batch_size on CPU actors). With
-    ``images``, never more actors than the job has batches (each actor costs seconds to start)."""
+    ``images``, never more actors than the job has batches (each actor costs seconds to start). CPU
+    actors leave a CPU to the decode and render tasks, unless ``whole_stage`` (the actors decode and
+    render themselves: :class:`.stages.DecodeScoreRender`); the result says which (``fused``)."""
     import ray
     from ray.data import ActorPoolStrategy
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -156,17 +158,19 @@ def actor_pool(config: Config, images: int | None = None) -> dict:
         size = _fit_to_work(rt.num_actors or gpus, images, rt.batch_for("cuda"))
         log.info("actor pool: %d GPU actor(s), batch size %d", size, rt.batch_for("cuda"))
         return {"compute": ActorPoolStrategy(size=size), "num_gpus": 1, "num_cpus": 1,
-                "batch_size": rt.batch_for("cuda")}
+                "batch_size": rt.batch_for("cuda"), "fused": False}
     if rt.device == "cuda":
         raise JobError("runtime.device=cuda but the Ray cluster has no GPUs: use runtime.device=auto or cpu")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if rt.actor_cpus > cpus:
         raise JobError(f"runtime.actor_cpus={rt.actor_cpus} but the Ray cluster has {cpus} CPUs: no actor could "
                        "be placed (the job would wait forever); lower runtime.actor_cpus")
-    size = _fit_to_work(rt.num_actors or max(1, int((cpus - 1) // rt.actor_cpus) if cpus > 2 else 1), images,
-                        rt.batch_for("cpu"))
-    log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_for("cpu"))
-    return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu")}
+    free = cpus if whole_stage else (cpus - 1 if cpus > 2 else rt.actor_cpus)
+    size = _fit_to_work(rt.num_actors or max(1, int(free // rt.actor_cpus)), images, rt.batch_for("cpu"))
+    log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d%s", size, rt.actor_cpus, rt.batch_for("cpu"),
+             " (decoding and rendering in the actors)" if whole_stage else "")
+    return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu"),
+            "fused": whole_stage}
 
 
 def _fit_to_work(size: int, images: int | None, batch_size: int) -> int:

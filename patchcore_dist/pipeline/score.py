@@ -35,7 +35,7 @@ from . import faults
 from .cluster import (actor_pool, check_cluster_paths, init_ray, iterate_with_progress, map_in_tasks,
                       output_batches, use_ray)
 from .local import driver_threads_kept, in_batches, map_ordered, rebatched
-from .stages import Score, decode_batch, decode_tiles, render_batch
+from .stages import DecodeScoreRender, Score, decode_batch, decode_tiles, render_batch
 from .tiles import TileAssembler
 
 log = logging.getLogger(__name__)
@@ -228,11 +228,15 @@ def _local_batches(plan: ScorePlan, todo: pa.Table):
 
 
 def _ray_dataset(plan: ScorePlan, todo: pa.Table):
-    """The Ray Data pipeline: Arrow blocks of ``todo`` -> decode tasks -> scoring actors -> render tasks."""
+    """The Ray Data pipeline: Arrow blocks of ``todo`` -> decode tasks -> scoring actors -> render tasks
+    (GPU actors, tiled runs), or -> CPU actors that decode, score and render."""
     config = plan.config
     ray = init_ray(config)
     cfg = config.to_dict()
-    pool = actor_pool(config, None if config.tiling.enabled else todo.num_rows)  # batch size for the device
+    # CPU actors decode, score and render each batch themselves (untiled runs); GPU actors are fed
+    # by decode tasks and feed render tasks
+    pool = actor_pool(config, None if config.tiling.enabled else todo.num_rows, whole_stage=not config.tiling.enabled)
+    fused = pool.pop("fused")
     bs = pool["batch_size"]
     step = -(-todo.num_rows // max(1, min(todo.num_rows, 200)))
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
@@ -241,6 +245,10 @@ def _ray_dataset(plan: ScorePlan, todo: pa.Table):
     if config.tiling.enabled:  # one image per decode task; the actors' batches are tiles
         ds = ds.map_batches(decode_tiles, fn_kwargs={"config": cfg, "faults": injected}, batch_size=1, num_cpus=0.5)
         return ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
+    if fused:
+        render = _render_kwargs(plan, cfg) if config.output.heatmaps else None
+        return ds.map_batches(DecodeScoreRender, fn_constructor_args=(plan.model_uri, cfg, injected, keep_bytes, render),
+                              **pool)
     ds = ds.map_batches(decode_batch, fn_kwargs={"config": cfg, "keep_bytes": keep_bytes, "faults": injected},
                         batch_size=bs, num_cpus=0.5)
     ds = ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
