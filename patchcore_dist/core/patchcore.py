@@ -38,8 +38,9 @@ class Embedder:
         backbone = build_backbone(b.name, b.layers, b.weights, read_weights)
         optimize = config.runtime.optimize_backbone
         self.backbone = (optimize_for_inference(backbone) if optimize else backbone).to(self.device)
-        if self.device.type == "cuda":
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        # NHWC activations: on CPUs too (2 cores, Lite0 at 224 px: 32 -> 24 ms per image for backbone
+        # and patch features, the same features bit for bit)
+        self.backbone = self.backbone.to(memory_format=torch.channels_last)
         prec = config.runtime.precision
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         self._tf32 = prec == "tf32"
@@ -55,9 +56,7 @@ class Embedder:
     def __call__(self, crops_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, crop, crop, 3] uint8 -> patch features [B*h*w, target_dim] (float32, on the device), grid."""
         x = torch.as_tensor(crops_uint8).to(self.device, non_blocking=True)
-        x = normalize(x)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(x).contiguous(memory_format=torch.channels_last)
         with self._arithmetic():
             feats = self.backbone(x)
         e = self.config.embedding

@@ -148,8 +148,10 @@ def actor_pool(config: Config, images: int | None = None, whole_stage: bool = Fa
     """map_batches arguments for the backbone actors: one per GPU when the cluster has GPUs, with
     ``batch_size`` (runtime.gpu_batch_size on GPU actors, runtime.batch_size on CPU actors). With
     ``images``, never more actors than the job has batches (each actor costs seconds to start). CPU
-    actors leave a CPU to the decode and render tasks, unless ``whole_stage`` (the actors decode and
-    render themselves: :class:`.stages.DecodeScoreRender`); the result says which (``fused``)."""
+    actors leave one logical CPU to the driver and the decode tasks (a local instance has one more
+    than the machine's cores for them). ``whole_stage``: the caller can run decode and render in CPU
+    actors (:class:`.stages.DecodeScoreRender`); ``fused`` in the result says whether it should (a CPU
+    pool). Measured on 2 cores: an actor more than the cores is slower, not faster."""
     import ray
     from ray.data import ActorPoolStrategy
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -165,7 +167,7 @@ def actor_pool(config: Config, images: int | None = None, whole_stage: bool = Fa
     if rt.actor_cpus > cpus:
         raise JobError(f"runtime.actor_cpus={rt.actor_cpus} but the Ray cluster has {cpus} CPUs: no actor could "
                        "be placed (the job would wait forever); lower runtime.actor_cpus")
-    free = cpus if whole_stage else (cpus - 1 if cpus > 2 else rt.actor_cpus)
+    free = cpus - 1 if cpus > 2 else rt.actor_cpus
     size = _fit_to_work(rt.num_actors or max(1, int(free // rt.actor_cpus)), images, rt.batch_for("cpu"))
     log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d%s", size, rt.actor_cpus, rt.batch_for("cpu"),
              " (decoding and rendering in the actors)" if whole_stage else "")
