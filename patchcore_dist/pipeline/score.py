@@ -217,7 +217,7 @@ def _local_batches(plan: ScorePlan, todo: pa.Table):
         scorer.node = "local"  # in this process, not on a Ray worker
 
         def stages(batch):
-            out = scorer(decode_batch(batch, cfg, keep_bytes=keep_bytes))
+            out = scorer(decode_batch(batch, cfg, keep_bytes=keep_bytes, keep_pixels=keep_bytes))
             return render_batch(out, **render) if render else out
         bs = config.runtime.batch_for(pick_device(config.runtime.device).type)
         if config.tiling.enabled:  # tiles of one image at a time, scored in batches of bs tiles as on Ray

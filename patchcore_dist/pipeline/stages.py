@@ -66,24 +66,29 @@ def _decoded(batch: dict, config: dict, known_digests: set | None, faults: tuple
 
 
 def decode_batch(batch: dict, config: dict, known_digests: set | None = None, keep_bytes: bool = False,
-                 faults: tuple = ()) -> dict:
+                 faults: tuple = (), keep_pixels: bool = False) -> dict:
     """Decode task: uri -> digest, original size, the model's uint8 crop; or an error.
 
     Already processed images are not decoded again (``unchanged``): score's rows carry
     ``known_digest`` (the digest of the image's previous successful row, null if none), fit passes
     ``known_digests`` (features reused).
     ``keep_bytes``: also pass on the file's bytes (column ``data``) for the overlay renderer, so that
-    storage is read once per image; :func:`render_batch` drops them again. ``faults``: the fault
-    tests' injected faults (:mod:`.faults`).
+    storage is read once per image; :func:`render_batch` drops them again. ``keep_pixels`` (when the
+    renderer runs in the same process): also pass on the decoded image (column ``pixels``) where it
+    was decoded at its original size, so the overlay does not decode it again (None elsewhere: a large
+    JPEG decoded at a reduced scale). ``faults``: the fault tests' injected faults (:mod:`.faults`).
     """
     c, resize = config["image"]["crop"], config["image"]["resize"]
     n = len(batch["uri"])
     crops = np.zeros((n, c, c, 3), np.uint8)
     cols = {k: [] for k in ("digest", "height", "width", "error", "decode_ms", "data")}
     unchanged = np.zeros(n, bool)
+    pixels = np.array([None] * n, object)
     # a large JPEG decodes at a reduced scale, still twice the model's resolution
     for i, got, err, ms, _ in _decoded(batch, config, known_digests, faults, {"shorter_side": 2 * resize}):
         h, w = got["size"] if got else (0, 0)
+        if keep_pixels and got and not err and not got["unchanged"] and got["rgb"].shape[:2] == (h, w):
+            pixels[i] = got["rgb"]
         if got and not err and not got["unchanged"]:
             try:
                 crops[i] = resize_crop(got["rgb"], resize, c, size=(h, w))
@@ -99,6 +104,8 @@ def decode_batch(batch: dict, config: dict, known_digests: set | None = None, ke
                decode_ms=np.array(cols["decode_ms"], np.float32), unchanged=unchanged)
     if keep_bytes:
         out["data"] = np.array(cols["data"], object)
+    if keep_pixels:
+        out["pixels"] = pixels
     return out
 
 
@@ -269,7 +276,9 @@ class DecodeScoreRender(Score):
         self.config, self.keep_bytes, self.render = config, keep_bytes, render
 
     def __call__(self, batch: dict) -> dict:
-        scored = super().__call__(decode_batch(batch, self.config, keep_bytes=self.keep_bytes, faults=self.faults))
+        decoded = decode_batch(batch, self.config, keep_bytes=self.keep_bytes, faults=self.faults,
+                               keep_pixels=self.keep_bytes and self.render is not None)
+        scored = super().__call__(decoded)
         return render_batch(scored, **self.render, faults=self.faults) if self.render else scored
 
 
@@ -297,7 +306,7 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
             warning[i] = f"heatmap not written: {_err(e)}"
         if warning[i]:
             log.warning("%s: %s", repr(str(batch["uri"][i])), warning[i])
-    out = {k: v for k, v in batch.items() if k != "data"}  # the images' bytes stop here
+    out = {k: v for k, v in batch.items() if k not in ("data", "pixels")}  # the images' bytes stop here
     out.update(heatmap=heatmap, warning=warning)
     return out
 
@@ -320,9 +329,12 @@ def _render_one(batch: dict, i: int, cfg: Config, heatmaps_uri: str, vrange: tup
     if not cfg.output.overlay:
         return base + ".png", ""
     try:
-        # the bytes the decode task read (keep_bytes), else a second read
-        data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
-        orig, _ = decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))
+        # the pixels decoded in this process (keep_pixels), else the bytes the decode task read
+        # (keep_bytes), else a second read
+        orig = batch["pixels"][i] if "pixels" in batch else None
+        if orig is None or orig.shape[:2] != size:
+            data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
+            orig, _ = decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))
         blended = overlay(resize_rgb(orig, size), rgb, amap, vrange, level)
         storage.write_bytes(base + "_overlay.jpg", encode(blended, "JPEG", quality=90), **opts, durable=False)
     except Exception as e:
