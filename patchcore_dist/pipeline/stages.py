@@ -268,7 +268,7 @@ class DecodeScoreRender(Score):
     anyway; as separate Ray stages the decoded images (with the originals' bytes, for overlays) and
     the score grids cross the object store, and Ray Data schedules decode and render tasks between
     the actors' batches. Measured on 2 cores (benchmarks/score_job.py, 480 mixed images, heatmaps
-    and overlays): 7.7 -> ~22 images/s."""
+    and overlays): 7.7 -> 19.5-21.5 images/s."""
 
     def __init__(self, model_uri: str, config: dict, faults: tuple = (), keep_bytes: bool = False,
                  render: dict | None = None):
