@@ -211,6 +211,7 @@ class PrunedFlatSearch:
         self.max_norm = float(norms.max())
         self.rows = bank  # for search_excluding: the bank (a reference) and its lifted rows
         self.lifted = torch.from_numpy(lifted)
+        self.lifted_sq = (self.lifted * self.lifted).sum(1)
 
     def _lift(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, D] -> [N, r + 1] = [leading coordinates, residual norm], and the centred norms [N].
@@ -228,20 +229,9 @@ class PrunedFlatSearch:
 
     def _candidates(self, q: np.ndarray, lifted: np.ndarray, norms: np.ndarray, k: int, c: int):
         """The c rows of smallest bound, measured exactly: k best (squared distances, indices), and proven."""
-        faiss = _faiss()
         bounds, labels = self.bound.search(lifted, c)
-        exact = np.empty(labels.shape, dtype=np.float32)
-        labels = np.ascontiguousarray(labels)
-        q = np.ascontiguousarray(q)
-        self.flat.compute_distance_subset(len(q), faiss.swig_ptr(q), c, faiss.swig_ptr(exact),
-                                          faiss.swig_ptr(labels))
-        order = np.argsort(exact, axis=1, kind="stable")[:, :k]
-        d2 = np.take_along_axis(exact, order, 1)
-        idx = np.take_along_axis(labels, order, 1)
-        if c == self.flat.ntotal:
-            return d2, idx, np.ones(len(q), dtype=bool)  # every row was measured exactly
-        slack = self.margin * (norms + self.max_norm) ** 2
-        return d2, idx, d2[:, -1] <= bounds[:, -1] - slack
+        d2, idx, proven = self._measured(q, labels, bounds[:, -1], self.margin * (norms + self.max_norm) ** 2, k)
+        return d2, idx, proven | (c == self.flat.ntotal)  # every row measured exactly: nothing to prove
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Squared distances [N, k], indices [N, k], and how many queries were searched in full.
@@ -301,7 +291,7 @@ class PrunedFlatSearch:
             return search_excluding(self.rows, q, exclude, k)
         lq, norms = self._lift(q)
         lb, lqt = self.lifted, torch.from_numpy(lq)
-        d2 = torch.addmm((lb * lb).sum(1)[None, :], lqt, lb.T, beta=1.0, alpha=-2.0)
+        d2 = torch.addmm(self.lifted_sq[None, :], lqt, lb.T, beta=1.0, alpha=-2.0)
         d2.add_((lqt * lqt).sum(1, keepdim=True))
         if len(exclude):
             d2[:, torch.from_numpy(exclude)] = float("inf")

@@ -144,14 +144,13 @@ def init_ray(config: Config):
     return ray
 
 
-def actor_pool(config: Config, images: int | None = None, whole_stage: bool = False) -> dict:
+def actor_pool(config: Config, images: int | None = None) -> dict:
     """map_batches arguments for the backbone actors: one per GPU when the cluster has GPUs, with
     ``batch_size`` (runtime.gpu_batch_size on GPU actors, runtime.batch_size on CPU actors). With
     ``images``, never more actors than the job has batches (each actor costs seconds to start). CPU
     actors leave one logical CPU to the driver and the decode tasks (a local instance has one more
-    than the machine's cores for them). ``whole_stage``: the caller can run decode and render in CPU
-    actors (:class:`.stages.DecodeScoreRender`); ``fused`` in the result says whether it should (a CPU
-    pool). Measured on 2 cores: an actor more than the cores is slower, not faster."""
+    than the machine's cores for them; measured on 2 cores, an actor more than the cores is slower,
+    not faster)."""
     import ray
     from ray.data import ActorPoolStrategy
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -160,7 +159,7 @@ def actor_pool(config: Config, images: int | None = None, whole_stage: bool = Fa
         size = _fit_to_work(rt.num_actors or gpus, images, rt.batch_for("cuda"))
         log.info("actor pool: %d GPU actor(s), batch size %d", size, rt.batch_for("cuda"))
         return {"compute": ActorPoolStrategy(size=size), "num_gpus": 1, "num_cpus": 1,
-                "batch_size": rt.batch_for("cuda"), "fused": False}
+                "batch_size": rt.batch_for("cuda")}
     if rt.device == "cuda":
         raise JobError("runtime.device=cuda but the Ray cluster has no GPUs: use runtime.device=auto or cpu")
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -169,10 +168,8 @@ def actor_pool(config: Config, images: int | None = None, whole_stage: bool = Fa
                        "be placed (the job would wait forever); lower runtime.actor_cpus")
     free = cpus - 1 if cpus > 2 else rt.actor_cpus
     size = _fit_to_work(rt.num_actors or max(1, int(free // rt.actor_cpus)), images, rt.batch_for("cpu"))
-    log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d%s", size, rt.actor_cpus, rt.batch_for("cpu"),
-             " (decoding and rendering in the actors)" if whole_stage else "")
-    return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu"),
-            "fused": whole_stage}
+    log.info("actor pool: %d CPU actor(s) x %.1f CPU, batch size %d", size, rt.actor_cpus, rt.batch_for("cpu"))
+    return {"compute": ActorPoolStrategy(size=size), "num_cpus": rt.actor_cpus, "batch_size": rt.batch_for("cpu")}
 
 
 def _fit_to_work(size: int, images: int | None, batch_size: int) -> int:

@@ -175,7 +175,6 @@ def _ray_batches(plan: FitPlan, config: Config, readable: list[dict]):
     context.execution_options.preserve_order = True
     try:
         pool = actor_pool(config, None if config.tiling.enabled else len(readable))  # batch size for the device
-        pool.pop("fused")
         injected = faults.from_env()
         ds = ray.data.from_items(readable, override_num_blocks=max(1, min(len(readable), 200)))
         if config.tiling.enabled:  # one image per decode task; the actors' batches are tiles

@@ -213,18 +213,16 @@ def _local_batches(plan: ScorePlan, todo: pa.Table):
     render = _render_kwargs(plan, cfg) if config.output.heatmaps else None
     columns = {name: todo.column(name).to_numpy(zero_copy_only=False) for name in todo.column_names}
     with driver_threads_kept():
-        scorer = Score(plan.model_uri, cfg)
-        scorer.node = "local"  # in this process, not on a Ray worker
-
-        def stages(batch):
-            out = scorer(decode_batch(batch, cfg, keep_bytes=keep_bytes, keep_pixels=keep_bytes))
-            return render_batch(out, **render) if render else out
         bs = config.runtime.batch_for(pick_device(config.runtime.device).type)
         if config.tiling.enabled:  # tiles of one image at a time, scored in batches of bs tiles as on Ray
+            scorer = Score(plan.model_uri, cfg)
+            scorer.node = "local"  # in this process, not on a Ray worker
             tiles = (decode_tiles(b, cfg) for b in in_batches(columns, 1))
             yield from map_ordered(scorer, rebatched(tiles, bs), config)
             return
-        yield from map_ordered(stages, in_batches(columns, bs), config)
+        scorer = DecodeScoreRender(plan.model_uri, cfg, keep_bytes=keep_bytes, render=render)  # as a CPU actor
+        scorer.node = "local"
+        yield from map_ordered(scorer, in_batches(columns, bs), config)
 
 
 def _ray_dataset(plan: ScorePlan, todo: pa.Table):
@@ -235,8 +233,8 @@ def _ray_dataset(plan: ScorePlan, todo: pa.Table):
     cfg = config.to_dict()
     # CPU actors decode, score and render each batch themselves (untiled runs); GPU actors are fed
     # by decode tasks and feed render tasks
-    pool = actor_pool(config, None if config.tiling.enabled else todo.num_rows, whole_stage=not config.tiling.enabled)
-    fused = pool.pop("fused")
+    pool = actor_pool(config, None if config.tiling.enabled else todo.num_rows)
+    fused = not config.tiling.enabled and "num_gpus" not in pool
     bs = pool["batch_size"]
     step = -(-todo.num_rows // max(1, min(todo.num_rows, 200)))
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
@@ -246,6 +244,7 @@ def _ray_dataset(plan: ScorePlan, todo: pa.Table):
         ds = ds.map_batches(decode_tiles, fn_kwargs={"config": cfg, "faults": injected}, batch_size=1, num_cpus=0.5)
         return ds.map_batches(Score, fn_constructor_args=(plan.model_uri, cfg, injected), **pool)
     if fused:
+        log.info("CPU actors decode, score and render each batch")
         render = _render_kwargs(plan, cfg) if config.output.heatmaps else None
         return ds.map_batches(DecodeScoreRender, fn_constructor_args=(plan.model_uri, cfg, injected, keep_bytes, render),
                               **pool)
