@@ -47,9 +47,20 @@ MAX_BATCH = 4096
 MAX_WORKING = 32768         # tiling.working_size: a 32k-pixel side, far above any camera
 
 
-# Runtime / storage keys added after models recorded their configs: they never enter config.yaml or
-# the config digest (Config.recorded_dict); older keys stay there so that no pinned digest moves.
-UNRECORDED = ("runtime.executor", "runtime.local_max_images", "storage.shared_paths")
+# What defines a model (its config digest, model digest and config.yaml): these sections, with their
+# values. Everything else says where and how a job runs or what it writes (RUN_SECTIONS) and never
+# enters a model's identity: a fit with runtime.gpu_batch_size=128 is the same model as without.
+IDENTITY_SECTIONS = ("backbone", "image", "embedding", "coreset", "scoring", "index", "fit", "tiling", "seed")
+# The run sections as models have always recorded them (their defaults when identities were first
+# pinned): recorded as these constants, whatever this run's values and whatever keys or defaults they
+# gain later, so the digests of models fitted with the defaults never move.
+RUN_SECTIONS_AS_RECORDED = {
+    "runtime": {"device": "auto", "batch_size": 8, "gpu_batch_size": 64, "num_actors": None, "actor_cpus": 1.0,
+                "precision": "fp32", "optimize_backbone": True, "search_precision": "fp32", "torch_threads": None,
+                "ray_num_cpus": None},
+    "output": {"heatmaps": True, "overlay": True, "heatmap_min": None, "heatmap_max": None, "patch_scores": False},
+    "storage": {"endpoint_url": None, "region": None},
+}
 
 
 class _Section(BaseModel):
@@ -290,17 +301,27 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def recorded_dict(self) -> dict:
-        """The config as a model records it (config.yaml, the config digest): without :data:`UNRECORDED`,
-        the keys that only say where and how this run executes, so that adding them moved no digest and
-        the same model fitted in process or on Ray has the same identity; the tiling section only when
-        tiling is on."""
+        """The config as a model records it (config.yaml, the config digest): the values of
+        :data:`IDENTITY_SECTIONS` (the tiling section only when tiling is on), and the run sections as the
+        constants :data:`RUN_SECTIONS_AS_RECORDED`, in the schema's order. So the same model fitted with
+        other runtime, output or storage settings, in process or on Ray, has the same identity."""
         d = self.to_dict()
-        for key in UNRECORDED:
-            section, name = key.split(".")
-            d[section].pop(name, None)
-        if not self.tiling.enabled:  # an untiled model records no tiling section (absent reads as off)
-            d.pop("tiling")
-        return d
+        out = {}
+        for section, value in d.items():
+            if section in RUN_SECTIONS_AS_RECORDED:
+                out[section] = copy.deepcopy(RUN_SECTIONS_AS_RECORDED[section])
+            elif section in IDENTITY_SECTIONS and (section != "tiling" or self.tiling.enabled):
+                out[section] = value  # an untiled model records no tiling section (absent reads as off)
+        return out
+
+    def run_dict(self) -> dict:
+        """This run's own settings (the run sections), for its run record: what the model does not record."""
+        d = self.to_dict()
+        return {section: d[section] for section in RUN_SECTIONS_AS_RECORDED}
+
+    def config_digest(self) -> str:
+        """The digest of :meth:`recorded_dict`: the manifest's ``config_digest``, part of the model digest."""
+        return hashlib.sha256(json.dumps(self.recorded_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def feature_dict(self) -> dict:
         """The part of the config that determines patch features (for reuse and compatibility)."""

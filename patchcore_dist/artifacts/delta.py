@@ -77,6 +77,31 @@ def create(uri: str, opts: dict, schema: pa.Schema, partition_by: list[str]):
     return retry_commits(attempt, f"creating the Delta table {uri}")
 
 
+# Delta's primitive type of each Arrow type the tables use (for columns added to existing tables).
+_DELTA_TYPES = {pa.float64(): "double", pa.float32(): "float", pa.string(): "string", pa.bool_(): "boolean",
+                pa.int32(): "integer", pa.int64(): "long", pa.timestamp("us", tz="UTC"): "timestamp"}
+
+
+def add_missing_columns(uri: str, opts: dict, schema: pa.Schema) -> list[str]:
+    """Schema evolution: the columns of ``schema`` that the table at ``uri`` lacks (a table written by
+    an earlier version) added as nullable columns, in one commit (the rows it holds read them as null;
+    the protocol stays 1 / 2). Returns the names added."""
+    from deltalake.schema import Field, PrimitiveType
+
+    def attempt():
+        dt = load(uri, opts)
+        have = {f.name for f in dt.schema().fields}
+        missing = [f for f in schema if f.name not in have]
+        if missing:
+            dt.alter.add_columns([Field(f.name, PrimitiveType(_DELTA_TYPES[f.type]), nullable=True) for f in missing])
+        return [f.name for f in missing]
+    added = retry_commits(attempt, f"adding columns to the Delta table {uri}")
+    if added:
+        log.info("score table %s: added the column(s) %s (rows written before read them as null)", uri,
+                 ", ".join(added))
+    return added
+
+
 def retry_commits(fn, what: str, attempts: int | None = None):
     """``fn()``, called again (on a freshly loaded table: ``fn`` loads it) while a concurrent commit
     conflicts with it, up to COMMIT_ATTEMPTS times with a random back-off; a clear JobError when it

@@ -2,7 +2,7 @@
 
     <model>/memory_bank.npy   [K, D] float32 (numpy format, loaded with allow_pickle=False)
     <model>/index.faiss       faiss's own serialisation of the index over the bank (index.type)
-    <model>/config.yaml       the resolved config
+    <model>/config.yaml       the resolved config as the model records it (Config.recorded_dict)
     <model>/images.parquet    one row per training image: uri, digest, feature shard and row, or error
     <model>/errors.parquet    training images that could not be used, with the reason
     <model>/features/*.parquet  patch-feature shards (float16); validation/*.parquet for the threshold
@@ -97,7 +97,7 @@ class ModelWriter:
             "library": {"name": "patchcore-dist", "version": __version__},
             "dependencies": dependency_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "config_digest": sha256(json.dumps(config.recorded_dict(), sort_keys=True).encode())[:16],
+            "config_digest": config.config_digest(),
             "feature_digest": config.feature_digest(),
             "bank": {"rows": int(bank_shape[0]), "dim": int(bank_shape[1])},
             "training": training,

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 SCORE_SCHEMA = pa.schema([
     ("image", pa.string()),          # input URI
     ("score", pa.float64()),         # image score s* (null when error is set)
-    ("is_anomaly", pa.bool_()),      # score > the model's calibrated threshold (null without one)
+    ("normalized_score", pa.float64()),  # 0.5 at the threshold, 0 at normal images' typical level (rows of
+                                     # tables written before it existed: null)
+    ("is_anomaly", pa.bool_()),      # score > the model's decision threshold (null only for models
+                                     # fitted before every fit calibrated one)
     ("heatmap", pa.string()),        # heatmap PNG URI (null when none was written)
     ("height", pa.int32()),          # original image size (0 when it could not be decoded)
     ("width", pa.int32()),
@@ -87,10 +90,12 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def open_tables(output: str, opts: dict) -> None:
-    """Make sure the score table exists; an output written by an earlier version (Parquet parts
-    under scores/<model>/) is converted first, with every row it holds."""
+    """Make sure the score table exists with every column of SCORE_SCHEMA (columns added since a table
+    was written are added to it); an output written by an earlier version (Parquet parts under
+    scores/<model>/) is converted first, with every row it holds."""
     uri = scores_uri(output)
     if delta.load(uri, opts) is not None:
+        delta.add_missing_columns(uri, opts, _stored(SCORE_SCHEMA))
         return
     parts = legacy_scores.find_parts(uri, opts)
     if parts:

@@ -56,6 +56,19 @@ def resolve(uri: str, endpoint_url: str | None = None, region: str | None = None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def is_relative(uri: str) -> bool:
+    """A local path relative to the working directory (no scheme, not absolute, no ``~``)."""
+    return "://" not in uri and not os.path.isabs(uri) and not uri.startswith("~")
+
+
+def absolute(uri: str) -> str:
+    """``uri`` with a local path made absolute against the working directory (``~`` expanded); an
+    ``s3://`` or ``file://`` URI as it is. What a job stores and compares is this form."""
+    if "://" in uri or not uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])

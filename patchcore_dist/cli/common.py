@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..errors import PatchCoreError
+from .paths import resolve_arguments
 
 # Shown under every job's --help: the keys users change most (the README lists them all).
 COMMON_KEYS = """config keys most often changed (key=value, see the README's configuration reference):
@@ -46,7 +47,7 @@ def run_job(run, args) -> int:
     message and returns its exit code; anything else is a bug and keeps its traceback."""
     setup_logging(bool(getattr(args, "verbose", False)))
     try:
-        run(args)
+        run(resolve_arguments(args))
     except PatchCoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -51,6 +51,15 @@ def heatmap_scale(cold: float, threshold: float) -> tuple[float, float]:
     return cold, cold + 2.0 * span
 
 
+def normalized_scores(scores: np.ndarray, threshold: float, cold: float) -> np.ndarray:
+    """Image scores on the scale users of other tools expect: 0.5 at the decision threshold, 0 at
+    normal images' typical level ``cold`` (the heatmap's cold end), 1 at the heatmap's hot end
+    (2 x threshold - cold); linear, not clipped, so the order of strong anomalies is kept. A threshold
+    at or below the cold level gets the span :func:`heatmap_scale` gives it."""
+    lo, hi = heatmap_scale(cold, threshold)
+    return 0.5 + (np.asarray(scores, dtype=np.float64) - threshold) / (hi - lo)
+
+
 # Where the decision threshold sits on the heatmap scale (0 = cold end, 1 = hot end).
 THRESHOLD_LEVEL = 0.5
 
@@ -62,11 +71,37 @@ def threshold_at_fpr(image_scores: np.ndarray, target_fpr: float) -> float:
     return float(v[len(v) - allowed - 1])
 
 
-def calibration_stats(image_scores: np.ndarray, target_fpr: float) -> dict:
-    """The manifest's threshold entry from normal validation image scores."""
+# Normal images below which a threshold is called unreliable (the fit warns): with n images no
+# false-positive rate below 1/n can be told apart from zero, and the threshold is one of few scores.
+MIN_THRESHOLD_IMAGES = 20
+
+
+def calibration_stats(image_scores: np.ndarray, target_fpr: float, source: str) -> dict:
+    """The manifest's decision entry from the image scores of normal images: the threshold at
+    ``target_fpr``, where it came from (``source``), how many images it rests on, the false-positive
+    rate it gives on them and the smallest rate they can resolve (1 / n)."""
     v = np.sort(np.asarray(image_scores, dtype=np.float64))
-    return {"threshold": threshold_at_fpr(v, target_fpr), "target_fpr": target_fpr, "validation_images": len(v),
+    t = threshold_at_fpr(v, target_fpr)
+    return {"threshold": t, "threshold_source": source, "threshold_images": len(v), "target_fpr": target_fpr,
+            "calibration_fpr": float((v > t).mean()), "fpr_resolution": 1.0 / len(v),
+            "validation_images": len(v),
             "validation_scores": {"min": float(v[0]), "median": float(np.median(v)), "max": float(v[-1])}}
+
+
+def describe_threshold(stats: dict) -> tuple[str, bool]:
+    """One sentence on a calibrated threshold (how many images, what FPR they support) and whether it is
+    unreliable (fewer than :data:`MIN_THRESHOLD_IMAGES` images)."""
+    n, fpr = stats["threshold_images"], stats["target_fpr"]
+    line = (f"threshold {stats['threshold']:.4g} at target FPR {fpr:.2%}, from {n} {stats['threshold_source']}: "
+            f"{stats['calibration_fpr']:.1%} of them above it; {n} images resolve FPRs down to "
+            f"{stats['fpr_resolution']:.1%}")
+    weak = n < MIN_THRESHOLD_IMAGES
+    if weak:
+        line += (f": fewer than {MIN_THRESHOLD_IMAGES} images, the threshold is unreliable (it is the maximum or "
+                 "near it of few scores); give more normal images with --validation or fit.holdout_fraction")
+    elif stats["fpr_resolution"] > fpr:
+        line += f": to resolve {fpr:.2%}, give at least {int(np.ceil(1 / fpr))} normal images"
+    return line, weak
 
 
 def quantiles(scores: np.ndarray) -> dict[str, float] | None:

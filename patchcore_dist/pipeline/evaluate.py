@@ -38,7 +38,9 @@ def full_map(row: dict, config, size: tuple[int, int]) -> np.ndarray:
 
 def run_evaluate(model_uri: str, dataset: str, output: str, config_file: str | None = None,
                  overrides: list[str] | None = None) -> dict:
-    """Score the test split of ``dataset`` and write metrics.json and report.html under ``output``."""
+    """Score the test split of ``dataset`` and write metrics.json and report.html under ``output``
+    (relative local paths are taken against the working directory, as the score table's URIs are)."""
+    model_uri, dataset, output = (storage.absolute(u) for u in (model_uri, dataset, output))
     user = load_config(config_file, overrides)
     opts = user.storage.options()
     test = category_test(dataset)

@@ -59,7 +59,10 @@ class FitPlan:
 
 
 def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
-    """Fit a model on the normal images under ``train``; returns its manifest."""
+    """Fit a model on the normal images under ``train``; returns its manifest. Relative local paths are
+    taken against the working directory."""
+    train, model = storage.absolute(train), storage.absolute(model)
+    reuse, validation = (storage.absolute(u) if u else u for u in (reuse, validation))
     t_start = time.time()
     run_id, started = new_run_id()
     weights = config.backbone.weights if config.backbone.weights not in ("default", "random") else None
@@ -78,7 +81,9 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
     log.info("fit done: %d images (%d errors, %d reused), %d patches -> memory bank %d x %d, extraction %.1f s, "
              "total %.1f s; model %s (digest %s)", len(plan.items), t["errors"], t["reused"], t["patches"],
              manifest["bank"]["rows"], manifest["bank"]["dim"], t_extract, elapsed, model, manifest["model_digest"])
-    write_run(model, _fit_record(plan, rows, manifest, run_id, started, elapsed), config.storage.options())
+    record = _fit_record(plan, rows, manifest, run_id, started, elapsed)
+    record["run_settings"] = config.run_dict()  # runtime / output / storage: not part of the model
+    write_run(model, record, config.storage.options())
     return manifest
 
 
@@ -91,7 +96,7 @@ def _fit_record(plan: FitPlan, rows: dict, manifest: dict, run_id: str, started:
             "errors_by_reason": error_reasons([e for e, t in zip(rows["error"], rows.get("tile", [0] * len(rows["error"])))
                                                if e and t == 0]), "patches": t["patches"],
             "bank_rows": manifest["bank"]["rows"], "threshold": manifest["stats"].get("threshold"),
-            "nodes": sorted(plan.nodes),
+            "threshold_images": manifest["stats"].get("threshold_images"), "nodes": sorted(plan.nodes),
             "seconds": round(elapsed, 2), "images_per_s": round(len(plan.items) / elapsed, 2), "version": __version__}
 
 
@@ -256,10 +261,11 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     bank, stats, selected, layout = build_memory_bank(train_uris, counts, config, opts)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
     if config.tiling.enabled:
-        stats.update(calibrate_tiled(rows, ok, plan.model, bank, selected, layout, config, opts))
+        stats.update(calibrate_tiled(rows, ok, plan.model, bank, selected, layout, config, opts,
+                                     calibration_source(plan)))
     else:
         stats.update(calibrate([storage.join(plan.model, "validation", s) for s in val_shards], bank, selected,
-                               layout, config, opts))
+                               layout, config, opts, calibration_source(plan)))
     _write_model_files(writer, bank, rows, [o or not f for o, f in zip(ok, first)], config, stats)
     used = [t and f for t, f in zip(train_ok, first)]
     digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], used) if t)).encode()).hexdigest()
@@ -297,28 +303,14 @@ def _write_model_files(writer: ModelWriter, bank: np.ndarray, rows: dict[str, li
 
 
 def calibrate_tiled(rows: dict[str, list], ok: list[bool], model: str, bank: np.ndarray, selected: np.ndarray,
-                    layout: list, config: Config, opts: dict) -> dict:
+                    layout: list, config: Config, opts: dict, source: str) -> dict:
     """:func:`calibrate` for a tiled model: each normal image's tiles searched (a training image without
     any patch of its own tiles in the bank), stitched into its image score (not re-weighted); the cold
     end from the stitched grids smoothed at grid resolution (:func:`tiled_normal_scores`)."""
     val = [i for i, o in enumerate(ok) if o and rows["split"][i] == "validation"]
     scores, maps = tiled_normal_scores(rows, val or [i for i, o in enumerate(ok) if o and rows["split"][i] == "features"],
                                        model, bank, selected if not val else None, layout, config, opts)
-    stats: dict = {}
-    if val:
-        stats = calibration.calibration_stats(scores, config.fit.target_fpr)
-        centre, source, of = stats["threshold"], "calibrated threshold", "validation"
-        log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", centre, len(scores),
-                 config.fit.target_fpr)
-    ref = calibration.normal_reference(scores, maps)
-    if not val:
-        centre, source = ref["p99"], "p99 of held-out training image scores (no calibrated threshold)"
-        of = "training, each without its own patches"
-    lo, hi = calibration.heatmap_scale(ref["cold"], centre)
-    stats.update(normal_image_score={**ref, "images_of": of}, heatmap_min=lo, heatmap_max=hi,
-                 heatmap_threshold=centre, heatmap_threshold_source=source)
-    log.info("heatmap scale [%.3f, %.3f]: cold = typical normal pixel, centre %.3f = %s", lo, hi, centre, source)
-    return stats
+    return decision_and_scale(scores, maps, source if val else HELD_OUT_TRAINING, config)
 
 
 def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str, bank: np.ndarray,
@@ -374,30 +366,40 @@ def _tile_features(rows: dict[str, list], i: int, model: str, cache: dict, opts:
 
 
 def calibrate(validation_uris: list[str], bank: np.ndarray, selected: np.ndarray, layout: list, config: Config,
-              opts: dict) -> dict:
-    """The model's decision threshold and heatmap scale from normal images.
-
-    With validation images: the threshold that at most ``fit.target_fpr`` of them exceed, and the
-    heatmap scale from them. Without: no threshold; the heatmap scale from a sample of the training
-    images, each scored without its own patches in the bank (as if unseen), centred on the 99th
-    percentile of their image scores.
-    """
+              opts: dict, source: str) -> dict:
+    """The model's decision threshold and heatmap scale from normal images: the validation images
+    (``source`` says which) when there are any, else a sample of the training images, each scored
+    without its own patches in the bank (as if unseen)."""
     if validation_uris:
         scores, maps = score_normal(validation_uris, bank, config, opts)
-        stats = calibration.calibration_stats(scores, config.fit.target_fpr)
-        log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", stats["threshold"],
-                 stats["validation_images"], config.fit.target_fpr)
-        centre, source, of = stats["threshold"], "calibrated threshold", "validation"
-    else:
-        scores, maps = score_held_out(layout, selected, bank, config, opts)
-        stats, of = {}, "training, each without its own patches"
+        return decision_and_scale(scores, maps, source, config)
+    scores, maps = score_held_out(layout, selected, bank, config, opts)
+    return decision_and_scale(scores, maps, HELD_OUT_TRAINING, config)
+
+
+# Where a threshold comes from, as the manifest and the logs name it.
+HELD_OUT_TRAINING = "training images (each scored without its own patches in the memory bank)"
+
+
+def calibration_source(plan: FitPlan) -> str:
+    """What the plan's validation split holds: images of --validation, or training images held out."""
+    return "normal validation images (--validation)" if plan.validation else \
+        "held-out normal training images (fit.holdout_fraction)"
+
+
+def decision_and_scale(scores: np.ndarray, maps: list[np.ndarray], source: str, config: Config) -> dict:
+    """The manifest's statistics from normal image scores and maps: the decision threshold at
+    fit.target_fpr (always: every model decides), the normal reference and the heatmap scale centred on
+    the threshold. Warns when the threshold rests on too few images."""
+    stats = calibration.calibration_stats(scores, config.fit.target_fpr, source)
+    line, weak = calibration.describe_threshold(stats)
+    (log.warning if weak else log.info)(line)
     ref = calibration.normal_reference(scores, maps)
-    if not validation_uris:
-        centre, source = ref["p99"], "p99 of held-out training image scores (no calibrated threshold)"
-    lo, hi = calibration.heatmap_scale(ref["cold"], centre)
-    stats.update(normal_image_score={**ref, "images_of": of}, heatmap_min=lo, heatmap_max=hi,
-                 heatmap_threshold=centre, heatmap_threshold_source=source)
-    log.info("heatmap scale [%.3f, %.3f]: cold = typical normal pixel, centre %.3f = %s", lo, hi, centre, source)
+    lo, hi = calibration.heatmap_scale(ref["cold"], stats["threshold"])
+    stats.update(normal_image_score={**ref, "images_of": source}, heatmap_min=lo, heatmap_max=hi,
+                 heatmap_threshold=stats["threshold"], heatmap_threshold_source="decision threshold (" + source + ")")
+    log.info("heatmap scale [%.4g, %.4g]: cold = typical normal pixel, centre %.4g = the decision threshold", lo, hi,
+             stats["threshold"])
     return stats
 
 

@@ -119,6 +119,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     committed in MERGE commits of up to ``commit_rows`` rows (one for most scheduled runs). ``job``
     names the run in its record (``evaluate`` scores a labelled test set: no drift warning there).
     """
+    model_uri, images, output = (storage.absolute(u) for u in (model_uri, images, output))
     if rescore not in ("changed", "all"):
         raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
     t_start = time.time()
@@ -173,7 +174,15 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
         log.info("incremental: %d of %d images already scored by this model; reading %d new or changed",
                  entries.num_rows - todo.num_rows, entries.num_rows, todo.num_rows)
     return ScorePlan(model_uri, model, config, output, entries, todo, _heatmap_range(model, config),
-                     model.manifest["stats"].get("threshold"))
+                     decision_threshold(model))
+
+
+def decision_threshold(model: LoadedModel) -> float | None:
+    """The threshold ``is_anomaly`` compares with: the model's calibrated one (every fit calibrates one);
+    for models fitted before that, the centre of their heatmap scale (the p99 of held-out training
+    image scores); None only for models older than that scale."""
+    st = model.manifest["stats"]
+    return st["threshold"] if st.get("threshold") is not None else st.get("heatmap_threshold")
 
 
 def _heatmap_range(model: LoadedModel, config: Config) -> tuple[float, float]:
@@ -368,9 +377,15 @@ def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) 
     unchanged = b["unchanged"].astype(bool)
     ok = np.isfinite(b["score"].astype(np.float64)) & ~err.is_valid().to_numpy(zero_copy_only=False)
     score = pa.array(b["score"].astype(np.float64), mask=~ok)
-    anomaly = pa.nulls(n, pa.bool_()) if plan.threshold is None else pa.array(b["score"] > plan.threshold, mask=~ok)
+    if plan.threshold is None:
+        anomaly, normalized = pa.nulls(n, pa.bool_()), pa.nulls(n, pa.float64())
+    else:
+        anomaly = pa.array(b["score"] > plan.threshold, mask=~ok)
+        cold = plan.model.manifest["stats"]["heatmap_min"]
+        normalized = pa.array(calibration.normalized_scores(b["score"], plan.threshold, cold), mask=~ok)
     rows = pa.table({
-        "image": pa.array(b["uri"], pa.string()), "score": score, "is_anomaly": anomaly,
+        "image": pa.array(b["uri"], pa.string()), "score": score, "normalized_score": normalized,
+        "is_anomaly": anomaly,
         "heatmap": _strings(b["heatmap"]) if "heatmap" in b else pa.nulls(n, pa.string()),
         "height": pa.array(b["height"], pa.int32()), "width": pa.array(b["width"], pa.int32()),
         "model": pa.array([plan.digest] * n, pa.string()), "error": err,

@@ -73,6 +73,11 @@ def test_ray_job_submit_fit_and_score(category, tmp_path):
                          "--runtime-env-json", runtime_env, "--", sys.executable] + args, env)
             assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
         assert "score done" in r.stdout  # the job's summary line reaches the submitter
+        # a relative model path would be written into Ray's temporary package (deleted after the job): refused
+        r = _submit([RAY, "job", "submit", "--address", address, "--working-dir", ROOT, "--runtime-env-json",
+                     runtime_env, "--", sys.executable, "jobs/fit.py", "--train", f"{category}/train/good",
+                     "--model", "runs/rel-model"] + small, env)
+        assert r.returncode != 0 and "--model runs/rel-model is a relative path" in r.stdout + r.stderr, r.stdout[-3000:]
         table = read_scores(out)
         n = sum(len(f) for _, _, f in os.walk(f"{category}/test"))
         assert table.num_rows == n and table.column("error").null_count == n

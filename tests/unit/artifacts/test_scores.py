@@ -269,3 +269,23 @@ def test_grids_are_read_with_their_rows_and_unused_ones_dropped_by_maintenance(t
     done = scores.maintain(out, {})  # /a's grid of r1 is superseded and 10 days old
     assert done[scores.grids_uri(out)]["grids_dropped"] == 1
     assert _live(out, model=MODEL, patch_scores=True)[0] == live
+
+
+def test_a_table_written_before_a_column_existed_gains_it(tmp_path):
+    """Schema evolution: a score table created with the schema of an earlier version (no
+    normalized_score) gets the column on the next run; its old rows read it as null, new rows carry it."""
+    out = str(tmp_path / "out")
+    old_schema = pa.schema([f for f in scores._stored(scores.SCORE_SCHEMA) if f.name != "normalized_score"])
+    delta.create(scores.scores_uri(out), {}, old_schema, ["model"])
+    scores.commit(out, MODEL, _rows(["a.png", "b.png"]), {})  # rows into the old table
+    before = {f.name for f in delta.load(scores.scores_uri(out), {}).schema().fields}
+    scores.open_tables(out, {})  # what the next run does first
+    after = {f.name for f in delta.load(scores.scores_uri(out), {}).schema().fields}
+    assert "normalized_score" not in before and "normalized_score" in after
+    new = _rows(["c.png"], run="r2", at=T0 + dt.timedelta(hours=1)).append_column(
+        "normalized_score", pa.array([0.75]))
+    scores.commit(out, MODEL, new, {})
+    live, table = _live(out)
+    assert table.schema == scores.SCORE_SCHEMA
+    assert live["a.png"]["normalized_score"] is None and live["c.png"]["normalized_score"] == 0.75
+    assert delta.load(scores.scores_uri(out), {}).protocol().min_reader_version == 1

@@ -1,0 +1,51 @@
+"""A newcomer's first commands, with relative paths from their own folder: each command resolves its
+paths once against the working directory, every scored image gets a decision, and evaluate finds its
+rows (it filtered the table's absolute URIs by the relative prefix and found none)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from helpers import CROP
+from patchcore_dist.artifacts.scores import read_scores
+from patchcore_dist.cli import main
+
+FAST = [f"image.resize={CROP}", f"image.crop={CROP}", "runtime.executor=local"]
+
+
+def _run(*argv) -> int:
+    return main(list(argv))
+
+
+def test_every_command_with_relative_paths(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _run("synthesize", "--photo", "gravel", "--image-size", "160", "--images", "14",
+                "--output", "data/gravel") == 0
+    assert _run("fit", "--train", "data/gravel", "--model", "runs/m", *FAST) == 0
+    manifest = json.loads((tmp_path / "runs/m/manifest.json").read_text())
+    st = manifest["stats"]
+    assert st["threshold"] is not None and st["threshold_images"] >= 2 and st["heatmap_threshold"] == st["threshold"]
+    assert manifest["training"]["uri"] == str(tmp_path / "data/gravel/train/good")
+    assert _run("score", "--model", "runs/m", "--images", "data/gravel/test", "--output", "runs/s", *FAST) == 0
+    table = read_scores(str(tmp_path / "runs/s"))
+    n = len(glob.glob(str(tmp_path / "data/gravel/test/*/*.png")))
+    assert table.num_rows == n and all(u.startswith(str(tmp_path) + "/") for u in table.column("image").to_pylist())
+    score = np.array(table.column("score").to_pylist())
+    decision = table.column("is_anomaly").to_pylist()
+    norm = np.array(table.column("normalized_score").to_pylist())
+    assert None not in decision and decision == list(score > st["threshold"])  # a decision for every image
+    assert np.all((norm > 0.5) == (score > st["threshold"]))
+    assert np.allclose(norm, 0.5 + (score - st["threshold"]) / (st["heatmap_max"] - st["heatmap_min"]))
+    record = json.loads(open(glob.glob(str(tmp_path / "runs/s/runs/*.json"))[0]).read())
+    assert record["model_uri"] == str(tmp_path / "runs/m") and record["anomalies"] == sum(decision)
+    assert _run("evaluate", "--model", "runs/m", "--dataset", "data/gravel", "--output", "runs/e", *FAST) == 0
+    metrics = json.loads((tmp_path / "runs/e/metrics.json").read_text())
+    assert metrics["scored"] == n and metrics["pixel_auroc"] > 0.8  # the maps find the defects
+    assert _run("maintain", "--output", "runs/s") == 0
+    capsys.readouterr()
+    assert _run("runs", "--output", "runs/s") == 0
+    assert "score" in capsys.readouterr().out
+    assert not os.path.exists("/runs")  # nothing went to the wrong place
