@@ -308,9 +308,14 @@ def calibrate_tiled(rows: dict[str, list], ok: list[bool], model: str, bank: np.
     any patch of its own tiles in the bank), stitched into its image score (not re-weighted); the cold
     end from the stitched grids smoothed at grid resolution (:func:`tiled_normal_scores`)."""
     val = [i for i, o in enumerate(ok) if o and rows["split"][i] == "validation"]
-    scores, maps = tiled_normal_scores(rows, val or [i for i, o in enumerate(ok) if o and rows["split"][i] == "features"],
-                                       model, bank, selected if not val else None, layout, config, opts)
-    return decision_and_scale(scores, maps, source if val else HELD_OUT_TRAINING, config)
+    train = [i for i, o in enumerate(ok) if o and rows["split"][i] == "features"]
+
+    def held_out():
+        return tiled_normal_scores(rows, train, model, bank, selected, layout, config, opts)
+    if not val:
+        return decision_and_scale(*held_out(), HELD_OUT_TRAINING, config)
+    scores, maps = tiled_normal_scores(rows, val, model, bank, None, layout, config, opts)
+    return decision_and_scale(*pooled(scores, maps, source, held_out), config)
 
 
 def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str, bank: np.ndarray,
@@ -368,23 +373,37 @@ def _tile_features(rows: dict[str, list], i: int, model: str, cache: dict, opts:
 def calibrate(validation_uris: list[str], bank: np.ndarray, selected: np.ndarray, layout: list, config: Config,
               opts: dict, source: str) -> dict:
     """The model's decision threshold and heatmap scale from normal images: the validation images
-    (``source`` says which) when there are any, else a sample of the training images, each scored
-    without its own patches in the bank (as if unseen)."""
-    if validation_uris:
-        scores, maps = score_normal(validation_uris, bank, config, opts)
-        return decision_and_scale(scores, maps, source, config)
-    scores, maps = score_held_out(layout, selected, bank, config, opts)
-    return decision_and_scale(scores, maps, HELD_OUT_TRAINING, config)
+    (``source`` says which) when there are any (:func:`pooled` with training images when they are
+    few), else a sample of the training images, each scored without its own patches in the bank (as
+    if unseen)."""
+    def held_out():
+        return score_held_out(layout, selected, bank, config, opts)
+    if not validation_uris:
+        return decision_and_scale(*held_out(), HELD_OUT_TRAINING, config)
+    scores, maps = score_normal(validation_uris, bank, config, opts)
+    return decision_and_scale(*pooled(scores, maps, source, held_out), config)
 
 
 # Where a threshold comes from, as the manifest and the logs name it.
-HELD_OUT_TRAINING = "training images (each scored without its own patches in the memory bank)"
+HELD_OUT_TRAINING = "training images scored without their own patches in the memory bank"
+
+
+def pooled(scores: np.ndarray, maps: list, source: str, held_out) -> tuple[np.ndarray, list, str]:
+    """Validation scores and maps as they are, or, when they are fewer than
+    calibration.MIN_THRESHOLD_IMAGES (3 images held out of 30 gave a threshold that was the maximum of
+    3 scores), pooled with training images scored as if unseen (``held_out()``), and the source named."""
+    if len(scores) >= calibration.MIN_THRESHOLD_IMAGES:
+        return scores, maps, source
+    more, more_maps = held_out()
+    log.info("only %d %s: pooled with %d %s for the threshold", len(scores), source, len(more), HELD_OUT_TRAINING)
+    return (np.concatenate([scores, more]), maps + more_maps,
+            f"normal images ({len(scores)} {source}, {len(more)} {HELD_OUT_TRAINING})")
 
 
 def calibration_source(plan: FitPlan) -> str:
     """What the plan's validation split holds: images of --validation, or training images held out."""
-    return "normal validation images (--validation)" if plan.validation else \
-        "held-out normal training images (fit.holdout_fraction)"
+    return "validation images from --validation" if plan.validation else \
+        "held-out training images from fit.holdout_fraction"
 
 
 def decision_and_scale(scores: np.ndarray, maps: list[np.ndarray], source: str, config: Config) -> dict:

@@ -49,3 +49,18 @@ def test_every_command_with_relative_paths(tmp_path, monkeypatch, capsys):
     assert _run("runs", "--output", "runs/s") == 0
     assert "score" in capsys.readouterr().out
     assert not os.path.exists("/runs")  # nothing went to the wrong place
+
+
+def test_a_threshold_from_few_held_out_images_is_pooled(category, tmp_path, caplog):
+    """fit.holdout_fraction=0.1 of a small folder holds out 1-3 images: their maximum alone made the
+    threshold (a normal archive image then came out flagged). Fewer than 20 are pooled with training
+    images scored without their own patches, and the fit says so."""
+    from patchcore_dist.config import load_config
+    from patchcore_dist.pipeline.fit import run_fit
+    caplog.set_level("INFO", logger="patchcore_dist")
+    manifest = run_fit(category, str(tmp_path / "m"), load_config(None, FAST + ["fit.holdout_fraction=0.1"]))
+    st = manifest["stats"]
+    held = int(manifest["training"]["validation"].split()[0])
+    assert 1 <= held < 20 and st["threshold_images"] > held
+    assert st["threshold_source"].startswith(f"normal images ({held} held-out training images")
+    assert any("pooled with" in r.getMessage() for r in caplog.records)
