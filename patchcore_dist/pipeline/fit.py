@@ -308,7 +308,7 @@ def calibrate_tiled(rows: dict[str, list], ok: list[bool], model: str, bank: np.
     if val:
         stats = calibration.calibration_stats(scores, config.fit.target_fpr)
         centre, source, of = stats["threshold"], "calibrated threshold", "validation"
-        log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", centre, len(scores),
+        log.info("threshold %.4g from %d normal validation images (target FPR %.3f)", centre, len(scores),
                  config.fit.target_fpr)
     ref = calibration.normal_reference(scores, maps)
     if not val:
@@ -317,7 +317,7 @@ def calibrate_tiled(rows: dict[str, list], ok: list[bool], model: str, bank: np.
     lo, hi = calibration.heatmap_scale(ref["cold"], centre)
     stats.update(normal_image_score={**ref, "images_of": of}, heatmap_min=lo, heatmap_max=hi,
                  heatmap_threshold=centre, heatmap_threshold_source=source)
-    log.info("heatmap scale [%.3f, %.3f]: cold = typical normal pixel, centre %.3f = %s", lo, hi, centre, source)
+    log.info("heatmap scale [%.4g, %.4g]: cold = typical normal pixel, centre %.4g = %s", lo, hi, centre, source)
     return stats
 
 
@@ -385,7 +385,7 @@ def calibrate(validation_uris: list[str], bank: np.ndarray, selected: np.ndarray
     if validation_uris:
         scores, maps = score_normal(validation_uris, bank, config, opts)
         stats = calibration.calibration_stats(scores, config.fit.target_fpr)
-        log.info("threshold %.4f from %d normal validation images (target FPR %.3f)", stats["threshold"],
+        log.info("threshold %.4g from %d normal validation images (target FPR %.3f)", stats["threshold"],
                  stats["validation_images"], config.fit.target_fpr)
         centre, source, of = stats["threshold"], "calibrated threshold", "validation"
     else:
@@ -397,7 +397,7 @@ def calibrate(validation_uris: list[str], bank: np.ndarray, selected: np.ndarray
     lo, hi = calibration.heatmap_scale(ref["cold"], centre)
     stats.update(normal_image_score={**ref, "images_of": of}, heatmap_min=lo, heatmap_max=hi,
                  heatmap_threshold=centre, heatmap_threshold_source=source)
-    log.info("heatmap scale [%.3f, %.3f]: cold = typical normal pixel, centre %.3f = %s", lo, hi, centre, source)
+    log.info("heatmap scale [%.4g, %.4g]: cold = typical normal pixel, centre %.4g = %s", lo, hi, centre, source)
     return stats
 
 
