@@ -48,6 +48,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def config_digest(config: Config) -> str:
+    """The config digest a model's manifest records (``config_digest``): compare it to tell whether an
+    existing model was fitted with ``config``."""
+    return sha256(json.dumps(config.recorded_dict(), sort_keys=True).encode())[:16]
+
+
 def dependency_versions() -> dict:
     """Versions of the libraries that shape a model, for its manifest: an imported module's own
     ``__version__``, else its installed distribution's (importing torchvision or timm just to ask
@@ -97,7 +103,7 @@ class ModelWriter:
             "library": {"name": "patchcore-dist", "version": __version__},
             "dependencies": dependency_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "config_digest": sha256(json.dumps(config.recorded_dict(), sort_keys=True).encode())[:16],
+            "config_digest": config_digest(config),
             "feature_digest": config.feature_digest(),
             "bank": {"rows": int(bank_shape[0]), "dim": int(bank_shape[1])},
             "training": training,
