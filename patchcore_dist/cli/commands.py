@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .printing import g4, maintain_lines, synthesize_line, table
+from .printing import g4, maintain_lines, table
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,7 +96,7 @@ def _size_range(text: str) -> tuple[float, float]:
 
 def synthesize(a: argparse.Namespace) -> None:
     from ..config import load_config
-    from ..synthetic.categories import make_highres_category, synthesize_folder
+    from ..synthetic.categories import describe, make_highres_category, synthesize_folder
     cfg = load_config(a.config, a.overrides)
     kinds = a.kinds.split(",")
     if a.photo:
@@ -105,7 +105,7 @@ def synthesize(a: argparse.Namespace) -> None:
     else:
         counts = synthesize_folder(a.normal, a.output, kinds, a.test_fraction, a.defects_per_kind,
                                    cfg.seed, cfg.storage.options(), cfg.image.max_pixels, a.defect_size)
-    print(synthesize_line(a.output, counts))
+    print(f"wrote {a.output}: {describe(counts)}")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:

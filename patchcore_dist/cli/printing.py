@@ -1,5 +1,5 @@
-"""What the commands print: aligned tables, numbers to four significant digits, and the sentences of
-`maintain` and `synthesize` (pure functions of what the jobs return)."""
+"""What the commands print: aligned tables, numbers to four significant digits, the sentences of
+`maintain` (pure functions of what the jobs return)."""
 from __future__ import annotations
 
 import math
@@ -57,14 +57,3 @@ def _compaction(metrics: dict | None) -> str:
     partitions = metrics.get("partitionsOptimized")
     where = f"{_plural(partitions, 'partition')} " if partitions else ""
     return f"compacted {where}({removed} files -> {added})"
-
-
-def synthesize_line(output: str, counts: dict) -> str:
-    """What `synthesize` wrote (the counts of :func:`patchcore_dist.synthetic.categories.make_category`)."""
-    kinds = {k: v for k, v in counts.items() if k not in ("train", "test_good", "skipped")}
-    text = (f"wrote {output}: {counts.get('train', 0)} train/good, {counts.get('test_good', 0)} test/good, "
-            f"{sum(kinds.values())} defective test images ({', '.join(f'{k} {v}' for k, v in kinds.items())}), "
-            "masks in ground_truth/")
-    if counts.get("skipped"):
-        text += f"; {_plural(counts['skipped'], 'unusable normal image')} skipped (see the warnings above)"
-    return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import os
 import re
 
@@ -14,7 +15,8 @@ from patchcore_dist.artifacts import scores
 from patchcore_dist.cli import commands
 from patchcore_dist.cli.commands import COMMANDS, format_runs
 from patchcore_dist.cli.common import add_config_arguments
-from patchcore_dist.cli.printing import g4, maintain_lines, synthesize_line
+from patchcore_dist.cli.printing import g4, maintain_lines
+from patchcore_dist.synthetic.categories import describe
 
 LONG_NOTE = "3 x corrupt or truncated image; 1 x file name is not valid UTF-8; and a long tail of more words"
 RECORDS = [
@@ -112,12 +114,14 @@ def test_maintain_sentences_of_every_step():
         "(8 files -> 2), checkpoint written, vacuum deleted 1 file"]
 
 
-def test_synthesize_prints_what_it_wrote(tmp_path, capsys):
+def test_synthesize_prints_what_it_wrote(tmp_path, capsys, caplog):
     out = str(tmp_path / "cat")
-    commands.synthesize(argparse.Namespace(photo="brick", normal=None, output=out, images=6, image_size=96,
-                                           defect_size=None, kinds="scratch,stain", test_fraction=0.3,
-                                           defects_per_kind=2, config=None, overrides=[]))
+    with caplog.at_level(logging.INFO, logger="patchcore_dist"):
+        commands.synthesize(argparse.Namespace(photo="brick", normal=None, output=out, images=6, image_size=96,
+                                               defect_size=None, kinds="scratch,stain", test_fraction=0.3,
+                                               defects_per_kind=2, config=None, overrides=[]))
     printed = capsys.readouterr().out.strip()
+    assert f"synthesized category {out}: " in caplog.text and "{" not in caplog.text  # the log line in words too
 
     def n(*parts):
         folder = os.path.join(out, *parts)
@@ -131,10 +135,9 @@ def test_synthesize_prints_what_it_wrote(tmp_path, capsys):
 
 
 def test_synthesize_line_names_skipped_images():
-    line = synthesize_line("s3://b/cat", {"train": 14, "test_good": 6, "scratch": 3, "stain": 3, "hole": 0,
-                                          "skipped": 2})
-    assert line == ("wrote s3://b/cat: 14 train/good, 6 test/good, 6 defective test images (scratch 3, stain 3, "
-                    "hole 0), masks in ground_truth/; 2 unusable normal images skipped (see the warnings above)")
+    line = describe({"train": 14, "test_good": 6, "scratch": 3, "stain": 3, "hole": 0, "skipped": 2})
+    assert line == ("14 train/good, 6 test/good, 6 defective test images (scratch 3, stain 3, hole 0), "
+                    "masks in ground_truth/; 2 unusable normal images skipped (see the warnings above)")
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
