@@ -162,7 +162,8 @@ def compact(dt, uri: str, where: list | None = None) -> dict | None:
     except CommitFailedError as e:
         log.info("compaction of %s postponed: a concurrent commit came first (%s)", uri, _first_line(e))
         return None
-    log.info("compacted %s: %d small files into %d", uri, metrics["numFilesRemoved"], metrics["numFilesAdded"])
+    log.log(logging.INFO if metrics["numFilesRemoved"] else logging.DEBUG, "compacted %s: %d small files into %d", uri,
+            metrics["numFilesRemoved"], metrics["numFilesAdded"])
     return metrics
 
 

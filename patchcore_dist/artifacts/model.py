@@ -48,6 +48,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def config_digest(config: Config) -> str:
+    """The config digest a model's manifest records (``config_digest``): compare it to tell whether an
+    existing model was fitted with ``config``."""
+    return config.config_digest()
+
+
 def dependency_versions() -> dict:
     """Versions of the libraries that shape a model, for its manifest: an imported module's own
     ``__version__``, else its installed distribution's (importing torchvision or timm just to ask

@@ -89,18 +89,20 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def open_tables(output: str, opts: dict) -> None:
+def open_tables(output: str, opts: dict) -> int:
     """Make sure the score table exists with every column of SCORE_SCHEMA (columns added since a table
     was written are added to it); an output written by an earlier version (Parquet parts under
-    scores/<model>/) is converted first, with every row it holds."""
+    scores/<model>/) is converted first, with every row it holds. Returns the number of parts
+    converted (0 when there were none)."""
     uri = scores_uri(output)
     if delta.load(uri, opts) is not None:
         delta.add_missing_columns(uri, opts, _stored(SCORE_SCHEMA))
-        return
+        return 0
     parts = legacy_scores.find_parts(uri, opts)
     if parts:
         _convert(output, parts, opts)
     delta.create(uri, opts, _stored(SCORE_SCHEMA), ["model"])
+    return sum(len(uris) for uris in parts.values())
 
 
 def _convert(output: str, parts: dict, opts: dict) -> None:
@@ -295,13 +297,15 @@ def maintain(output: str, opts: dict, vacuum_hours: float | None = None, repair:
     optionally drop references to missing data files (``repair``), drop patch-score grids that no
     live row uses and that are older than the retention, compact every partition, write a log
     checkpoint, and with ``vacuum_hours`` delete files that no version newer than that needs."""
-    open_tables(output, opts)
+    converted = open_tables(output, opts)
     done = {}
     for uri in (scores_uri(output), grids_uri(output)):
         dt = delta.load(uri, opts)
         if dt is None:
             continue
         step = {"version": dt.version()}
+        if uri == scores_uri(output):
+            step["converted"] = converted
         if repair:
             step["repaired"] = dt.repair(dry_run=False)["files_removed"]
             dt = delta.load(uri, opts)
@@ -309,14 +313,15 @@ def maintain(output: str, opts: dict, vacuum_hours: float | None = None, repair:
             step["grids_dropped"] = _drop_unused_grids(output, opts, 168.0 if vacuum_hours is None else vacuum_hours)
             dt = delta.load(uri, opts)
         metrics = delta.compact(dt, uri)
-        step["compacted"] = metrics and {k: metrics[k] for k in ("numFilesRemoved", "numFilesAdded")}
+        step["compacted"] = metrics and {k: metrics[k] for k in ("numFilesRemoved", "numFilesAdded", "partitionsOptimized")}
         dt = delta.load(uri, opts)
         dt.create_checkpoint()
         dt.cleanup_metadata()
         if vacuum_hours is not None:
             step["vacuumed"] = delta.vacuum(dt, vacuum_hours)
         done[uri] = step
-    log.info("maintenance of %s: %s", output, {u: {k: (len(v) if isinstance(v, list) else v) for k, v in s.items()}
+    # the command prints it as sentences (cli.printing.maintain_lines); the raw counts at DEBUG
+    log.debug("maintenance of %s: %s", output, {u: {k: (len(v) if isinstance(v, list) else v) for k, v in s.items()}
                                                 for u, s in done.items()})
     return done
 

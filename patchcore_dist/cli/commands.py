@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .printing import g4, maintain_lines, table
+
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", required=True, help="folder of normal images, or an MVTec AD category root")
@@ -43,7 +45,7 @@ def evaluate(a: argparse.Namespace) -> None:
     from ..pipeline.evaluate import run_evaluate
     m = run_evaluate(a.model, a.dataset, a.output, a.config, a.overrides)
     print(f"image AUROC {m['image_auroc']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  PRO {m['pro']:.3f}  "
-          f"threshold {m['threshold']}  ->  {a.output}/metrics.json, {a.output}/report.html")
+          f"threshold {g4(m['threshold'])}  ->  {a.output}/metrics.json, {a.output}/report.html")
 
 
 def add_maintain_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,8 +61,7 @@ def maintain(a: argparse.Namespace) -> None:
     from ..artifacts.scores import maintain as run_maintain
     from ..config import load_config
     done = run_maintain(a.output, load_config(a.config, a.overrides).storage.options(), a.vacuum_hours, a.repair)
-    for uri, step in done.items():
-        print(uri + ": " + ", ".join(f"{k} {len(v) if isinstance(v, list) else v}" for k, v in step.items()))
+    print("\n".join(maintain_lines(a.output, done)))
 
 
 def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,9 +70,12 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--photo", help="a scikit-image texture (brick, gravel, grass): a high-resolution category of "
                                      "native-scale mosaics of it")
     p.add_argument("--output", required=True, help="new category root")
-    p.add_argument("--kinds", default="scratch,stain,foreign,hole,deformation")
-    p.add_argument("--test-fraction", type=float, default=0.3)
-    p.add_argument("--defects-per-kind", type=int, default=None)
+    p.add_argument("--kinds", default="scratch,stain,foreign,hole,deformation",
+                   help="defect kinds to inject, comma-separated (default: all five)")
+    p.add_argument("--test-fraction", type=float, default=0.3,
+                   help="share of the normal images held out for test/good and the defects (default 0.3)")
+    p.add_argument("--defects-per-kind", type=int, default=None,
+                   help="defective test images per kind (default: about the test images / the kinds, plus one)")
     p.add_argument("--defect-size", type=_size_range, default=None,
                    help="defect extent in pixels, MIN-MAX (e.g. 10-40); default: fractions of the image "
                         "(10-40 with --photo)")
@@ -92,7 +96,7 @@ def _size_range(text: str) -> tuple[float, float]:
 
 def synthesize(a: argparse.Namespace) -> None:
     from ..config import load_config
-    from ..synthetic.categories import make_highres_category, synthesize_folder
+    from ..synthetic.categories import describe, make_highres_category, synthesize_folder
     cfg = load_config(a.config, a.overrides)
     kinds = a.kinds.split(",")
     if a.photo:
@@ -101,12 +105,14 @@ def synthesize(a: argparse.Namespace) -> None:
     else:
         counts = synthesize_folder(a.normal, a.output, kinds, a.test_fraction, a.defects_per_kind,
                                    cfg.seed, cfg.storage.options(), cfg.image.max_pixels, a.defect_size)
-    print(f"wrote {a.output}: {counts}")
+    print(f"wrote {a.output}: {describe(counts)}")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="demo_out")
-    p.add_argument("--categories", default="brick,gravel,coffee")
+    p.add_argument("--output", default="demo_out", help="folder of the demo's data, models and results "
+                                                         "(default demo_out; reused by the next run)")
+    p.add_argument("--categories", default="brick,gravel,coffee",
+                   help="scikit-image photographs to build categories of, comma-separated (default brick,gravel,coffee)")
     p.add_argument("--images", type=int, default=24, help="normal images per category")
 
 
@@ -127,28 +133,30 @@ def runs(a: argparse.Namespace) -> None:
     print(format_runs(records) if records else f"no runs recorded under {a.output}")
 
 
-RUN_COLUMNS = (("started", 25), ("job", 5), ("model", 16), ("listed", 7), ("scored", 7), ("skipped", 7),
-               ("errors", 6), ("anomalies", 9), ("p99", 9), ("img/s", 7), ("note", 0))
+# (header, right-aligned): numbers right-aligned; each column as wide as its header and widest cell
+RUN_COLUMNS = (("started", False), ("job", False), ("model", False), ("listed", True), ("scored", True),
+               ("skipped", True), ("errors", True), ("anomalies", True), ("p99", True), ("img/s", True),
+               ("note", False))
+
+
+def _run_cells(r: dict) -> list:
+    """One run record's cells, in RUN_COLUMNS order (missing fields empty); errors by reason and drift
+    warnings as notes."""
+    q = r.get("score_quantiles") or {}
+    rate = r.get("anomaly_rate")
+    notes = [f"{n} x {reason}" for reason, n in (r.get("errors_by_reason") or {}).items()]
+    if (r.get("drift") or {}).get("warning"):
+        notes.insert(0, f"DRIFT: {100 * r['drift']['share_above']:.1f}% above normal p99")
+    if r.get("error"):
+        notes.insert(0, r["error"])
+    return [r.get("started"), r.get("job"), r.get("model"), r.get("images_listed"), r.get("scored"),
+            r.get("skipped"), r.get("errors"), None if rate is None else f"{r.get('anomalies')} ({100 * rate:.1f}%)",
+            g4(q["p99"]) if q.get("p99") is not None else None, r.get("images_per_s"), "; ".join(notes)]
 
 
 def format_runs(records: list[dict]) -> str:
-    """Run records as a fixed-width table, oldest first; errors by reason and drift warnings as notes."""
-    def cells(r):
-        q = r.get("score_quantiles") or {}
-        rate = r.get("anomaly_rate")
-        notes = [f"{n} x {reason}" for reason, n in (r.get("errors_by_reason") or {}).items()]
-        if (r.get("drift") or {}).get("warning"):
-            notes.insert(0, f"DRIFT: {100 * r['drift']['share_above']:.1f}% above normal p99")
-        if r.get("error"):
-            notes.insert(0, r["error"])
-        return [r.get("started", ""), r.get("job", ""), r.get("model", ""), r.get("images_listed", ""),
-                r.get("scored", ""), r.get("skipped", ""), r.get("errors", ""),
-                "" if rate is None else f"{r.get('anomalies')} ({100 * rate:.1f}%)",
-                f"{q['p99']:.3f}" if q else "", r.get("images_per_s", ""), "; ".join(notes)]
-    lines = ["  ".join(f"{name:<{w}}" for name, w in RUN_COLUMNS)]
-    for r in records:
-        lines.append("  ".join(f"{str(c):<{w}}" for c, (_, w) in zip(cells(r), RUN_COLUMNS)))
-    return "\n".join(line.rstrip() for line in lines)
+    """Run records as a table, oldest first."""
+    return table([h for h, _ in RUN_COLUMNS], [_run_cells(r) for r in records], [right for _, right in RUN_COLUMNS])
 
 
 COMMANDS = {

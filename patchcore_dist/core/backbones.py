@@ -75,14 +75,21 @@ def _efficientnet_lite0_weights() -> dict:
     return out
 
 
-_WRN_HINT = ("set backbone.weights to torchvision's ImageNet checkpoint, e.g. "
-             "backbone.weights=/models/wide_resnet50_2-95faca4d.pth (a local path, file:// or s3:// URI)")
+def _torchvision_hint(checkpoint: str) -> str:
+    """Where a torchvision backbone's ImageNet weights come from: its checkpoint file (IMAGENET1K_V1)."""
+    return (f"set backbone.weights to torchvision's ImageNet checkpoint, e.g. backbone.weights=/models/{checkpoint} "
+            f"(downloaded from https://download.pytorch.org/models/{checkpoint}; a local path, file:// or s3:// URI)")
+
 
 REGISTRY: dict[str, BackboneSpec] = {
-    "wide_resnet50_2": BackboneSpec(_torchvision("wide_resnet50_2"), ("layer2", "layer3"), None, _WRN_HINT),
-    "wide_resnet101_2": BackboneSpec(_torchvision("wide_resnet101_2"), ("layer2", "layer3"), None, _WRN_HINT),
-    "resnet18": BackboneSpec(_torchvision("resnet18"), ("layer2", "layer3"), None, _WRN_HINT),
-    "resnet50": BackboneSpec(_torchvision("resnet50"), ("layer2", "layer3"), None, _WRN_HINT),
+    "wide_resnet50_2": BackboneSpec(_torchvision("wide_resnet50_2"), ("layer2", "layer3"), None,
+                                    _torchvision_hint("wide_resnet50_2-95faca4d.pth")),
+    "wide_resnet101_2": BackboneSpec(_torchvision("wide_resnet101_2"), ("layer2", "layer3"), None,
+                                     _torchvision_hint("wide_resnet101_2-32ee1156.pth")),
+    "resnet18": BackboneSpec(_torchvision("resnet18"), ("layer2", "layer3"), None,
+                             _torchvision_hint("resnet18-f37072fd.pth")),
+    "resnet50": BackboneSpec(_torchvision("resnet50"), ("layer2", "layer3"), None,
+                             _torchvision_hint("resnet50-0676ba61.pth")),
     # EfficientNet-Lite0 (timm's tf_efficientnet_lite0, mirrored in .lite0 to spare timm's import):
     # blocks.2 ends the stride-8 stage (40 channels) and blocks.4 the stride-16 stage (112 channels),
     # the same roles as ResNet's layer2 / layer3 (strides 8 and 16).

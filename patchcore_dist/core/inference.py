@@ -20,6 +20,16 @@ from .lite0 import same_padding
 
 log = logging.getLogger(__name__)
 
+# The rewrites this process has reported. One process builds the backbone more than once: the fit's
+# extractor, then the scorer (the demo, a fit then a score in process). Each rewrite's line is shown
+# the first time only (at DEBUG after that).
+_reported: set[str] = set()
+
+
+def _report(what: str) -> None:
+    log.log(logging.DEBUG if what in _reported else logging.INFO, "backbone: %s", what)
+    _reported.add(what)
+
 
 def _is_foldable_norm(module: nn.Module) -> bool:
     """An inference-mode BatchNorm2d with running statistics: plain, or timm's BatchNormAct2d."""
@@ -59,7 +69,7 @@ def _rewritten(extractor: FeatureExtractor, what: str, rewrite: Callable[[Featur
     except Exception as e:  # noqa: BLE001
         log.warning("%s skipped (%s: %s); keeping the original backbone", what, type(e).__name__, e)
         return extractor
-    log.info("backbone: %s", what)
+    _report(what)
     return result
 
 

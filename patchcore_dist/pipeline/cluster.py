@@ -223,8 +223,28 @@ def iterate_with_progress(ds, total: int, what: str, every: float = 5.0, count=N
                 bar.update(n)
             elif time.time() - last > every:
                 last = time.time()
-                log.info("%s: %d / %d images (%d errors), %.1f images/s", what, done, total, errors,
-                         done / (last - t0))
+                log.info("%s", progress_line(what, done, total, errors, last - t0))
     finally:
         if bar is not None:
             bar.close()
+
+
+def progress_line(what: str, done: int, total: int, errors: int, elapsed: float) -> str:
+    """One progress line: images done of the total, errors, the rate (images/s, or s/image below one
+    image a second) and, once the rate is known, the time left at that rate."""
+    head = f"{what}: {done} / {total} images ({errors} errors)"
+    if done <= 0 or elapsed <= 0:
+        return f"{head}, rate not known yet"
+    rate = done / elapsed
+    speed = f"{rate:.1f} images/s" if rate >= 1 else f"{1 / rate:.1f} s/image"
+    return f"{head}, {speed}, ETA {_duration(max(0, total - done) / rate)}"
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"

@@ -35,7 +35,7 @@ def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, 
     d, _ = MemoryBank.from_config(bank, config).search(sample_feats, 1)
     q = calibration.patch_score_quantiles(d[:, 0].numpy())
     stats = {"patches": int(n), "coreset": {k: v for k, v in info.items() if k != "patches"}, "train_patch_score": q}
-    log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.3f p99 %.3f",
+    log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.4g p99 %.4g",
              info["method"], info["coreset_seconds"], len(selected), n, q["p50"], q["p99"])
     return bank, stats, selected, layout
 

@@ -185,8 +185,9 @@ def write_results(metrics: dict, rows: list[dict], dataset: str, output: str, co
     storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(_clean(metrics), indent=2).encode(), **opts)
     html = render_report(metrics, rows, dataset, config, opts, output=output)
     storage.write_bytes(storage.join(output, "report.html"), html.encode(), **opts)
+    t = metrics["threshold"]
     log.info("evaluate: image AUROC %.3f, pixel AUROC %.3f, PRO %.3f, threshold %s; report %s",
-             metrics["image_auroc"], metrics["pixel_auroc"], metrics["pro"], metrics["threshold"],
+             metrics["image_auroc"], metrics["pixel_auroc"], metrics["pro"], "n/a" if t is None else f"{t:.4g}",
              storage.join(output, "report.html"))
 
 

@@ -418,11 +418,12 @@ def _grids(patch_scores, rows_idx: np.ndarray, gh: np.ndarray, gw: np.ndarray, r
 
 
 def _summary(plan: ScorePlan, counts: dict, t_start: float) -> dict:
-    """What the run did, logged in one line and returned."""
+    """What the run did, logged in one line and returned: the listed images are the scored ones (a new
+    score), the skipped ones (unchanged) and the errors."""
     elapsed = time.time() - t_start
     config, digest = plan.config, plan.digest
     n, todo = plan.entries.num_rows, plan.todo.num_rows
-    summary = {"images": n, "scored": counts["rows"] - counts["unchanged"],
+    summary = {"images": n, "scored": counts["rows"] - counts["unchanged"] - counts["errors"],
                "skipped": n - todo + counts["unchanged"], "rows": counts["rows"], "errors": counts["errors"],
                "commits": counts["commits"], "seconds": round(elapsed, 2),
                "images_per_s": round(todo / elapsed, 2) if todo else 0.0, "scores": scores_uri(plan.output),
@@ -431,7 +432,7 @@ def _summary(plan: ScorePlan, counts: dict, t_start: float) -> dict:
                "heatmap_threshold": plan.heatmap_threshold[0], "heatmap_threshold_source": plan.heatmap_threshold[1],
                "peak_normalise": plan.peak_normalise}
     if todo:
-        log.info("score done: %d images (%d scored, %d skipped as unchanged), %d errors, %.1f images/s, %d commits; "
+        log.info("score done: %d images: %d scored, %d skipped as unchanged, %d errors; %.1f images/s, %d commits; "
                  "scores in %s%s", n, summary["scored"], summary["skipped"], counts["errors"], summary["images_per_s"],
                  counts["commits"], summary["scores"], f", heatmaps in {summary['heatmaps']}" if summary["heatmaps"] else "")
     return summary
@@ -445,7 +446,7 @@ def score_record(plan: ScorePlan, summary: dict, counts: dict, run_id: str, star
     drift = (calibration.drift(scores, reference, ref["images"], ref.get("above_p99", 0))
              if reference is not None else None)
     if drift and drift["warning"] and job == "score":
-        log.warning("drift: %.1f%% of this run's %d images score above the model's normal p99 image score %.3f "
+        log.warning("drift: %.1f%% of this run's %d images score above the model's normal p99 image score %.4g "
                     "(normal images: about %.1f%%); the line or the camera may have changed, or the model is stale",
                     100 * drift["share_above"], len(scores), reference, 100 * drift["expected"])
     calibrated = plan.threshold is not None

@@ -63,8 +63,20 @@ def make_category(normal: list[np.ndarray], output: str, kinds: Iterable[str] = 
             storage.write_bytes(storage.join(output, "ground_truth", kind, f"{name}_mask.png"),
                                 encode_png((mask * 255).astype(np.uint8)), **opts)
             counts[kind] += 1
-    log.info("synthesized category %s: %s", output, counts)
+    log.info("synthesized category %s: %s", output, describe(counts))
     return counts
+
+
+def describe(counts: dict) -> str:
+    """The counts of :func:`make_category` (and :func:`synthesize_folder`'s ``skipped``) in words."""
+    kinds = {k: v for k, v in counts.items() if k not in ("train", "test_good", "skipped")}
+    text = (f"{counts.get('train', 0)} train/good, {counts.get('test_good', 0)} test/good, "
+            f"{sum(kinds.values())} defective test images ({', '.join(f'{k} {v}' for k, v in kinds.items())}), "
+            "masks in ground_truth/")
+    if counts.get("skipped"):
+        n = counts["skipped"]
+        text += f"; {n} unusable normal image{'s' if n != 1 else ''} skipped (see the warnings above)"
+    return text
 
 
 def make_demo_benchmark(output: str, categories: Iterable[str] = ("brick", "gravel", "coffee"),

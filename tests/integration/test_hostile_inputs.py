@@ -51,7 +51,8 @@ def test_score_gives_every_file_its_row_and_reads_nothing_else(small_model, cate
     written = [f for _, _, fs in os.walk(out / "heatmaps") for f in fs]
     assert not any("secret" in f for f in written)
     again = run_score(small_model, str(root), str(out), overrides=SMALL)  # its own heatmaps are not inputs
-    assert again["images"] == 4 and again["scored"] == 2 and again["skipped"] == 2  # error rows are retried
+    assert again["images"] == 4 and again["skipped"] == 2  # error rows are retried: errors again, never scores
+    assert again["scored"] == 0 and again["errors"] == 2 and again["rows"] == 2
 
 
 def test_fit_lists_refused_training_files_as_errors(ray_local, category, tmp_path):
