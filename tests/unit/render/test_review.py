@@ -91,3 +91,21 @@ def test_every_score_run_writes_a_review_page(thresholded, category, tmp_path, c
     errors = page[page.index("Error rows of this model in the table (2)"):]
     assert "good/zz_broken.png" in errors and "good/zz_truncated.png" in errors
     _check_self_contained_and_links(page, out)
+
+
+def test_the_review_page_of_an_output_on_s3(thresholded, category, s3, bucket, tmp_path):
+    import boto3
+    model, _ = thresholded
+    images = tmp_path / "few"
+    for d in ("good", "hole"):
+        shutil.copytree(os.path.join(category, "test", d), images / d)
+    out = f"s3://{bucket}/review-out"
+    summary = run_score(model, str(images), out, overrides=LOCAL + [f"storage.endpoint_url={s3}"])
+    assert summary["review"] == f"{out}/review.html"
+    body = boto3.client("s3", endpoint_url=s3).get_object(Bucket=bucket, Key="review-out/review.html")["Body"]
+    page = body.read().decode()
+    flagged = [r for r in read_scores(out, {"endpoint_url": s3}).to_pylist() if r["is_anomaly"]]
+    assert flagged and summary["flagged"]
+    for r in flagged:
+        assert f'href="{r["heatmap"]}"' in page and os.path.relpath(r["image"], images) in page
+    assert page.count('src="data:image/png;base64,') >= 2 * min(12, len(flagged))  # thumbnails read from S3
