@@ -136,7 +136,7 @@ def above(score: float, threshold: float) -> bool:
     return score > threshold
 
 
-def decision_threshold(metrics: dict) -> tuple[float | None, str]:
+def report_threshold(metrics: dict) -> tuple[float | None, str]:
     """The one threshold the report judges images by, and its name: the test set's F1-optimal threshold
     (the one its F1 is at); without one (one class only), the heatmap scale's centre."""
     if metrics.get("threshold") is not None:
@@ -166,10 +166,10 @@ def render_report(metrics: dict, rows: list[dict], dataset: str, config, opts: d
                   output: str = "") -> str:
     """The report page: metrics, score histogram, colour scale, a sortable table of every image, and
     galleries of the highest-scored, the worst-missed and the false-alarm images; every verdict at one
-    threshold (:func:`decision_threshold`), named on the page."""
+    threshold (:func:`report_threshold`), named on the page."""
     top = sorted(rows, key=lambda r: -r["score"])[:n]
     warns = "".join(f"<li>{html.escape(w)}</li>" for w in metrics["warnings"])
-    threshold, name = decision_threshold(metrics)
+    threshold, name = report_threshold(metrics)
     judged = "" if threshold is None else (
         f"<p>Verdicts on this page (above / below, missed, false alarm) are at the {html.escape(name)} "
         f"{_fmt(threshold)}: an image is above it when its score is greater, as the score table's is_anomaly is"

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from ..artifacts import storage
 from ..artifacts.scores import top_rows
+from ..core import calibration
 from .page import SORT_SCRIPT, STYLE, img_cell, link, overlay_uri, thumb, zoom, zoom_note
 
 TOP_N = 12            # flagged images shown with thumbnails
@@ -24,16 +25,17 @@ COLUMNS = ["image", "score", "normalized_score", "is_anomaly", "heatmap", "error
 BY_SCORE = [("score", "descending"), ("image", "ascending")]
 
 
-def threshold_source(stats: dict) -> str:
-    """Where a model's decision threshold came from, in words (its manifest's stats)."""
+def threshold_source(stats: dict, threshold: float | None) -> str:
+    """Where the decision threshold ``threshold`` a run compared with came from, in words (the model's
+    manifest ``stats``)."""
+    if threshold is None:
+        return "none: a model fitted before decision thresholds and heatmap scales were calibrated"
     if stats.get("threshold") is None:
-        return "none: the model has no decision threshold (fitted without validation images)"
-    if stats.get("threshold_source"):
-        return str(stats["threshold_source"])
-    if "validation_images" in stats:
-        return (f"calibrated on {stats['validation_images']} normal validation images: at most "
-                f"{100 * stats.get('target_fpr', 0):.1f}% of them score above it (fit.target_fpr)")
-    return "the model's manifest"
+        return ("the centre of the model's heatmap scale, " + str(stats.get("heatmap_threshold_source", "")) +
+                ": a model fitted before every fit calibrated a threshold")
+    if all(k in stats for k in ("threshold_source", "threshold_images", "calibration_fpr", "fpr_resolution")):
+        return calibration.describe_threshold(stats)[0]
+    return str(stats.get("threshold_source") or "the model's calibrated threshold")
 
 
 def review_rows(output: str, model: str, opts: dict, top_n: int = TOP_N, cap: int = TABLE_ROWS) -> dict:
@@ -54,7 +56,7 @@ def write_review(output: str, record: dict, stats: dict, config, top_n: int = TO
     opts = config.storage.options()
     uri = storage.join(output, "review.html")
     rows = review_rows(output, record["model"], opts, top_n)
-    page = render_review(record, threshold_source(stats), rows, config, opts, output)
+    page = render_review(record, threshold_source(stats, record.get("threshold")), rows, config, opts, output)
     storage.write_bytes(uri, page.encode(), **opts)
     return {"review": uri, "flagged": rows["flagged"].slice(0, top_n).select(["image", "score"]).to_pylist()}
 

@@ -7,25 +7,13 @@ import re
 import shutil
 import urllib.parse
 
-import pytest
-
 from helpers import SMALL
 from patchcore_dist import cli
+from patchcore_dist.artifacts.model import load_model
 from patchcore_dist.artifacts.scores import read_scores
 from patchcore_dist.pipeline.score import run_score
 
 LOCAL = SMALL + ["runtime.executor=local"]
-
-
-@pytest.fixture(scope="module")
-def thresholded(small_model, tmp_path_factory):
-    """The small model with a decision threshold: the p99 of its held-out training image scores."""
-    path = tmp_path_factory.mktemp("thresholded") / "model"
-    shutil.copytree(small_model, path)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["stats"]["threshold"] = manifest["stats"]["heatmap_threshold"]
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    return str(path), manifest["stats"]["threshold"]
 
 
 def _counts(page: str) -> dict:
@@ -50,8 +38,9 @@ def _check_self_contained_and_links(page: str, out: str) -> list[str]:
     return hrefs
 
 
-def test_every_score_run_writes_a_review_page(thresholded, category, tmp_path, capsys):
-    model, threshold = thresholded
+def test_every_score_run_writes_a_review_page(small_model, category, tmp_path, capsys):
+    model = small_model
+    threshold = load_model(model).manifest["stats"]["threshold"]  # every fit calibrates one
     images, out = tmp_path / "images", str(tmp_path / "out")
     shutil.copytree(os.path.join(category, "test"), images)
     n = sum(len(f) for _, _, f in os.walk(images))
@@ -68,7 +57,9 @@ def test_every_score_run_writes_a_review_page(thresholded, category, tmp_path, c
     assert sortable.count("<tr><td>") == len(flagged)  # every flagged image of the model, once
     assert _counts(page) == {"images listed": str(n), "scored": str(n), "skipped as unchanged": "0", "errors": "0",
                              "flagged this run": f"{len(flagged)} ({100 * len(flagged) / n:.1f}%)"}
-    assert f"Decision threshold: <b>{threshold:.3f}</b>" in page
+    assert f"Decision threshold: <b>{threshold:.3f}</b> (threshold {threshold:.4g} at target FPR" in page
+    assert all(f'data-v="{r["normalized_score"]:.6f}"' in sortable for r in flagged)  # the table has the column
+    assert all(r["normalized_score"] > 0.5 for r in flagged)
     hrefs = _check_self_contained_and_links(page, out)
     assert len(hrefs) == 3 * (min(12, len(flagged)) + len(flagged))  # image, heatmap, overlay per row
 
@@ -93,9 +84,9 @@ def test_every_score_run_writes_a_review_page(thresholded, category, tmp_path, c
     _check_self_contained_and_links(page, out)
 
 
-def test_the_review_page_of_an_output_on_s3(thresholded, category, s3, bucket, tmp_path):
+def test_the_review_page_of_an_output_on_s3(small_model, category, s3, bucket, tmp_path):
     import boto3
-    model, _ = thresholded
+    model = small_model
     images = tmp_path / "few"
     for d in ("good", "hole"):
         shutil.copytree(os.path.join(category, "test", d), images / d)
