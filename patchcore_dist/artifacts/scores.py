@@ -14,7 +14,9 @@ grids. :func:`maintain` converts the Parquet parts of earlier versions, compacts
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
+import operator
 import os
 import re
 import uuid
@@ -261,6 +263,38 @@ def read_scores(output: str, opts: dict | None = None, model: str | None = None,
         flt = where if flt is None else flt & where
     table = _conform(delta.read(ds, uri, filter=flt), SCORE_SCHEMA)
     return _with_grids(output, opts, table, model) if patch_scores else table
+
+
+def top_rows(output: str, opts: dict, model: str, columns: list[str],
+             selections: list[tuple[pc.Expression, list[tuple[str, str]], int]]) -> list[tuple[pa.Table, int]]:
+    """Per selection (a filter, pyarrow sort keys, ``k``): the first ``k`` of one model's rows matching
+    the filter in the order of the sort keys, with those of ``columns`` the table has (the filters'
+    columns among them), and how many rows match. One pass over the model's partition in batches of
+    PLAN_BATCH_ROWS, keeping the best ``k`` of each selection: memory is those rows plus one batch of
+    ``columns``, whatever the table's size."""
+    uri = scores_uri(output)
+    dt = delta.load(uri, opts)
+    schema = _stored(SCORE_SCHEMA) if dt is None else dt.to_pyarrow_dataset(
+        file_pruning_predicate=[("model", "=", model)]).schema
+    cols = [c for c in columns if c in schema.names]
+    tops = [pa.schema([schema.field(c) for c in cols]).empty_table() for _ in selections]
+    counts = [0] * len(selections)
+    if dt is None:
+        return list(zip(tops, counts))
+    ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("model", "=", model)])
+    wanted = functools.reduce(operator.or_, [where for where, _, _ in selections])
+    try:
+        for batch in ds.to_batches(columns=cols, filter=(pc.field("model") == model) & wanted,
+                                   batch_size=PLAN_BATCH_ROWS, batch_readahead=0, fragment_readahead=0):
+            rows = pa.Table.from_batches([batch], schema=tops[0].schema)
+            for i, (where, keys, k) in enumerate(selections):
+                match = rows.filter(where)
+                counts[i] += match.num_rows
+                both = pa.concat_tables([tops[i], match])
+                tops[i] = both.take(pc.select_k_unstable(both, k, sort_keys=keys)) if both.num_rows > k else both
+    except (OSError, pa.ArrowException) as e:
+        raise delta.unreadable(ds, uri, e, cols) from None
+    return [(t.take(pc.sort_indices(t, sort_keys=keys)), n) for t, (_, keys, _), n in zip(tops, selections, counts)]
 
 
 def _with_grids(output: str, opts: dict, table: pa.Table, model: str | None) -> pa.Table:

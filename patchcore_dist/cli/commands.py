@@ -32,7 +32,10 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 def score(a: argparse.Namespace) -> None:
     from ..pipeline.score import run_score
-    run_score(a.model, a.images, a.output, a.config, a.overrides, rescore=a.rescore)
+    s = run_score(a.model, a.images, a.output, a.config, a.overrides, rescore=a.rescore)
+    print(f"review page: {s['review']}" + ("" if s["flagged"] else " (no image flagged)"))
+    for r in s["flagged"][:5]:
+        print(f"  flagged  score {r['score']:.3f}  {r['image']}")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@
     <output>/patch_scores/                                     patch-score grids (output.patch_scores)
     <output>/heatmaps/<model digest>/<relative path>.png       colour-mapped anomaly map, original resolution
     <output>/heatmaps/<model digest>/<relative path>_overlay.jpg
+    <output>/review.html                                       the latest score run's review page (render/review.py)
 
 Steps: :func:`plan_score` (config, model, listing, the incremental plan, all as Arrow tables),
 :func:`score_dataset` (Ray: decode tasks -> scoring actors -> render tasks), :func:`write_rows`
@@ -31,6 +32,7 @@ from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables,
 from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
+from ..render.review import write_review
 from . import faults
 from .cluster import (actor_pool, check_cluster_paths, init_ray, iterate_with_progress, map_in_tasks,
                       output_batches, use_ray)
@@ -136,6 +138,8 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     summary = _summary(plan, counts, t_start)
     record = score_record(plan, summary, counts, run_id, started, job)
     summary["run"] = write_run(output, record, plan.config.storage.options())
+    if job != "evaluate":  # evaluate writes its own report
+        summary.update(write_review(output, record, plan.model.manifest["stats"], plan.config))
     return summary
 
 

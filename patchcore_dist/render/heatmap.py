@@ -91,3 +91,31 @@ def overlay(original: np.ndarray, heatmap_rgb: np.ndarray, amap: np.ndarray, vra
     out += heatmap_rgb * alpha
     out >>= 8
     return out.astype(np.uint8)
+
+
+def heat_levels(rgb: np.ndarray) -> np.ndarray:
+    """A heatmap read back: each pixel's colour level (0..255, uint8), the inverse of :func:`colorize`
+    (exact on the lossless PNGs; a colour off the map, e.g. from a resampled copy, reads as its nearest
+    level; of equal colours the higher level)."""
+    table = color_table().astype(np.int64)
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    table_codes = (table[:, 0] << 16) | (table[:, 1] << 8) | table[:, 2]
+    known, last = np.unique(table_codes[::-1], return_index=True)
+    levels_of = (255 - last).astype(np.uint8)  # the highest level of each distinct colour
+    pos = np.minimum(np.searchsorted(known, codes), len(known) - 1)
+    out = levels_of[pos]
+    off = known[pos] != codes
+    if off.any():
+        colours, inverse = np.unique(codes[off], return_inverse=True)
+        rgb_off = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], -1)
+        out[off] = ((rgb_off[:, None, :] - table[None]) ** 2).sum(-1).argmin(1).astype(np.uint8)[inverse.ravel()]
+    return out
+
+
+def hottest_point(rgb: np.ndarray) -> tuple[int, int]:
+    """(row, column) of a heatmap's hottest pixel: of the pixels at the highest colour level, the one
+    nearest to their centroid (a saturated patch is marked at its middle, not its top-left corner)."""
+    levels = heat_levels(rgb)
+    ys, xs = np.nonzero(levels == levels.max())
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return int(ys[i]), int(xs[i])

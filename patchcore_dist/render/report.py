@@ -3,57 +3,15 @@ the table): opens from a laptop or object storage, no server, no network."""
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
-import os
 
 import numpy as np
-from PIL import Image
 
-from ..artifacts import storage
 from ..artifacts.inputs import category_entry, mask_uri
-from ..core.preprocessing import decode_sized
-from ..errors import ImageError, StorageError
-from .heatmap import COLOR_MAP, encode
-
-STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin-bottom:1em}
-td,th{border:1px solid #ccc;padding:4px;vertical-align:top}img{max-width:200px}
-table.sortable th{cursor:pointer;background:#f3f3f3}table.sortable th:after{content:" \\2195";color:#999}
-tr.anomalous td.label{color:#b00}td.num{text-align:right;font-variant-numeric:tabular-nums}"""
-
-# Sorts a table.sortable by the clicked column (numbers numerically); toggles the direction.
-SORT_SCRIPT = """document.querySelectorAll('table.sortable th').forEach(function(th, col){
- th.addEventListener('click', function(){
-  var body = th.closest('table').tBodies[0], rows = Array.from(body.rows), asc = th.dataset.asc !== '1';
-  th.dataset.asc = asc ? '1' : '0';
-  rows.sort(function(a, b){
-   var x = a.cells[col].dataset.v !== undefined ? a.cells[col].dataset.v : a.cells[col].textContent;
-   var y = b.cells[col].dataset.v !== undefined ? b.cells[col].dataset.v : b.cells[col].textContent;
-   var nx = parseFloat(x), ny = parseFloat(y);
-   var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
-   return asc ? c : -c;});
-  rows.forEach(function(r){ body.appendChild(r); });});});"""
-
-
-def _b64_png(img: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(encode(np.asarray(img))).decode()
-
-
-def _thumb(uri: str | None, opts: dict, image_config, size: int = 200) -> str:
-    """A thumbnail of an input, heatmap or mask, decoded within the image limits (allowed formats only,
-    ``image.max_bytes`` / ``image.max_pixels``); "" when there is none or it cannot be shown."""
-    if not uri:
-        return ""
-    try:
-        data = storage.read_bytes(uri, **opts, limit=image_config.max_bytes + 1)
-        if len(data) > image_config.max_bytes:
-            return ""
-        rgb, _ = decode_sized(data, image_config.max_pixels, min_side=1, shorter_side=size)
-    except (FileNotFoundError, ImageError, StorageError):
-        return ""
-    img = Image.fromarray(rgb)
-    img.thumbnail((size, size))
-    return _b64_png(img)
+from .heatmap import COLOR_MAP
+from .page import SORT_SCRIPT, STYLE, img_cell, link, overlay_uri, thumb, zoom, zoom_note
 
 
 def _figure_png(fig) -> str:
@@ -71,7 +29,7 @@ def _pyplot():
     return plt
 
 
-def _histogram(rows: list[dict], threshold) -> str:
+def _histogram(rows: list[dict], threshold, name: str) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
     normal = [r["score"] for r in rows if r["label"] == 0]
@@ -80,7 +38,7 @@ def _histogram(rows: list[dict], threshold) -> str:
     ax.hist(normal, bins=bins, alpha=0.6, label=f"normal ({len(normal)})", color="tab:blue")
     ax.hist(bad, bins=bins, alpha=0.6, label=f"anomalous ({len(bad)})", color="tab:red")
     if threshold is not None:
-        ax.axvline(threshold, color="k", ls="--", label="F1-optimal threshold")
+        ax.axvline(threshold, color="k", ls="--", label=name)
     ax.set_xlabel("image score")
     ax.set_ylabel("images")
     ax.legend()
@@ -109,27 +67,16 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 
 
-def _link(uri: str | None, base: str) -> str:
-    """A link to a heatmap: relative to the report's folder when it lies below it, else the URI."""
-    if not uri:
-        return "<i>none</i>"
-    href = uri
-    if not storage.is_s3(uri) and not storage.is_s3(base):
-        rel = os.path.relpath(uri.removeprefix("file://"), base.removeprefix("file://"))
-        href = rel if not rel.startswith("..") else uri
-    return f'<a href="{html.escape(href)}">heatmap</a>'
-
-
 def _image_table(rows: list[dict], errors: list[dict], dataset: str, output: str, threshold) -> str:
     """Every test image: score, label, defect type, verdict at the threshold, heatmap link; then the errors."""
     body = []
     for r in sorted(rows, key=lambda r: -r["score"]):
         rel, defect, _ = category_entry(dataset, r["image"])
         label = "anomalous" if r["label"] else "normal"
-        flagged = "" if threshold is None else ("above" if r["score"] >= threshold else "below")
+        flagged = "" if threshold is None else ("above" if above(r["score"], threshold) else "below")
         body.append(f'<tr class="{label}"><td>{html.escape(rel)}</td><td class="num" data-v="{r["score"]:.6f}">'
                     f'{r["score"]:.3f}</td><td class="label">{label}</td><td>{html.escape(defect)}</td>'
-                    f'<td>{flagged}</td><td></td><td>{_link(r.get("heatmap"), output)}</td></tr>')
+                    f'<td>{flagged}</td><td></td><td>{link(r.get("heatmap"), output)}</td></tr>')
     for e in errors:
         rel, defect, _ = category_entry(dataset, e["image"])
         body.append(f'<tr><td>{html.escape(rel)}</td><td class="num" data-v="-1">n/a</td><td></td>'
@@ -140,19 +87,22 @@ def _image_table(rows: list[dict], errors: list[dict], dataset: str, output: str
 
 
 def _gallery(rows: list[dict], dataset: str, opts: dict, config) -> str:
-    """A table of image | heatmap overlay | ground-truth mask for ``rows``."""
-    head = "<tr><th>image</th><th>input</th><th>heatmap overlay</th><th>ground truth</th></tr>"
+    """A table of image | input | heatmap overlay | ground-truth mask for ``rows``, and a crop of the
+    original at native resolution around the heatmap's hottest point for large or tiled images."""
+    zooms = [zoom(r["image"], r.get("heatmap"), opts, config.image, force=config.tiling.enabled) for r in rows]
+    zoomed = any(zooms)
+    head = ("<tr><th>image</th><th>input</th><th>heatmap overlay</th><th>ground truth</th>"
+            + ("<th>zoom</th>" if zoomed else "") + "</tr>")
     out = []
-    for r in rows:
+    for r, z in zip(rows, zooms):
         rel, defect, name = category_entry(dataset, r["image"])
-        overlay = r["heatmap"][:-4] + "_overlay.jpg" if r.get("heatmap") else None
-        mask = "" if defect == "good" else _thumb(mask_uri(dataset, defect, name), opts, config.image)
-        cells = [_thumb(r["image"], opts, config.image),
-                 _thumb(overlay, opts, config.image) or _thumb(r.get("heatmap"), opts, config.image), mask]
-        imgs = "".join(f"<td>{'<img src=' + repr(c) + '>' if c else '<i>none</i>'}</td>" for c in cells)
+        mask = "" if defect == "good" else thumb(mask_uri(dataset, defect, name), opts, config.image)
+        overlay = thumb(overlay_uri(r.get("heatmap")), opts, config.image) or thumb(r.get("heatmap"), opts, config.image)
+        cells = img_cell(thumb(r["image"], opts, config.image)) + img_cell(overlay) + img_cell(mask)
         out.append(f"<tr><td>{html.escape(rel)}<br>score {r['score']:.3f}<br>"
-                   f"{'anomalous' if r['label'] else 'normal'}</td>{imgs}</tr>")
-    return f"<table>{head}{''.join(out)}</table>"
+                   f"{'anomalous' if r['label'] else 'normal'}</td>{cells}{img_cell(z, 'zoom') if zoomed else ''}</tr>")
+    note = f"<p>{zoom_note()}.</p>" if zoomed else ""
+    return f"{note}<table>{head}{''.join(out)}</table>"
 
 
 def _summary(metrics: dict, dataset: str, config) -> str:
@@ -181,24 +131,59 @@ def _scale_section(metrics: dict) -> str:
             f"<img style='max-width:600px' src='{colour_bar(lo, hi, t)}'>")
 
 
+def above(score: float, threshold: float) -> bool:
+    """The verdict of the score table's ``is_anomaly``: above the threshold is strictly greater."""
+    return score > threshold
+
+
+def report_threshold(metrics: dict) -> tuple[float | None, str]:
+    """The one threshold the report judges images by, and its name: the test set's F1-optimal threshold
+    (the one its F1 is at); without one (one class only), the heatmap scale's centre."""
+    if metrics.get("threshold") is not None:
+        return metrics["threshold"], "F1-optimal threshold of this test set"
+    hm = metrics.get("heatmap") or {}
+    if hm.get("threshold") is not None:
+        return hm["threshold"], hm.get("threshold_source") or "the heatmap scale's centre"
+    return None, "none"
+
+
+def _verdict_sections(rows: list[dict], threshold, n: int, dataset: str, opts: dict, config) -> str:
+    """The worst-missed anomalous images (at or below the threshold, lowest first) and the false alarms
+    (normal images above it, highest first), each a gallery or a sentence saying there are none."""
+    if threshold is None:
+        return "<h2>Missed anomalies and false alarms</h2><p>No threshold: no image can be called missed or a false alarm.</p>"
+    t = f"{threshold:.3f}"
+    gallery = functools.partial(_gallery, dataset=dataset, opts=opts, config=config)
+    missed = sorted([r for r in rows if r["label"] == 1 and not above(r["score"], threshold)], key=lambda r: r["score"])
+    false = sorted([r for r in rows if r["label"] == 0 and above(r["score"], threshold)], key=lambda r: -r["score"])
+    return (f"<h2>Worst-missed anomalous images (at or below the threshold {t}, lowest scores first; {len(missed)})</h2>"
+            + (gallery(missed[:n]) if missed else f"<p>None: every anomalous image scores above the threshold {t}.</p>")
+            + f"<h2>False alarms (normal images above the threshold {t}, highest first; {len(false)})</h2>"
+            + (gallery(false[:max(2, n // 2)]) if false else f"<p>None: no normal image scores above the threshold {t}.</p>"))
+
+
 def render_report(metrics: dict, rows: list[dict], dataset: str, config, opts: dict, n: int = 8,
                   output: str = "") -> str:
     """The report page: metrics, score histogram, colour scale, a sortable table of every image, and
-    galleries of the highest-scored, the worst-missed and the false-alarm images."""
+    galleries of the highest-scored, the worst-missed and the false-alarm images; every verdict at one
+    threshold (:func:`report_threshold`), named on the page."""
     top = sorted(rows, key=lambda r: -r["score"])[:n]
-    missed = sorted([r for r in rows if r["label"] == 1], key=lambda r: r["score"])[:n]
-    false_alarms = sorted([r for r in rows if r["label"] == 0], key=lambda r: -r["score"])[: max(2, n // 2)]
     warns = "".join(f"<li>{html.escape(w)}</li>" for w in metrics["warnings"])
-    threshold = (metrics.get("heatmap") or {}).get("threshold", metrics["threshold"])
+    threshold, name = report_threshold(metrics)
+    judged = "" if threshold is None else (
+        f"<p>Verdicts on this page (above / below, missed, false alarm) are at the {html.escape(name)} "
+        f"{_fmt(threshold)}: an image is above it when its score is greater, as the score table's is_anomaly is"
+        + (" (the F1 counts an image scoring exactly the threshold as detected)" if metrics.get("threshold") is not None
+           else "") + ".</p>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>patchcore-dist report</title>
 <style>{STYLE}</style></head><body>
 <h1>PatchCore evaluation</h1>
 {_summary(metrics, dataset, config)}
-<h2>Image scores</h2><img style="max-width:600px" src="{_histogram(rows, metrics['threshold'])}">
+{judged}
+<h2>Image scores</h2><img style="max-width:600px" src="{_histogram(rows, threshold, name)}">
 {_scale_section(metrics)}
 <h2>Highest-scored images</h2>{_gallery(top, dataset, opts, config)}
-<h2>Worst-missed anomalous images (lowest scores)</h2>{_gallery(missed, dataset, opts, config)}
-<h2>Highest-scored normal images (false alarms)</h2>{_gallery(false_alarms, dataset, opts, config)}
+{_verdict_sections(rows, threshold, n, dataset, opts, config)}
 <h2>Every image ({len(rows)} scored, {len(metrics['errors'])} errors; click a column to sort)</h2>
 {_image_table(rows, metrics['errors'], dataset, output, threshold)}
 {'<h2>Warnings</h2><ul>' + warns + '</ul>' if warns else ''}

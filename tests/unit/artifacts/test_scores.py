@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -289,3 +290,27 @@ def test_a_table_written_before_a_column_existed_gains_it(tmp_path):
     assert table.schema == scores.SCORE_SCHEMA
     assert live["a.png"]["normalized_score"] is None and live["c.png"]["normalized_score"] == 0.75
     assert delta.load(scores.scores_uri(out), {}).protocol().min_reader_version == 1
+
+
+def test_top_rows_keeps_the_best_k_of_each_batch_and_counts_every_match(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    scores.open_tables(out, {})
+    rng = np.random.default_rng(0)
+    values = rng.permutation(np.arange(100, dtype=np.float64))
+    for part in np.array_split(np.arange(100), 4):  # four commits: several data files
+        rows = pa.concat_tables([_rows([f"/img{i:03d}"], float(values[i])) for i in part])
+        scores.commit(out, MODEL, rows, {})
+    scores.commit(out, "other", _rows(["/x"], 1000.0, model="other"), {})  # another model's row: never read
+    monkeypatch.setattr(scores, "PLAN_BATCH_ROWS", 7)  # many batches
+    (top, n), (low, m), (none, k) = scores.top_rows(out, {}, MODEL, ["image", "score", "normalized_score", "nope"], [
+        (pc.field("score") >= 50, [("score", "descending")], 5), (pc.field("score") < 10, [("image", "ascending")], 3),
+        (pc.field("score") > 500, [("score", "descending")], 5)])
+    assert (n, m, k) == (50, 10, 0) and top.column_names == ["image", "score", "normalized_score"]  # no "nope"
+    name = {float(v): f"/img{i:03d}" for i, v in enumerate(values)}
+    assert top.column("score").to_pylist() == [99.0, 98.0, 97.0, 96.0, 95.0]
+    assert top.column("image").to_pylist() == [name[v] for v in (99.0, 98.0, 97.0, 96.0, 95.0)]
+    assert low.column("image").to_pylist() == sorted(name[float(v)] for v in range(10))[:3]
+    assert none.num_rows == 0
+    [(empty, n)] = scores.top_rows(str(tmp_path / "nothing"), {}, MODEL, ["image", "score"],
+                                   [(pc.field("score") > 0, [("score", "descending")], 5)])
+    assert n == 0 and empty.column_names == ["image", "score"]

@@ -43,3 +43,19 @@ def test_heatmap_png_is_lossless_at_the_fast_settings():
     png = hm.encode(rgb, **hm.PNG_OPTIONS)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), rgb)
     assert np.array_equal(decode_image(png), decode_image(hm.encode(rgb)))
+
+
+def test_heat_levels_read_a_heatmap_back_and_find_its_hottest_point():
+    _, amap = _map_and_photo()
+    vrange = (float(np.quantile(amap, 0.2)), float(amap.max()) + 1e-3)  # nothing saturated at the hot end
+    rgb = hm.colorize(amap, vrange)
+    png = np.asarray(Image.open(io.BytesIO(hm.encode(rgb, **hm.PNG_OPTIONS))).convert("RGB"))
+    level = hm.heat_index(amap, vrange)
+    back = hm.heat_levels(png)
+    assert np.array_equal(hm.color_table()[back], rgb)  # the same colours
+    shared = np.isin(level, [29, 30, 31, 32])  # jet draws these four levels in one colour: read as the highest
+    assert np.array_equal(back[~shared], level[~shared]) and np.all(back[shared] == 32)
+    y, x = hm.hottest_point(png)
+    assert level[y, x] == level.max() and amap[y, x] >= np.quantile(amap, 0.999)
+    jpeg = np.asarray(Image.open(io.BytesIO(hm.encode(rgb, "JPEG", quality=90))))  # colours off the map: nearest
+    assert np.abs(hm.heat_levels(jpeg).astype(int) - level).mean() < 8
