@@ -128,8 +128,13 @@ def _pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
 
 
 def f1_threshold(labels, scores) -> tuple[float, float]:
-    """The image-score threshold that maximises F1 (score >= threshold is anomalous), and that F1."""
+    """The image-score threshold that maximises F1, and that F1. The same rule as ``is_anomaly``
+    (score > threshold is anomalous): the threshold lies midway between the lowest score the F1-optimal
+    cut calls anomalous and the highest score below it (just below that score when none is lower)."""
     p, r, t = precision_recall_curve(labels, scores)
     f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0)[:-1]
     i = int(np.argmax(f1))
-    return float(t[i]), float(f1[i])
+    s = np.asarray(scores, dtype=np.float64)
+    lower = s[s < t[i]]
+    cut = (t[i] + lower.max()) / 2 if len(lower) else np.nextafter(t[i], -np.inf)
+    return float(cut), float(f1[i])

@@ -172,9 +172,8 @@ def render_report(metrics: dict, rows: list[dict], dataset: str, config, opts: d
     threshold, name = report_threshold(metrics)
     judged = "" if threshold is None else (
         f"<p>Verdicts on this page (above / below, missed, false alarm) are at the {html.escape(name)} "
-        f"{_fmt(threshold)}: an image is above it when its score is greater, as the score table's is_anomaly is"
-        + (" (the F1 counts an image scoring exactly the threshold as detected)" if metrics.get("threshold") is not None
-           else "") + ".</p>")
+        f"{_fmt(threshold)}: an image is above it when its score is greater, as the score table's is_anomaly is "
+        "(the F1 is computed with the same rule).</p>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>patchcore-dist report</title>
 <style>{STYLE}</style></head><body>
 <h1>PatchCore evaluation</h1>

@@ -47,8 +47,14 @@ def test_aurocs_equal_scikit_learn():
 
 
 def test_f1_threshold_by_hand():
-    t, f1 = f1_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-    assert t == pytest.approx(0.35) and f1 == pytest.approx(0.8)
+    scores = [0.1, 0.4, 0.35, 0.8]
+    t, f1 = f1_threshold([0, 0, 1, 1], scores)
+    # the best cut flags 0.35, 0.4 and 0.8 (P 2/3, R 1); with is_anomaly's rule (score > t) t lies midway
+    # below the lowest flagged score, so the image at 0.35 is flagged as the F1 says, not "missed"
+    assert t == pytest.approx((0.1 + 0.35) / 2) and f1 == pytest.approx(0.8)
+    assert [s > t for s in scores] == [False, True, True, True]
+    t, _ = f1_threshold([1, 1, 0], [0.5, 0.9, 0.2])
+    assert 0.2 < t < 0.5
 
 
 def test_streamed_pixel_metrics_equal_the_exact_ones():
