@@ -6,6 +6,7 @@ raise :class:`ConfigError` before any work starts.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import logging
@@ -68,12 +69,17 @@ class _Section(BaseModel):
 
 
 class BackboneConfig(_Section):
-    name: str = "tf_efficientnet_lite0"
-    # Levels (module names) whose feature maps make the patch features. None: the registry's default.
-    layers: Optional[list[str]] = None
-    # Weights source: "default" (the registry's offline source, if it has one), a path / URI to a
-    # state-dict file, or "random" (tests and speed benchmarks only).
-    weights: str = "default"
+    """The pretrained CNN whose feature maps make the patch features (part of the model's features)."""
+    name: str = Field("tf_efficientnet_lite0", description=(
+        "registry name (wide_resnet50_2, wide_resnet101_2, resnet18, resnet50, tf_efficientnet_lite0) or any "
+        "torchvision / timm CNN"))
+    layers: Optional[list[str]] = Field(None, description=(
+        "feature levels (module names); null: the registry's default ([layer2, layer3] for ResNets, [blocks.2, "
+        "blocks.4] for EfficientNet-Lite0). A backbone.name=... override without backbone.layers drops the config "
+        "file's levels for the new backbone's own (logged)"))
+    weights: str = Field("default", description=(
+        "default (the registry's offline weights, if any), a path / file:// / s3:// state-dict file, or random "
+        "(tests and speed benchmarks only); without usable weights a job stops at start-up and says what to give"))
 
     @field_validator("layers")
     @classmethod
@@ -84,13 +90,18 @@ class BackboneConfig(_Section):
 
 
 class ImageConfig(_Section):
-    resize: Int = Field(256, gt=0, le=MAX_RESIZE, description="shorter side after resizing, pixels")
-    crop: Int = Field(224, gt=0, description="side of the centre crop fed to the backbone")
-    max_pixels: Int = Field(100_000_000, gt=0, le=MAX_PIXELS,
-                            description="larger images are refused (decompression bombs); the only pixel limit")
-    max_bytes: Int = Field(512 * 2 ** 20, gt=0, description="larger files are refused from the listing's size, "
-                                                             "without being read")
-    min_side: Int = Field(16, gt=0, description="smaller images are refused")
+    """Model input geometry (resize, crop: part of the model's features) and the decoding limits."""
+    resize: Int = Field(256, gt=0, le=MAX_RESIZE, description=(
+        "shorter side after resizing, pixels (not used for tiles, see tiling.enabled)"))
+    crop: Int = Field(224, gt=0, description=(
+        "side of the centre crop fed to the backbone, pixels; at most image.resize; with tiling the tile side "
+        "(a multiple of 8)"))
+    max_pixels: Int = Field(100_000_000, gt=0, le=MAX_PIXELS, description=(
+        "larger images are error rows (decompression bombs); the only pixel limit (Pillow's own "
+        "MAX_IMAGE_PIXELS is set to it)"))
+    max_bytes: Int = Field(512 * 2 ** 20, gt=0, description=(
+        "larger files (512 MiB) are error rows, refused from the listing's size without being read"))
+    min_side: Int = Field(16, gt=0, description="images with a smaller side (pixels) are error rows")
 
     @model_validator(mode="after")
     def _crop_fits(self):
@@ -100,9 +111,12 @@ class ImageConfig(_Section):
 
 
 class EmbeddingConfig(_Section):
-    patch_size: Int = Field(3, gt=0, description="local neighbourhood aggregated into each patch feature")
-    pretrain_dim: Int = Field(1024, gt=0, le=65536)
-    target_dim: Int = Field(1024, gt=0, le=65536)
+    """Locally aware patch features (part of the model's features)."""
+    patch_size: Int = Field(3, gt=0, description=(
+        "neighbourhood aggregated into each patch feature (odd: it is centred)"))
+    pretrain_dim: Int = Field(1024, gt=0, le=65536, description="each level's patch pooled to this many values")
+    target_dim: Int = Field(1024, gt=0, le=65536, description=(
+        "all levels pooled together to this many values (the memory bank's dimension)"))
 
     @field_validator("patch_size")
     @classmethod
@@ -113,18 +127,25 @@ class EmbeddingConfig(_Section):
 
 
 class CoresetConfig(_Section):
-    ratio: Real = Field(0.1, gt=0.0, le=1.0, description="fraction of patches kept in the memory bank")
-    size: Optional[Int] = Field(None, gt=0, description="absolute memory-bank size; overrides ratio")
-    projection_dim: Int = Field(128, gt=0, le=65536, description="Johnson-Lindenstrauss dimension for the selection")
-    num_starting_points: Int = Field(10, gt=0, le=100_000)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # single: one greedy pass on the driver; two_round: greedy per part in parallel Ray tasks, then
-    # greedy over the union (composable coreset); auto: two_round from two_round_min_patches patches.
-    method: Literal["auto", "single", "two_round"] = "auto"
-    two_round_min_patches: Int = Field(5_000_000, gt=0)
-    parts: Optional[Int] = Field(None, gt=0, le=100_000, description="two_round: number of parts; None: CPUs of the cluster")
-    oversample: Real = Field(2.0, gt=0.0, le=100.0,
-                             description="two_round: each part keeps oversample x its share of k")
+    """The memory bank: greedy k-center selection of training patches (docs/design.md#coreset)."""
+    ratio: Real = Field(0.1, gt=0.0, le=1.0, description=(
+        "fraction of the training patches kept in the memory bank (0 < ratio <= 1)"))
+    size: Optional[Int] = Field(None, gt=0, description="absolute memory-bank size (rows); overrides ratio")
+    projection_dim: Int = Field(128, gt=0, le=65536, description=(
+        "Johnson-Lindenstrauss dimension the selection runs in"))
+    num_starting_points: Int = Field(10, gt=0, le=100_000, description=(
+        "initial distances = mean distance to this many random patches"))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "where the greedy selection runs: cpu, cuda, or auto (a GPU when one is visible)"))
+    method: Literal["auto", "single", "two_round"] = Field("auto", description=(
+        "single: one greedy pass on the driver; two_round: greedy per part in parallel Ray tasks, then greedy "
+        "over the union (a composable coreset); auto: two_round from coreset.two_round_min_patches patches"))
+    two_round_min_patches: Int = Field(5_000_000, gt=0, description=(
+        "method=auto: training patches from which the two-round coreset is used"))
+    parts: Optional[Int] = Field(None, gt=0, le=100_000, description=(
+        "two_round: number of parts (Ray tasks); null: the cluster's CPUs"))
+    oversample: Real = Field(2.0, gt=0.0, le=100.0, description=(
+        "two_round: each part keeps oversample x its share of the bank"))
 
     @field_validator("size")
     @classmethod
@@ -136,50 +157,74 @@ class CoresetConfig(_Section):
 
 
 class ScoringConfig(_Section):
-    num_neighbors: Int = Field(1, gt=0, le=1024, description="patch score = mean distance to the k nearest")
-    reweight: bool = Field(False, description="the paper's softmax re-weighting of the image score")
-    reweight_neighbors: Int = Field(3, gt=1, le=1024)
-    sigma: Real = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map, pixels (at most image.crop)")
+    """Patch scores, the image score and the anomaly map."""
+    num_neighbors: Int = Field(1, gt=0, le=1024, description=(
+        "patch score = mean distance to the k nearest memory-bank features"))
+    reweight: bool = Field(False, description=(
+        "the paper's softmax re-weighting of the image score (off, as in the official code)"))
+    reweight_neighbors: Int = Field(3, gt=1, le=1024, description="b, the neighbourhood of m* in the re-weighting")
+    sigma: Real = Field(4.0, ge=0.0, description=(
+        "Gaussian smoothing of the anomaly map, pixels (at model resolution; at most image.crop)"))
 
 
 class IndexConfig(_Section):
     """Nearest-neighbour index over the memory bank (faiss). flat is exact; the others approximate."""
-    type: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
-    auto_flat_max: Int = Field(100_000, gt=0, description="auto: flat up to this bank size, else hnsw")
-    nlist: Optional[Int] = Field(None, gt=0, le=2 ** 20, description="IVF lists; None: 4 x sqrt(bank rows)")
-    nprobe: Int = Field(16, gt=0, le=2 ** 20, description="IVF lists visited per query (search time)")
-    pq_m: Int = Field(64, gt=0, description="IVF-PQ sub-quantisers (must divide the dimension)")
-    pq_bits: Int = Field(8, gt=0, le=16)
+    type: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = Field("auto", description=(
+        "flat (exact), ivf_flat, ivf_pq or hnsw; auto: flat up to index.auto_flat_max bank rows, else hnsw"))
+    auto_flat_max: Int = Field(100_000, gt=0, description="type=auto: flat up to this many bank rows, else hnsw")
+    nlist: Optional[Int] = Field(None, gt=0, le=2 ** 20, description="IVF lists; null: 4 x sqrt(bank rows)")
+    nprobe: Int = Field(16, gt=0, le=2 ** 20, description="IVF lists searched per query (search time)")
+    pq_m: Int = Field(64, gt=0, description="IVF-PQ sub-quantisers (must divide embedding.target_dim)")
+    pq_bits: Int = Field(8, gt=0, le=16, description="IVF-PQ bits per sub-quantiser code")
     hnsw_m: Int = Field(32, gt=1, le=256, description="HNSW links per node (memory grows with it)")
-    ef_construction: Int = Field(200, gt=0, le=100_000)
+    ef_construction: Int = Field(200, gt=0, le=100_000, description="HNSW candidate list while building")
     ef_search: Int = Field(128, gt=0, le=100_000, description="HNSW candidate list per query (search time)")
-    exact_search: Literal["auto", "brute", "pruned"] = Field(
-        "auto", description="flat search on the CPU: brute force, or pruned by PCA lower bounds with exact "
-                            "re-rank and a proof per query (same neighbours); auto: pruned from 2048 bank rows")
-    bound_dims: Int = Field(256, gt=1, le=65536, description="pruned search: dimensions of the lower bound")
-    bound_candidates: Int = Field(16, gt=0, le=100_000, description="pruned search: candidates re-ranked exactly per query")
+    exact_search: Literal["auto", "brute", "pruned"] = Field("auto", description=(
+        "how flat (exact) search runs on the CPU: brute (faiss IndexFlatL2); pruned (PCA lower bounds, exact "
+        "re-rank, a proof per query, brute force where unproven: the same neighbours); auto: from 2048 bank "
+        "rows, per block of 1,024 queries, pruned when a probe of the bound (one query in 32) proves most of the "
+        "block, else brute force (never slower than brute force by more than the probes)"))
+    bound_dims: Int = Field(256, gt=1, le=65536, description=(
+        "pruned search: dimensions of the lower bound (its index adds bound_dims / D of the bank's memory)"))
+    bound_candidates: Int = Field(16, gt=0, le=100_000, description=(
+        "pruned search: candidates measured exactly per query"))
 
 
 class RuntimeConfig(_Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: Int = Field(8, gt=0, le=MAX_BATCH, description="images per backbone batch on CPUs")
-    gpu_batch_size: Int = Field(64, gt=0, le=MAX_BATCH, description="images per backbone batch on GPUs (GPU actors, "
-                                                                   "in-process runs on a GPU)")
-    num_actors: Optional[Int] = Field(None, gt=0, description="actor pool size; None: one per GPU, else 1")
-    actor_cpus: Real = Field(1.0, gt=0.0, description="CPUs reserved per CPU actor (at most the cluster's CPUs)")
-    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
-        "fp32", description="backbone arithmetic: fp32 (IEEE, also on GPUs), tf32 (tensor-core float32 "
-                            "convolutions), bf16/fp16 (autocast; for GPUs, fp16 is the one within tolerance)")
-    optimize_backbone: bool = Field(True, description="fold inference BatchNorms into their convolutions and pad "
-                                                      "TF-same convolutions without copies (same features, faster)")
-    search_precision: Literal["fp32", "tf32"] = Field("fp32", description="GPU nearest-neighbour matmul")
-    torch_threads: Optional[Int] = Field(None, gt=0, description="torch threads per actor; None: actor_cpus")
-    ray_num_cpus: Optional[Int] = Field(None, gt=0, description="logical CPUs of a local Ray instance")
-    executor: Literal["auto", "ray", "local"] = Field(
-        "auto", description="where the stages run: ray (Ray Data tasks and actors), local (the same stage "
-                            "functions in this process, no Ray), auto (local for a small job on this machine)")
-    local_max_images: Int = Field(256, ge=0, le=10_000_000, description="executor=auto: jobs of at most this many "
-                                                                        "images run in process when no cluster is given")
+    """Where and how a run executes: devices, batches, actors, arithmetic (never the model's identity)."""
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "where the backbone and the search run: cpu, cuda, or auto (a GPU when one is visible)"))
+    batch_size: Int = Field(8, gt=0, le=MAX_BATCH, description=(
+        "images per backbone batch on CPUs (CPU actors, in-process CPU runs)"))
+    gpu_batch_size: Int = Field(64, gt=0, le=MAX_BATCH, description=(
+        "images per backbone batch on GPUs (GPU actors, in-process GPU runs; 128-256 on an H200)"))
+    num_actors: Optional[Int] = Field(None, gt=0, description=(
+        "extraction / scoring actors; null: one per GPU, else the CPUs less one (never more than the job's "
+        "batches)"))
+    actor_cpus: Real = Field(1.0, gt=0.0, description=(
+        "CPUs reserved per CPU actor (also its torch threads); above runtime.ray_num_cpus it is refused at "
+        "load, above the cluster's CPUs when the actor pool is made"))
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field("fp32", description=(
+        "backbone arithmetic: fp32 (IEEE float32, TF32 convolutions off also on GPUs), tf32 (tensor-core float32 "
+        "convolutions), fp16 / bf16 (autocast; on GPUs fp16 is the fast setting within tolerance); patch "
+        "features are float32 either way"))
+    optimize_backbone: bool = Field(True, description=(
+        "fold each inference BatchNorm into its convolution and run TF-same-padded convolutions without padded "
+        "copies (verified against the original backbone at start-up, else skipped; ~40 % faster Lite0 on CPU; "
+        "the same features)"))
+    search_precision: Literal["fp32", "tf32"] = Field("fp32", description=(
+        "GPU nearest-neighbour matmul: fp32, or tf32 (its candidates re-measured in float32)"))
+    torch_threads: Optional[Int] = Field(None, gt=0, description="torch threads per actor; null: runtime.actor_cpus")
+    ray_num_cpus: Optional[Int] = Field(None, gt=0, description=(
+        "logical CPUs of a local Ray instance; null: the cores + 1"))
+    executor: Literal["auto", "ray", "local"] = Field("auto", description=(
+        "where the stages run: ray (Ray Data tasks and actor pools), local (the same stage functions in this "
+        "process, on threads, no Ray), auto (local for a job of at most runtime.local_max_images images when no "
+        "cluster is given: no RAY_ADDRESS, not already connected to Ray, no fault injection; else ray). The same "
+        "model and score rows either way, bit for bit"))
+    local_max_images: Int = Field(256, ge=0, le=10_000_000, description=(
+        "executor=auto: the largest job (images to read) run in process; Ray's start-up dominates smaller "
+        "local jobs"))
 
     @model_validator(mode="after")
     def _actor_fits(self):
@@ -194,23 +239,33 @@ class RuntimeConfig(_Section):
 
 
 class OutputConfig(_Section):
-    heatmaps: bool = True
-    overlay: bool = True
-    # Colour scale of heatmaps: scores in [heatmap_min, heatmap_max] map onto the colour map. None:
-    # the model's own scale (median .. 2 x the 99th percentile of training patch scores), fixed per model.
-    heatmap_min: Optional[Real] = Field(None, ge=0.0)
-    heatmap_max: Optional[Real] = Field(None, gt=0.0)
-    patch_scores: bool = Field(False, description="store the patch-score grid in the score table")
+    """What a score run writes besides the score table (never the model's identity)."""
+    heatmaps: bool = Field(True, description="write a heatmap PNG per image; false: scores only")
+    overlay: bool = Field(True, description="write an overlay JPEG per image (the heatmap over the photograph)")
+    # Colour scale of heatmaps: scores in [heatmap_min, heatmap_max] map onto the colour map, fixed per model.
+    heatmap_min: Optional[Real] = Field(None, ge=0.0, description=(
+        "the heatmaps' cold end (colour level 0) by hand; null: the model's, the median pixel of normal images' "
+        "anomaly maps"))
+    heatmap_max: Optional[Real] = Field(None, gt=0.0, description=(
+        "the heatmaps' hot end (level 1) by hand; null: the model's, 2 x threshold - heatmap_min"))
+    patch_scores: bool = Field(False, description=(
+        "keep each image's patch-score grid (in the grid table <output>/patch_scores/; evaluate always does)"))
 
 
 class TilingConfig(_Section):
-    """High-resolution inspection (:mod:`patchcore_dist.core.tiling`): tiles of side image.crop over the
-    working image instead of one resized crop. Part of the feature identity when enabled."""
-    enabled: bool = Field(False, description="score tiles at working resolution instead of one resized crop")
-    working_size: Optional[Int] = Field(None, gt=0, le=MAX_WORKING,
-                                        description="longer side of the working image; None: native resolution")
-    overlap: Real = Field(0.25, ge=0.0, le=0.9, description="fraction of the tile side two neighbouring tiles share")
-    bank: str = Field("single", description="single: one memory bank over all tiles (per_position is not built)")
+    """High-resolution inspection (docs/tiling.md): tiles of side image.crop over the working image instead of
+    one resized crop. Part of the model's features when enabled."""
+    enabled: bool = Field(False, description=(
+        "score tiles at working resolution instead of one resized crop; the tiles have side image.crop (a multiple "
+        "of 8) and image.resize does not apply to them"))
+    working_size: Optional[Int] = Field(None, gt=0, le=MAX_WORKING, description=(
+        "longer side of the working image (the original resized, up or down); null: native resolution"))
+    overlap: Real = Field(0.25, ge=0.0, le=0.9, description=(
+        "fraction of the tile side neighbouring tiles share; stride = crop x (1 - overlap), rounded down to a "
+        "multiple of 8"))
+    bank: str = Field("single", description=(
+        "single: one memory bank over every tile of every image; per_position (a bank per tile position) is "
+        "refused: not built"))
 
     @field_validator("bank")
     @classmethod
@@ -222,18 +277,26 @@ class TilingConfig(_Section):
 
 
 class FitConfig(_Section):
-    # Normal images held out of the memory bank to calibrate the decision threshold (when no
-    # --validation folder is given); 0 disables calibration.
-    holdout_fraction: Real = Field(0.0, ge=0.0, le=0.5)
-    # Threshold = the image score that at most this fraction of the validation images exceed.
-    target_fpr: Real = Field(0.01, ge=0.0, lt=1.0)
+    """The decision threshold every fit calibrates (docs/operations.md#thresholds)."""
+    holdout_fraction: Real = Field(0.0, ge=0.0, le=0.5, description=(
+        "share of the training images held out to calibrate the threshold; only without --validation (they "
+        "then stay out of the memory bank); 0: training images each scored without its own patches (up to 128)"))
+    target_fpr: Real = Field(0.01, ge=0.0, lt=1.0, description=(
+        "the threshold's false-positive rate; at most this fraction of the calibration images score above it "
+        "(with n images the smallest rate it resolves is 1/n)"))
 
 
 class StorageConfig(_Section):
-    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
-    region: Optional[str] = None
-    shared_paths: list[str] = Field(default_factory=list, description="local folders every node of a multi-node "
-                                                                      "Ray cluster sees at the same path (NFS mounts)")
+    """Object storage and shared folders (never the model's identity; credentials never go here)."""
+    endpoint_url: Optional[str] = Field(None, description=(
+        "S3-compatible endpoint (MinIO, Ceph, ...), an http:// or https:// URL; also read from AWS_ENDPOINT_URL. "
+        "A URL with credentials (http://KEY:SECRET@host) is refused, not echoed: keys belong in the AWS "
+        "environment"))
+    region: Optional[str] = Field(None, description="S3 region; null: AWS_DEFAULT_REGION, else us-east-1")
+    shared_paths: list[str] = Field(default_factory=list, description=(
+        "local folders every node mounts at the same path (NFS); absolute paths or file:// URIs; on a Ray cluster "
+        "of two or more nodes a local path outside them is refused before any work: use s3:// or declare the "
+        "mount"))
 
     @field_validator("shared_paths")
     @classmethod
@@ -281,7 +344,7 @@ class Config(_Section):
     fit: FitConfig = FitConfig()
     tiling: TilingConfig = TilingConfig()
     storage: StorageConfig = StorageConfig()
-    seed: Int = Field(0, ge=0, le=MAX_SEED)
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="projection, coreset start and hold-out split")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -336,6 +399,70 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(self.feature_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def schema_keys() -> dict[str, Any]:
+    """Every key of the schema, dotted (``coreset.ratio``, ``seed``), in schema order, with its pydantic field."""
+    out = {}
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, _Section):
+            out.update({f"{name}.{k}": f for k, f in section.model_fields.items()})
+        else:
+            out[name] = field
+    return out
+
+
+# Which config keys each command uses (whole sections or dotted keys): the one mapping behind each
+# command's --help, the warning about keys a command ignores, and docs/configuration.md. score and
+# evaluate take every fit setting from the model; the model's features (MODEL_FIXED) may be given only
+# with the model's values (pipeline/score.py refuses others).
+_SEARCH = ("index.nprobe", "index.ef_search", "index.exact_search", "index.bound_dims", "index.bound_candidates")
+_SCORE = ("scoring",) + _SEARCH + ("image.max_pixels", "image.max_bytes", "image.min_side", "runtime", "output",
+                                   "storage")
+COMMAND_KEYS = {
+    "fit": ("backbone", "image", "embedding", "coreset", "scoring", "index", "runtime", "fit", "tiling", "storage",
+            "seed"),
+    "score": _SCORE,
+    "evaluate": _SCORE,
+    "maintain": ("storage",),
+    "runs": ("storage",),
+    "synthesize": ("seed", "storage", "image.max_pixels"),
+    "demo": tuple(Config.model_fields),
+}
+MODEL_FIXED = ("backbone", "image.resize", "image.crop", "embedding", "tiling")
+
+
+def _covers(entries: tuple, key: str) -> bool:
+    return any(key == e or key.startswith(e + ".") or e.startswith(key + ".") for e in entries)
+
+
+def commands_using(key: str) -> list[str]:
+    """The commands that use ``key`` (a dotted key, or a section: any of its keys)."""
+    return [c for c, entries in COMMAND_KEYS.items() if _covers(entries, key)]
+
+
+def inapplicable(command: str, key: str) -> str | None:
+    """Why the override ``key`` does nothing in ``command``; None when it applies, when score / evaluate check
+    it against the model, or when the key is not in the schema (loading the config refuses it)."""
+    known = schema_keys()
+    if command not in COMMAND_KEYS or not any(k == key or k.startswith(key + ".") for k in known):
+        return None
+    if _covers(COMMAND_KEYS[command], key) or (command in ("score", "evaluate") and _covers(MODEL_FIXED, key)):
+        return None
+    owner = next(c for c in ("fit", "score", "synthesize") if c in commands_using(key))
+    how = "uses the model's" if command in ("score", "evaluate") and owner == "fit" else "does not use it"
+    return f"{key} is a {owner} setting; {command} {how} (ignored here)"
+
+
+def did_you_mean(key: str) -> str | None:
+    """The schema key an unknown dotted ``key`` most likely meant: the same name in another section, else the
+    closest spelling."""
+    known = list(schema_keys()) + list(Config.model_fields)
+    leaf = key.rsplit(".", 1)[-1]
+    same = [k for k in known if k.rsplit(".", 1)[-1] == leaf and k != key]
+    close = difflib.get_close_matches(key, same, n=1, cutoff=0) or difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -367,7 +494,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            guess = did_you_mean(loc)
+            msg = "unknown key" + (f"; did you mean {guess}?" if guess else "")
         echo = (e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
                 and e["loc"][:1] != ("storage",))
         lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if echo else ""))
