@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from .commands import COMMANDS
-from .common import COMMON_KEYS, add_config_arguments, run_job
+from .common import add_config_arguments, config_epilog, run_job
 
 
 def _command_parser(name: str, parser: argparse.ArgumentParser | None = None, prog: str | None = None):
     add, _, help_ = COMMANDS[name]
-    p = parser or argparse.ArgumentParser(prog=prog or f"patchcore-{name}", description=help_, epilog=COMMON_KEYS,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser or argparse.ArgumentParser(prog=prog or f"patchcore-{name}", description=help_,
+                                          epilog=config_epilog(name), formatter_class=argparse.RawDescriptionHelpFormatter)
     add(p)
     add_config_arguments(p)
     return p
@@ -23,16 +23,16 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="patchcore <command> --help shows each command's arguments and config keys")
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (_, _, help_) in COMMANDS.items():
-        _command_parser(name, sub.add_parser(name, help=help_, description=help_, epilog=COMMON_KEYS,
+        _command_parser(name, sub.add_parser(name, help=help_, description=help_, epilog=config_epilog(name),
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
     a = p.parse_args(argv)
-    return run_job(COMMANDS[a.command][1], a)
+    return run_job(COMMANDS[a.command][1], a, a.command)
 
 
 def run_command(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
     """One command with its own parser (``patchcore-<name>``, ``python jobs/<name>.py``)."""
     a = _command_parser(name, prog=prog).parse_args(argv)
-    return run_job(COMMANDS[name][1], a)
+    return run_job(COMMANDS[name][1], a, name)
 
 
 def fit_main() -> int:

@@ -9,16 +9,45 @@ import sys
 from ..errors import PatchCoreError
 from .paths import resolve_arguments
 
-# Shown under every job's --help: the keys users change most (the README lists them all).
-COMMON_KEYS = """config keys most often changed (key=value, see the README's configuration reference):
-  backbone.name=wide_resnet50_2 backbone.weights=/models/wrn50.pth   another backbone and its weights
-  coreset.ratio=0.01                  memory-bank size as a fraction of the training patches
-  image.resize=256 image.crop=224     model input geometry
-  runtime.device=cpu|cuda|auto        where the backbone runs; runtime.precision=fp16 on GPUs
-  runtime.batch_size=8 runtime.gpu_batch_size=64 runtime.num_actors=N
-  output.heatmaps=false               score only (no heatmap PNGs or overlays)
-  fit.holdout_fraction=0.1            calibrate a decision threshold on held-out normal images
-  storage.endpoint_url=http://host:9000   an S3-compatible endpoint (MinIO, Ceph, ...)"""
+log = logging.getLogger("patchcore_dist.cli")
+
+# The keys users change most, most useful first: each command's --help shows those it uses
+# (config.COMMAND_KEYS), with their defaults; docs/configuration.md lists every key.
+USEFUL_KEYS = ("backbone.name", "backbone.weights", "coreset.ratio", "image.resize", "image.crop", "tiling.enabled",
+               "fit.target_fpr", "fit.holdout_fraction", "runtime.device", "runtime.precision", "runtime.batch_size",
+               "runtime.gpu_batch_size", "storage.endpoint_url", "output.heatmaps", "output.overlay",
+               "output.patch_scores", "scoring.sigma", "index.nprobe", "index.ef_search", "runtime.num_actors",
+               "runtime.executor", "seed", "image.max_pixels", "storage.region", "storage.shared_paths")
+EPILOG_KEYS = 14
+
+
+def config_epilog(command: str) -> str:
+    """The --help epilog of ``command``: its most useful config keys with default and what each does."""
+    from ..config import commands_using, schema_keys
+    from ..config_reference import defaults, first_clause, format_value
+    fields, values = schema_keys(), defaults()
+    keys = [k for k in USEFUL_KEYS if command in commands_using(k)][:EPILOG_KEYS]
+    lines = ["config keys (key=value; default shown; all keys: docs/configuration.md):"]
+    for k in keys:
+        setting = f"{k}={format_value(values[k])}"
+        lines.append(f"  {setting:<36} {first_clause(fields[k].description)}")
+    if command in ("score", "evaluate"):
+        lines.append("  the model fixes its features (backbone, image geometry, embedding, tiling) and its fit settings")
+    return "\n".join(lines)
+
+
+def warn_inapplicable(command: str, overrides: list[str] | None) -> None:
+    """Log a warning for each override that ``command`` does not use (config.COMMAND_KEYS)."""
+    from ..config import inapplicable, parse_override
+    from ..errors import ConfigError
+    for item in overrides or []:
+        try:
+            key = ".".join(parse_override(item)[0])
+        except ConfigError:
+            continue  # loading the config reports it
+        note = inapplicable(command, key)
+        if note:
+            log.warning(note)
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,10 +71,13 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_job(run, args) -> int:
+def run_job(run, args, command: str | None = None) -> int:
     """Run ``run(args)``; a known failure (:class:`PatchCoreError`, a missing file) prints one clear
-    message and returns its exit code; anything else is a bug and keeps its traceback."""
+    message and returns its exit code; anything else is a bug and keeps its traceback. With the
+    ``command``'s name, overrides it does not use are warned about first."""
     setup_logging(bool(getattr(args, "verbose", False)))
+    if command:
+        warn_inapplicable(command, getattr(args, "overrides", None))
     try:
         run(resolve_arguments(args))
     except PatchCoreError as e:
