@@ -187,7 +187,7 @@ class IndexConfig(_Section):
     bound_dims: Int = Field(256, gt=1, le=65536, description=(
         "pruned search: dimensions of the lower bound (its index adds bound_dims / D of the bank's memory)"))
     bound_candidates: Int = Field(16, gt=0, le=100_000, description=(
-        "pruned search: candidates measured exactly per query"))
+        "pruned search: candidates measured exactly per query (timings: benchmarks/README.md)"))
 
 
 class RuntimeConfig(_Section):
@@ -211,7 +211,7 @@ class RuntimeConfig(_Section):
     optimize_backbone: bool = Field(True, description=(
         "fold each inference BatchNorm into its convolution and run TF-same-padded convolutions without padded "
         "copies (verified against the original backbone at start-up, else skipped; ~40 % faster Lite0 on CPU; "
-        "the same features)"))
+        "the same features: not part of the feature identity)"))
     search_precision: Literal["fp32", "tf32"] = Field("fp32", description=(
         "GPU nearest-neighbour matmul: fp32, or tf32 (its candidates re-measured in float32)"))
     torch_threads: Optional[Int] = Field(None, gt=0, description="torch threads per actor; null: runtime.actor_cpus")
@@ -219,12 +219,12 @@ class RuntimeConfig(_Section):
         "logical CPUs of a local Ray instance; null: the cores + 1"))
     executor: Literal["auto", "ray", "local"] = Field("auto", description=(
         "where the stages run: ray (Ray Data tasks and actor pools), local (the same stage functions in this "
-        "process, on threads, no Ray), auto (local for a job of at most runtime.local_max_images images when no "
+        "process, batches on threads with one actor's thread settings, no Ray), auto (local for a job of at most runtime.local_max_images images when no "
         "cluster is given: no RAY_ADDRESS, not already connected to Ray, no fault injection; else ray). The same "
-        "model and score rows either way, bit for bit"))
+        "model (bank, digests), score rows and heatmaps either way, bit for bit (tested)"))
     local_max_images: Int = Field(256, ge=0, le=10_000_000, description=(
-        "executor=auto: the largest job (images to read) run in process; Ray's start-up dominates smaller "
-        "local jobs"))
+        "executor=auto: the largest job (images to read) run in process; Ray's start-up (seconds for the "
+        "instance, more per actor) dominates smaller local jobs"))
 
     @model_validator(mode="after")
     def _actor_fits(self):
@@ -245,7 +245,7 @@ class OutputConfig(_Section):
     # Colour scale of heatmaps: scores in [heatmap_min, heatmap_max] map onto the colour map, fixed per model.
     heatmap_min: Optional[Real] = Field(None, ge=0.0, description=(
         "the heatmaps' cold end (colour level 0) by hand; null: the model's, the median pixel of normal images' "
-        "anomaly maps"))
+        "anomaly maps (docs/formats.md#heatmaps)"))
     heatmap_max: Optional[Real] = Field(None, gt=0.0, description=(
         "the heatmaps' hot end (level 1) by hand; null: the model's, 2 x threshold - heatmap_min"))
     patch_scores: bool = Field(False, description=(
@@ -290,8 +290,8 @@ class StorageConfig(_Section):
     """Object storage and shared folders (never the model's identity; credentials never go here)."""
     endpoint_url: Optional[str] = Field(None, description=(
         "S3-compatible endpoint (MinIO, Ceph, ...), an http:// or https:// URL; also read from AWS_ENDPOINT_URL. "
-        "A URL with credentials (http://KEY:SECRET@host) is refused, not echoed: keys belong in the AWS "
-        "environment"))
+        "A URL with credentials (http://KEY:SECRET@host) is refused, not echoed: the config is written into "
+        "config.yaml and handed to every task, so keys belong in the AWS environment"))
     region: Optional[str] = Field(None, description="S3 region; null: AWS_DEFAULT_REGION, else us-east-1")
     shared_paths: list[str] = Field(default_factory=list, description=(
         "local folders every node mounts at the same path (NFS); absolute paths or file:// URIs; on a Ray cluster "
