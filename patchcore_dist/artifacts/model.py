@@ -7,6 +7,7 @@
     <model>/errors.parquet    training images that could not be used, with the reason
     <model>/features/*.parquet  patch-feature shards (float16); validation/*.parquet for the threshold
     <model>/manifest.json     versions, digests, bank shape, sha256 of every file: the commit marker
+    <model>/.fit-lease, .patchcore-fit  while a fit runs / until it commits (artifacts/lease.py)
 
 No pickles: JSON/YAML, .npy without objects, faiss's format, Parquet.
 """

@@ -185,19 +185,15 @@ CLAIM = re.compile(r"^\..+\.cas-[0-9a-f]{16}$")  # a local swap's claim (hidden;
 def read_tagged(uri: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[bytes, str]:
     """(content, tag) of an object read once; FileNotFoundError when it does not exist."""
     fs, path = resolve(uri, endpoint_url, region)
-    if isinstance(fs, pafs.LocalFileSystem):
-        try:
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
             with open(path, "rb") as f:
                 data = f.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"not found: {uri}") from None
-        return data, hashlib.sha256(data).hexdigest()
-    from botocore.exceptions import ClientError
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    try:
+            return data, hashlib.sha256(data).hexdigest()
+        bucket, _, key = uri[len("s3://"):].partition("/")
         r = _boto3(endpoint_url, region).get_object(Bucket=bucket, Key=key)
         return r["Body"].read(), r["ETag"]
-    except ClientError as e:
+    except Exception as e:
         raise _wrap(uri, e) from None
 
 
@@ -205,7 +201,8 @@ def replace_if_tag(uri: str, tag: str, data: bytes, endpoint_url: str | None = N
                    region: str | None = None) -> bool:
     """Replace the object by ``data`` only if it still holds the content whose tag :func:`read_tagged`
     returned; True when replaced, False when it holds something else or is gone. S3: a PUT with
-    ``If-Match: <ETag>`` (honoured by AWS S3 and MinIO; a store that ignores it gives no guarantee).
+    ``If-Match: <ETag>`` (honoured by AWS S3 since 2024-11 and by moto; a store that ignores it gives no
+    guarantee, one that refuses it is a StorageError).
     Local: see :func:`_local_swap`."""
     return _swap(uri, tag, data, endpoint_url, region)
 
@@ -221,7 +218,10 @@ def delete_if_tag(uri: str, tag: str, endpoint_url: str | None = None, region: s
 def _swap(uri: str, tag: str, data: bytes | None, endpoint_url: str | None, region: str | None) -> bool:
     fs, path = resolve(uri, endpoint_url, region)
     if isinstance(fs, pafs.LocalFileSystem):
-        return _local_swap(path, tag, data)
+        try:
+            return _local_swap(path, tag, data)
+        except OSError as e:
+            raise _wrap(uri, e) from None
     from botocore.exceptions import ClientError
     client, (bucket, _, key) = _boto3(endpoint_url, region), uri[len("s3://"):].partition("/")
     try:
@@ -252,7 +252,7 @@ def _local_swap(path: str, tag: str, data: bytes | None) -> bool:
     claim = os.path.join(os.path.dirname(path), f".{os.path.basename(path).lstrip('.')}.cas-{tag[:16]}")
     try:
         os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
+    except (FileExistsError, FileNotFoundError):  # another swapper holds the claim; or no folder, no file
         return False
     try:
         try:
