@@ -7,6 +7,7 @@
     <model>/errors.parquet    training images that could not be used, with the reason
     <model>/features/*.parquet  patch-feature shards (float16); validation/*.parquet for the threshold
     <model>/manifest.json     versions, digests, bank shape, sha256 of every file: the commit marker
+    <model>/.fit-lease, .patchcore-fit  while a fit runs / until it commits (artifacts/lease.py)
 
 No pickles: JSON/YAML, .npy without objects, faiss's format, Parquet.
 """
@@ -14,16 +15,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import glob
 import hashlib
 import io
 import json
 import logging
-import os
 import platform
 import re
-import socket
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +29,7 @@ import yaml
 
 from .. import __version__
 from ..config import Config, load_config
-from ..errors import ConfigError, JobError, ModelError, StorageError
+from ..errors import ConfigError, JobError, ModelError
 from . import storage
 
 log = logging.getLogger(__name__)
@@ -283,87 +280,6 @@ def load_model(uri: str, storage_options: dict | None = None) -> LoadedModel:
                       rows, dim)
     index = parse_index(where("index.faiss"), read_verified(uri, manifest, "index.faiss", storage_options), bank)
     return LoadedModel(uri, manifest, config, bank, index)
-
-
-LEASE = ".fit-lease"
-
-
-def acquire_fit_lease(model: str, opts: dict) -> str:
-    """Take the model directory's fit lease, a marker created with create-if-absent semantics
-    (:func:`storage.create_exclusive`), before a fit touches the directory; returns its URI. A second fit
-    into the same URI is refused while the lease exists. A lease left by a killed fit on this host (its
-    process gone) is taken over; any other must be deleted by hand when no fit is running."""
-    uri = storage.join(model, LEASE)
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    for attempt in range(2):
-        try:
-            storage.create_exclusive(uri, json.dumps(owner).encode(), **opts)
-            return uri
-        except FileExistsError:
-            held = _read_lease(uri, opts)
-        if attempt or not _take_over_stale(uri, held):
-            break
-    raise JobError(f"a fit into {model} is running (lease {uri}: host {held.get('host')}, pid {held.get('pid')}, "
-                   f"since {held.get('started')}); wait for it to finish, or, if no fit is running (one was "
-                   f"killed), delete {uri}")
-
-
-def release_fit_lease(uri: str, opts: dict) -> None:
-    storage.delete(uri, **opts)
-
-
-def _read_lease(uri: str, opts: dict) -> dict:
-    try:
-        held = json.loads(storage.read_bytes(uri, **opts))
-        return held if isinstance(held, dict) else {}
-    except (FileNotFoundError, StorageError, ValueError):
-        return {}
-
-
-def _take_over_stale(uri: str, held: dict) -> bool:
-    """Remove a local lease whose fit died on this host (its pid is gone); True when it was removed.
-    Renamed away first (atomic), so of two fits taking over at once only one removes it."""
-    if storage.is_s3(uri) or held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
-        return False
-    try:
-        os.kill(held["pid"], 0)
-        return False  # alive
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        return False  # alive, another user's
-    path = storage.resolve(uri)[1]
-    try:
-        os.rename(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")
-    except FileNotFoundError:
-        return True  # another fit took it over first: try to create ours
-    log.warning("took over the lease of a killed fit (host %s, pid %s, since %s)", held.get("host"),
-                held.get("pid"), held.get("started"))
-    for stale in glob.glob(glob.escape(path) + ".stale-*"):
-        os.remove(stale)
-    return True
-
-
-def clean_uncommitted(model: str, opts: dict) -> None:
-    """A model directory without a manifest is an interrupted fit: its files are never used; remove them.
-
-    Only files of the model layout are removed; a folder holding anything else is refused.
-    """
-    try:
-        leftovers = storage.list_files(model, None, **opts)
-    except FileNotFoundError:
-        return
-    foreign = [r for _, r in leftovers if not (r in MODEL_FILES or r == LEASE or (
-        r.split("/")[0] in ("features", "validation") and r.endswith(".parquet") and r.count("/") == 1))]
-    if foreign:
-        raise JobError(f"{model} is not empty and not an interrupted model (it holds e.g. {foreign[0]}): "
-                       "write the model to a new, empty URI")
-    leftovers = [(u, r) for u, r in leftovers if r != LEASE]  # the running fit's own lease
-    if leftovers:
-        log.warning("%s holds %d files of an interrupted fit (no manifest): removing them", model, len(leftovers))
-        for uri, _ in leftovers:
-            storage.delete(uri, **opts)
 
 
 def remove_orphan_shards(model: str, recorded: set[str], opts: dict) -> None:

@@ -130,22 +130,144 @@ def create_exclusive(uri: str, data: bytes, endpoint_url: str | None = None, reg
     StorageError."""
     fs, path = resolve(uri, endpoint_url, region)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # FileExistsError if present
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        _create_local(path, data)
         return
     from botocore.exceptions import ClientError
     bucket, _, key = uri[len("s3://"):].partition("/")
     try:
         _boto3(endpoint_url, region).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
     except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get(
-                "ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+        if _s3_condition_failed(e):
             raise FileExistsError(f"exists: {uri}") from None
+        code = e.response.get("Error", {}).get("Code", "")
         raise StorageError(f"{uri}: conditional create failed ({code or e}); the store may not support "
                            "conditional writes (If-None-Match)") from None
+
+
+def _create_local(path: str, data: bytes) -> None:
+    """Create-if-absent with the whole content at once: written under a temporary name, then hard-linked
+    to ``path`` (``link`` fails when ``path`` exists), so no reader sees a partly written file and a
+    creator killed half-way leaves nothing at ``path``. Where the file system has no hard links:
+    ``O_CREAT | O_EXCL`` and a write."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # FileExistsError if present
+        return
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (EPERM, ENOTSUP, EMLINK)
+        pass
+    finally:
+        os.remove(tmp)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # FileExistsError if present
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _s3_condition_failed(e) -> bool:
+    """A boto3 ClientError saying a conditional request's precondition did not hold (412, or 409 for a
+    concurrent conditional write)."""
+    code = e.response.get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get(
+        "ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+
+
+# Compare-and-swap on one small object (the fit lease). The tag of a content is what the swap compares:
+# on S3 the object's ETag, locally the content's sha256.
+CLAIM = re.compile(r"^\..+\.cas-[0-9a-f]{16}$")  # a local swap's claim (hidden; see _local_swap)
+
+
+def read_tagged(uri: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[bytes, str]:
+    """(content, tag) of an object read once; FileNotFoundError when it does not exist."""
+    fs, path = resolve(uri, endpoint_url, region)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            with open(path, "rb") as f:
+                data = f.read()
+            return data, hashlib.sha256(data).hexdigest()
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        r = _boto3(endpoint_url, region).get_object(Bucket=bucket, Key=key)
+        return r["Body"].read(), r["ETag"]
+    except Exception as e:
+        raise _wrap(uri, e) from None
+
+
+def replace_if_tag(uri: str, tag: str, data: bytes, endpoint_url: str | None = None,
+                   region: str | None = None) -> bool:
+    """Replace the object by ``data`` only if it still holds the content whose tag :func:`read_tagged`
+    returned; True when replaced, False when it holds something else or is gone. S3: a PUT with
+    ``If-Match: <ETag>`` (honoured by AWS S3 since 2024-11 and by moto; a store that ignores it gives no
+    guarantee, one that refuses it is a StorageError).
+    Local: see :func:`_local_swap`."""
+    return _swap(uri, tag, data, endpoint_url, region)
+
+
+def delete_if_tag(uri: str, tag: str, endpoint_url: str | None = None, region: str | None = None) -> bool:
+    """Delete the object only if it still holds the content of ``tag``; True when deleted. S3: a DELETE
+    with ``If-Match: <ETag>`` (AWS S3 since 2025-09 and Ceph honour it; a store that rejects the header
+    as not implemented gets a plain DELETE right after the compare, logged; one that ignores it
+    silently gets that too). Local: see :func:`_local_swap`."""
+    return _swap(uri, tag, None, endpoint_url, region)
+
+
+def _swap(uri: str, tag: str, data: bytes | None, endpoint_url: str | None, region: str | None) -> bool:
+    fs, path = resolve(uri, endpoint_url, region)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            return _local_swap(path, tag, data)
+        except OSError as e:
+            raise _wrap(uri, e) from None
+    from botocore.exceptions import ClientError
+    client, (bucket, _, key) = _boto3(endpoint_url, region), uri[len("s3://"):].partition("/")
+    try:
+        if data is None:
+            try:
+                client.delete_object(Bucket=bucket, Key=key, IfMatch=tag)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "NotImplemented":
+                    raise
+                log.warning("%s: the store does not support conditional deletes; deleted after comparing", uri)
+                client.delete_object(Bucket=bucket, Key=key)
+        else:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+        return True
+    except ClientError as e:
+        if _s3_condition_failed(e) or e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return False
+        raise StorageError(f"{uri}: conditional {'delete' if data is None else 'write'} failed "
+                           f"({e.response.get('Error', {}).get('Code') or e})") from None
+
+
+def _local_swap(path: str, tag: str, data: bytes | None) -> bool:
+    """Local compare-and-swap: the swapper first creates a claim named after the expected content's
+    tag with ``O_EXCL``, so of all swappers of one content exactly one proceeds; under the claim it
+    compares the file with the tag and replaces it atomically (``os.replace``: the path never goes
+    missing, so no create-if-absent slips in) or deletes it. A claim left by a swapper killed in between
+    blocks further swaps of that content (False) until it is deleted."""
+    claim = os.path.join(os.path.dirname(path), f".{os.path.basename(path).lstrip('.')}.cas-{tag[:16]}")
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except (FileExistsError, FileNotFoundError):  # another swapper holds the claim; or no folder, no file
+        return False
+    try:
+        try:
+            with open(path, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != tag:
+                    return False
+        except FileNotFoundError:
+            return False
+        if data is None:
+            os.remove(path)
+        else:
+            write_bytes(path, data)
+        return True
+    finally:
+        os.remove(claim)
 
 
 @lru_cache(maxsize=16)

@@ -20,8 +20,8 @@ from .. import __version__
 from ..artifacts import storage
 from ..artifacts.features import copy_reused, read_shard
 from ..artifacts.inputs import holdout, list_images, resolve_train_root
-from ..artifacts.model import (MANIFEST, ModelWriter, acquire_fit_lease, clean_uncommitted, config_yaml, npy_bytes,
-                               release_fit_lease, remove_orphan_shards, reusable_features)
+from ..artifacts.lease import acquire_fit_lease, clean_uncommitted, release_fit_lease
+from ..artifacts.model import MANIFEST, ModelWriter, config_yaml, npy_bytes, remove_orphan_shards, reusable_features
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..config import Config
 from ..core import calibration
