@@ -219,12 +219,14 @@ class RuntimeConfig(_Section):
         "logical CPUs of a local Ray instance; null: the cores + 1"))
     executor: Literal["auto", "ray", "local"] = Field("auto", description=(
         "where the stages run: ray (Ray Data tasks and actor pools), local (the same stage functions in this "
-        "process, batches on threads with one actor's thread settings, no Ray), auto (local for a job of at most runtime.local_max_images images when no "
-        "cluster is given: no RAY_ADDRESS, not already connected to Ray, no fault injection; else ray). The same "
-        "model (bank, digests), score rows and heatmaps either way, bit for bit (tested)"))
-    local_max_images: Int = Field(256, ge=0, le=10_000_000, description=(
-        "executor=auto: the largest job (images to read) run in process; Ray's start-up (seconds for the "
-        "instance, more per actor) dominates smaller local jobs"))
+        "process, batches on threads with one actor's thread settings, no Ray), auto (ray when a cluster is "
+        "there: RAY_ADDRESS set or this process already connected to Ray; also with more than one GPU, fault "
+        "injection, or a job over runtime.local_max_images; else local). The same model (bank, digests), "
+        "score rows and heatmaps either way, bit for bit (tested)"))
+    local_max_images: Optional[Int] = Field(None, ge=0, le=10_000_000, description=(
+        "executor=auto: the largest job (images to read) run in process on a machine without a cluster; "
+        "null: any size (on one machine the in-process executor was as fast or faster at every size "
+        "measured, docs/operations.md)"))
 
     @model_validator(mode="after")
     def _actor_fits(self):

@@ -67,11 +67,17 @@ def use_ray(config: Config, images: int) -> bool:
     """Whether a job over ``images`` images runs its stages on Ray (else in this process, the same stage
     functions over the same batches, without starting Ray).
 
-    runtime.executor decides; ``auto`` runs in process a job of at most runtime.local_max_images images
-    when no cluster is given (no RAY_ADDRESS), this process is not already connected to Ray (a running
-    instance costs nothing to reuse) and no fault injection is asked for (an injected fault exits the
-    worker process: in process, that would be the job's own process). A small job spends most of its
-    time on Ray's start-up otherwise (a few seconds for the instance, more for each actor's start).
+    runtime.executor decides; ``auto`` chooses by what each costs. Ray when a cluster is there
+    (RAY_ADDRESS, or this process already connected to Ray: a running instance costs nothing to
+    reuse), when the machine has more than one GPU (one process drives one), when fault injection is
+    asked for (an injected fault exits the worker process: in process, that would be the job's own),
+    or when the job is over runtime.local_max_images (if set). Otherwise in process: on one machine
+    Ray adds its start-up (about 13 s on 2 cores) and moves every batch through its object store,
+    and the in-process executor was as fast or faster at every job size measured (the curve in
+    docs/operations.md), so no job size makes the default slower than the better of the two. What
+    the default trades: in process, a crash of the process (a codec's segfault, an out-of-memory
+    kill) ends the job, where Ray restarts the worker and retries the batch; committed rows are kept
+    and the next run scores the rest.
     """
     from .faults import FAULT_ENV
     rt = config.runtime
@@ -80,8 +86,17 @@ def use_ray(config: Config, images: int) -> bool:
             raise JobError(f"{FAULT_ENV} (fault injection) needs runtime.executor=ray or auto: an injected fault "
                            "exits the worker process, which would be this job's own process")
         return rt.executor == "ray"
-    return bool(os.environ.get("RAY_ADDRESS") or ray_running() or os.environ.get(FAULT_ENV)
-                or images > rt.local_max_images)
+    over = rt.local_max_images is not None and images > rt.local_max_images
+    return bool(os.environ.get("RAY_ADDRESS") or ray_running() or os.environ.get(FAULT_ENV) or over
+                or _gpus(rt.device) > 1)
+
+
+def _gpus(device: str) -> int:
+    """CUDA devices this job could use (0 with runtime.device=cpu)."""
+    if device == "cpu":
+        return 0
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def node_id() -> str:

@@ -20,12 +20,17 @@ from helpers import SMALL
 LOCAL, RAY = SMALL + ["runtime.executor=local"], SMALL + ["runtime.executor=ray"]
 
 
-def test_auto_runs_small_jobs_in_process_only_without_a_cluster(monkeypatch):
+def test_auto_runs_in_process_only_without_a_cluster(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(FAULT_ENV, raising=False)
     monkeypatch.setattr("patchcore_dist.pipeline.cluster.ray_running", lambda: False)
+    assert not use_ray(load_config(None, []), 10 ** 7)  # the default: no size makes Ray the choice (no cliff)
     auto = load_config(None, ["runtime.local_max_images=10"])
     assert not use_ray(auto, 10) and use_ray(auto, 11)
+    monkeypatch.setattr("patchcore_dist.pipeline.cluster._gpus", lambda device: 2)  # one process drives one GPU
+    assert use_ray(load_config(None, []), 1)
+    monkeypatch.setattr("patchcore_dist.pipeline.cluster._gpus", lambda device: 1)
+    assert not use_ray(load_config(None, []), 1)
     assert use_ray(load_config(None, ["runtime.executor=ray"]), 1)
     assert not use_ray(load_config(None, ["runtime.executor=local"]), 10 ** 6)
     monkeypatch.setattr("patchcore_dist.pipeline.cluster.ray_running", lambda: True)  # reuse a running instance
