@@ -18,6 +18,7 @@ import functools
 import logging
 import operator
 import os
+import posixpath
 import re
 import uuid
 
@@ -94,17 +95,28 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def open_tables(output: str, opts: dict) -> int:
     """Make sure the score table exists with every column of SCORE_SCHEMA (columns added since a table
     was written are added to it); an output written by an earlier version (Parquet parts under
-    scores/<model>/) is converted first, with every row it holds. Returns the number of parts
-    converted (0 when there were none)."""
+    scores/<model>/) is converted first, with every row it holds. A folder where a table belongs that
+    holds files but is not a Delta table (a user's folder) is refused, never adopted as the table.
+    Returns the number of parts converted (0 when there were none)."""
     uri = scores_uri(output)
     if delta.load(uri, opts) is not None:
         delta.add_missing_columns(uri, opts, _stored(SCORE_SCHEMA))
         return 0
     parts = legacy_scores.find_parts(uri, opts)
+    for folder in (grids_uri(output),) if parts else (uri, grids_uri(output)):
+        _refuse_foreign(folder, opts)
     if parts:
         _convert(output, parts, opts)
     delta.create(uri, opts, _stored(SCORE_SCHEMA), ["model"])
     return sum(len(uris) for uris in parts.values())
+
+
+def _refuse_foreign(uri: str, opts: dict) -> None:
+    """A StorageError when ``uri`` holds files but no Delta table (no log); nothing there, or a table, is fine."""
+    if storage.holds_anything(uri, **opts) and delta.load(uri, opts) is None:
+        raise StorageError(f"{uri} holds files but is not a Delta table (it has no _delta_log/): it is not this output's "
+                           f"{posixpath.basename(uri.rstrip('/'))} table, and patchcore does not write its table "
+                           "among other files. Move those files elsewhere, or choose another --output")
 
 
 def _convert(output: str, parts: dict, opts: dict) -> None:
@@ -207,7 +219,9 @@ def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np
         return unchanged, pa.nulls(n, pa.string())
     uri = listing.column("uri")  # as it is: combining chunks would copy it
     if n > 1 and not pc.all(pc.less(uri[:-1], uri[1:])).as_py():
-        raise ValueError("internal error: the listing must be sorted by uri, without duplicates")
+        if not pc.all(pc.less_equal(uri[:-1], uri[1:])).as_py():
+            raise ValueError("internal error: the listing must be sorted by uri")
+        return _with_duplicates(output, model, listing, opts)
     file_schema = pa.schema([f for f in _stored(SCORE_SCHEMA) if f.name != "model"])
     ds = delta.dataset(dt, scores_uri(output), opts, file_schema, where=[("model", "=", model)])
     known_idx, known_digest = [np.zeros(0, np.int64)], [pa.array([], pa.string())]
@@ -224,6 +238,19 @@ def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np
     where = np.full(n, -1, np.int64)
     where[np.concatenate(known_idx)] = np.arange(sum(len(i) for i in known_idx))
     return unchanged, pa.concat_arrays(known_digest).take(pa.array(where, mask=where < 0))
+
+
+def _with_duplicates(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np.ndarray, pa.Array]:
+    """:func:`previous` for a listing that holds a URI more than once (no listing of ours does): the
+    plan of its distinct URIs, each copy given its first copy's answer (its rows commit as one row)."""
+    uri = listing.column("uri")
+    start = np.r_[True, pc.not_equal(uri[1:], uri[:-1]).to_numpy(zero_copy_only=False)]
+    first = np.flatnonzero(start)
+    log.warning("the listing holds %d URI(s) more than once; each is planned (and committed) once",
+                listing.num_rows - len(first))
+    unchanged, known = previous(output, model, listing.take(first), opts)
+    copy_of = np.cumsum(start) - 1  # the position of each row's first copy among the distinct URIs
+    return unchanged[copy_of], known.take(pa.array(copy_of))
 
 
 def _match(uri: pa.ChunkedArray, listing: pa.Table, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -330,7 +357,12 @@ def maintain(output: str, opts: dict, vacuum_hours: float | None = None, repair:
     """Table maintenance (``patchcore maintain``): convert an earlier version's Parquet parts,
     optionally drop references to missing data files (``repair``), drop patch-score grids that no
     live row uses and that are older than the retention, compact every partition, write a log
-    checkpoint, and with ``vacuum_hours`` delete files that no version newer than that needs."""
+    checkpoint, and with ``vacuum_hours`` (a positive number of hours, rounded up to whole hours)
+    delete the tables' own data files that no version newer than that needs. An output without a
+    score table is refused: maintenance never creates one."""
+    if vacuum_hours is not None:
+        delta.retention(vacuum_hours)
+    _require_table(output, opts)
     converted = open_tables(output, opts)
     done = {}
     for uri in (scores_uri(output), grids_uri(output)):
@@ -352,12 +384,23 @@ def maintain(output: str, opts: dict, vacuum_hours: float | None = None, repair:
         dt.create_checkpoint()
         dt.cleanup_metadata()
         if vacuum_hours is not None:
-            step["vacuumed"] = delta.vacuum(dt, vacuum_hours)
+            step["vacuumed"] = delta.vacuum(dt, uri, opts, vacuum_hours)
         done[uri] = step
     # the command prints it as sentences (cli.printing.maintain_lines); the raw counts at DEBUG
     log.debug("maintenance of %s: %s", output, {u: {k: (len(v) if isinstance(v, list) else v) for k, v in s.items()}
                                                 for u, s in done.items()})
     return done
+
+
+def _require_table(output: str, opts: dict) -> None:
+    """A StorageError unless ``output`` holds a score table or an earlier version's score parts."""
+    uri = scores_uri(output)
+    if delta.load(uri, opts) is not None or legacy_scores.find_parts(uri, opts):
+        return
+    for folder in (uri, grids_uri(output)):
+        _refuse_foreign(folder, opts)
+    raise StorageError(f"no score table under {output} (no {uri}/_delta_log): nothing to maintain. Check --output: "
+                       "it is the --output of a score or evaluate run")
 
 
 def _drop_unused_grids(output: str, opts: dict, older_than_hours: float) -> int:

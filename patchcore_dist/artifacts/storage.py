@@ -295,6 +295,27 @@ def is_dir(uri: str, endpoint_url: str | None = None, region: str | None = None)
         raise _wrap(uri, e) from None
 
 
+def holds_anything(uri: str, endpoint_url: str | None = None, region: str | None = None) -> bool:
+    """Whether anything is at ``uri``: a file, or a folder (prefix) with at least one entry in it. One
+    listing request of at most one key on S3, one folder read locally."""
+    _, path = resolve(uri, endpoint_url, region)
+    try:
+        if not is_s3(uri):
+            if os.path.islink(path) or not os.path.isdir(path):
+                return os.path.lexists(path)
+            with os.scandir(path) as it:
+                return any(True for _ in it)
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        key = key.rstrip("/")
+        for prefix in (key + "/", key) if key else ("",):
+            found = _boto3_s3(endpoint_url, region).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            if found.get("KeyCount", 0) and (prefix != key or found["Contents"][0]["Key"] == key):
+                return True
+        return False
+    except Exception as e:
+        raise _wrap(uri, e) from None
+
+
 def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
                region: str | None = None) -> list[tuple[str, str]]:
     """All files under ``uri`` (recursive), sorted, as (full URI, path relative to ``uri``)."""
@@ -371,15 +392,44 @@ def _mtime(st: os.stat_result) -> float:
     return _dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, _dt.timezone.utc).timestamp()
 
 
+NOT_UTF8 = "file name is not valid UTF-8 (shown with \\x escapes, a backslash doubled)"
+
+
 def _text_name(rel: str) -> tuple[str, str | None]:
     """A relative path as text: itself, or (for bytes that are not UTF-8) with those bytes escaped as
-    ``\\xNN``, and the error of a file that cannot be stored or read by its name."""
+    ``\\xNN`` and each backslash doubled (so two such names never show alike), and the error of a
+    file that cannot be stored or read by its name."""
     try:
         rel.encode("utf-8")
         return rel, None
     except UnicodeEncodeError:
-        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        return shown, "file name is not valid UTF-8 (shown with \\x escapes): rename the file to score it"
+        raw = rel.encode("utf-8", "surrogateescape").replace(b"\\", b"\\\\")
+        return raw.decode("utf-8", "backslashreplace"), f"{NOT_UTF8}: rename the file to score it"
+
+
+def _distinct(entries: list[dict]) -> list[dict]:
+    """The entries with an escaped name that another listed file has as its own name (``bad\\xff.png``
+    beside ``bad<0xff>.png``) renamed with a hash of their bytes: every entry has its own URI. A file
+    with a valid name always keeps its own (the job reads it by that name)."""
+    taken = {e["rel"] for e in entries}
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["rel"]] = counts.get(e["rel"], 0) + 1
+    for e in entries:
+        raw = e.pop("raw", None)
+        if raw is None or counts[e["rel"]] == 1:
+            continue
+        counts[e["rel"]] -= 1
+        stem, ext = posixpath.splitext(e["rel"])
+        rel, n = f"{stem}~{_name_hash(raw)}{ext}", 1
+        while rel in taken:
+            n += 1
+            rel = f"{stem}~{_name_hash(raw)}-{n}{ext}"
+        taken.add(rel)
+        e["rel"] = rel
+        e["error"] = (f"{NOT_UTF8}, and a hash of its bytes added, as another file has the escaped name: rename the "
+                      "file to score it")
+    return entries
 
 
 def _local_files(root: str, extensions: tuple[str, ...] | None) -> list[dict]:
@@ -402,7 +452,7 @@ def _local_files(root: str, extensions: tuple[str, ...] | None) -> list[dict]:
         else:
             log.warning("skipped %r: not a regular file (%s)", rel, _kind(entry))
     linked = (_link_entry(rel, path, real_root, seen, extensions) for rel, path in links)
-    return regular + [e for e in linked if e]
+    return _distinct(regular + [e for e in linked if e])
 
 
 def _walk(root: str):
@@ -427,9 +477,13 @@ def _walk(root: str):
 
 
 def _local_entry(rel: str, st: os.stat_result, error: str | None = None) -> dict:
+    """A listed file; ``raw`` (the name as it is, for :func:`_distinct`) when its name had to be escaped."""
     shown, name_error = _text_name(rel)
-    return {"rel": shown, "size": st.st_size, "mtime": _mtime(st), "ctime": st.st_ctime, "etag": None,
-            "error": name_error or error}
+    entry = {"rel": shown, "size": st.st_size, "mtime": _mtime(st), "ctime": st.st_ctime, "etag": None,
+             "error": name_error or error}
+    if name_error:
+        entry["raw"] = rel
+    return entry
 
 
 def _link_entry(rel: str, path: str, real_root: str, seen: set, extensions: tuple[str, ...] | None) -> dict | None:

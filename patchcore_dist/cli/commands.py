@@ -53,11 +53,26 @@ def evaluate(a: argparse.Namespace) -> None:
 
 def add_maintain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="a score / evaluate output (holding scores/ and patch_scores/)")
-    p.add_argument("--vacuum-hours", type=float, default=None, metavar="H",
-                   help="also delete files no version of the last H hours needs (time travel before that ends), "
-                        "and files no version references (leftovers of crashed runs, foreign files) older than H hours")
+    p.add_argument("--vacuum-hours", type=_hours, default=None, metavar="H",
+                   help="also delete the tables' data files that no version of the last H hours needs (time travel "
+                        "before that ends) and their leftover data files (of crashed runs) older than H hours; H: a "
+                        "positive number of hours, a fraction rounded up to whole hours. No other file in the tables' "
+                        "folders is ever deleted")
     p.add_argument("--repair", action="store_true",
                    help="drop data files that are missing (deleted after a corruption) from the tables")
+
+
+def _hours(text: str) -> float:
+    """--vacuum-hours: a positive, finite number of hours (argparse turns the refusal into one error line)."""
+    import math
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = math.nan
+    if not math.isfinite(hours) or hours <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of hours (e.g. 168 for 7 days; "
+                                         "a fraction is rounded up to whole hours)")
+    return hours
 
 
 def maintain(a: argparse.Namespace) -> None:
@@ -130,10 +145,10 @@ def add_runs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def runs(a: argparse.Namespace) -> None:
-    from ..artifacts.runs import read_runs
+    from ..artifacts.runs import printable, read_runs
     from ..config import load_config
     records = read_runs(a.output, load_config(a.config, a.overrides).storage.options())[-a.last:]
-    print(format_runs(records) if records else f"no runs recorded under {a.output}")
+    print(format_runs(printable(records)) if records else f"no runs recorded under {printable(a.output)}")
 
 
 # (header, right-aligned): numbers right-aligned; each column as wide as its header and widest cell

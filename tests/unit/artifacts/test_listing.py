@@ -128,3 +128,77 @@ def test_names_are_logged_escaped(tmp_path, caplog):
         _rels(root)
     assert "'x\\n12:00:00 INFO forged line.png'" in caplog.text and "'up\\rforged'" in caplog.text
     assert "\n12:00:00 INFO forged" not in caplog.text and "\rforged" not in caplog.text
+
+
+def test_a_literal_escape_beside_the_name_it_spells_are_two_entries(tmp_path):
+    """``bad\\xff.png`` (a valid name with a backslash) and ``bad<0xff>.png`` (not UTF-8) once had one
+    URI: the plan failed on every run. The escape is injective (a backslash of a name that is not
+    UTF-8 is doubled) and an escaped name that another file has gets a hash of its bytes."""
+    root = tmp_path / "root"
+    root.mkdir()
+    raw = os.fsencode(root)
+    for name in (b"bad\\xff.png", b"bad\xff.png", b"bad\\\xff.png", b"bad\\xff\xff.png", b"bad\xff\xff.png"):
+        open(raw + b"/" + name, "wb").write(name)
+    entries = storage.list_entries(str(root), (".png",))
+    uris = [e["uri"] for e in entries]
+    assert len(entries) == 5 and len(set(uris)) == 5 and uris == sorted(uris)
+    rels = {e["rel"]: e for e in entries}
+    assert rels["bad\\xff.png"]["error"] is None  # the valid name: its own path, read as usual
+    assert open(rels["bad\\xff.png"]["uri"], "rb").read() == b"bad\\xff.png"
+    odd = [e for e in entries if e["error"]]
+    assert len(odd) == 4 and all(e["error"].startswith("file name is not valid UTF-8") for e in odd)
+    assert {"bad\\\\\\xff.png", "bad\\\\xff\\xff.png", "bad\\xff\\xff.png"} <= set(rels)  # '\\' doubled
+    [hashed] = [r for r in rels if r.startswith("bad\\xff~")]  # <0xff> spells the valid name: hashed
+    assert hashed.endswith(".png") and "another file" in rels[hashed]["error"]
+    assert storage.list_entries(str(root), (".png",)) == entries  # the same entries on every listing
+
+
+def test_the_plan_and_the_table_keep_one_row_per_file_of_such_a_folder(tmp_path):
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from patchcore_dist.artifacts import scores
+    root = tmp_path / "root"
+    root.mkdir()
+    open(os.fsencode(root) + b"/bad\\xff.png", "wb").write(b"a")
+    open(os.fsencode(root) + b"/bad\xff.png", "wb").write(b"b")
+    entries = list_images(str(root), {}, "images")
+    listing = pa.Table.from_pylist([{k: e[k] for k in ("uri", "size", "mtime", "ctime", "etag")} for e in entries])
+    out = str(tmp_path / "out")
+    scores.open_tables(out, {})
+    unchanged, known = scores.previous(out, "m1", listing, {})  # the first run
+    assert unchanged.tolist() == [False, False]
+    n = len(entries)
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    scores.commit(out, "m1", pa.table({
+        "image": [e["uri"] for e in entries], "model": ["m1"] * n, "error": [e["error"] for e in entries],
+        "size": [e["size"] for e in entries], "mtime": [e["mtime"] for e in entries],
+        "ctime": [e["ctime"] for e in entries], "digest": ["d"] * n, "run": ["r"] * n,
+        "scored_at": pa.array([at] * n, pa.timestamp("s", tz="UTC")), "unchanged": [False] * n}), {})
+    assert sorted(scores.read_scores(out).column("image").to_pylist()) == sorted(listing.column("uri").to_pylist())
+    # the second run: the valid name's row is found; the other one's error row is retried, as any error
+    assert scores.previous(out, "m1", listing, {})[0].tolist() == [True, False]
+
+
+def test_the_plan_survives_a_listing_with_one_uri_twice(tmp_path):
+    """Whatever the listing: a duplicate URI gets the answer of its first copy, no ValueError."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from patchcore_dist.artifacts import scores
+    out = str(tmp_path / "out")
+    scores.open_tables(out, {})
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    scores.commit(out, "m1", pa.table({"image": ["/a", "/b"], "model": ["m1"] * 2, "size": [1, 1],
+                                       "mtime": [1.0, 1.0], "digest": ["da", "db"], "run": ["r", "r"],
+                                       "scored_at": pa.array([at] * 2, pa.timestamp("s", tz="UTC")),
+                                       "unchanged": [False] * 2}), {})
+    listing = pa.table({"uri": ["/a", "/a", "/b", "/b", "/c"], "size": [1, 1, 2, 2, 1], "mtime": [1.0] * 5,
+                        "ctime": pa.nulls(5, pa.float64()), "etag": pa.nulls(5, pa.string())})
+    unchanged, known = scores.previous(out, "m1", listing, {})
+    assert unchanged.tolist() == [True, True, False, False, False]
+    assert known.to_pylist() == [None, None, "db", "db", None]
+    with pytest.raises(ValueError, match="sorted"):
+        scores.previous(out, "m1", listing.take([4, 0]), {})

@@ -6,6 +6,8 @@ import glob
 import logging
 import os
 import shutil
+import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -136,7 +138,7 @@ def test_a_commit_that_is_always_overtaken_fails_with_a_clear_message(tmp_path, 
         scores.commit(out, MODEL, _rows(["/shared"], 1.0), {})
 
 
-def test_foreign_and_leftover_files_change_nothing_and_vacuum_removes_them(tmp_path):
+def test_foreign_and_leftover_files_change_nothing_and_vacuum_removes_only_the_leftover(tmp_path):
     out = str(tmp_path / "out")
     scores.open_tables(out, {})
     scores.commit(out, MODEL, _rows(["/a", "/b"], 1.0), {})
@@ -144,18 +146,21 @@ def test_foreign_and_leftover_files_change_nothing_and_vacuum_removes_them(tmp_p
                         "etag": pa.nulls(2, pa.string())})
     before, plan_before = scores.read_scores(out), scores.previous(out, MODEL, listing, {})
     part = glob.glob(os.path.join(out, "scores", f"model={MODEL}", "*.parquet"))[0]
-    leftover = os.path.join(os.path.dirname(part), "part-00000-crashed-run-c000.snappy.parquet")
+    leftover = os.path.join(os.path.dirname(part), f"part-00000-{uuid.uuid4()}-c000.snappy.parquet")
     shutil.copy(part, leftover)  # a crashed writer's data file: same rows, never committed
-    foreign = [leftover, os.path.join(out, "scores", f"model={MODEL}", "notes.parquet"),
-               os.path.join(out, "scores", "README.txt")]
-    for f in foreign[1:]:
+    foreign = [os.path.join(out, "scores", f"model={MODEL}", "notes.parquet"), os.path.join(out, "scores", "README.txt")]
+    for f in foreign:
         with open(f, "wb") as fh:
             fh.write(b"not a parquet file")
     assert scores.read_scores(out).equals(before)
     plan = scores.previous(out, MODEL, listing, {})
     assert np.array_equal(plan[0], plan_before[0]) and plan[0].all()
-    scores.maintain(out, {}, vacuum_hours=0)
-    assert not any(os.path.exists(f) for f in foreign) and scores.read_scores(out).equals(before)
+    old = time.time() - 2 * 3600
+    for f in [leftover] + foreign:
+        os.utime(f, (old, old))
+    scores.maintain(out, {}, vacuum_hours=1)
+    assert not os.path.exists(leftover) and all(os.path.exists(f) for f in foreign)  # a user's files stay
+    assert scores.read_scores(out).equals(before)
 
 
 def test_a_corrupt_data_file_is_named_with_the_recovery(tmp_path):
