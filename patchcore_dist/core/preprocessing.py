@@ -147,13 +147,31 @@ def geometry(height: int, width: int, resize: int, crop: int) -> Geometry:
     return Geometry(height, width, rh, rw, top, left, crop)
 
 
+def _source_span(lo: float, hi: float, scale: float, n: int) -> tuple[int, int]:
+    """The source pixels [a, b) that a resampling of the source span [lo, hi) reads, at ``scale``
+    source pixels per output pixel: the span plus the bilinear filter's support (one output pixel,
+    ``max(scale, 1)`` source pixels) and a pixel for rounding, within [0, n)."""
+    margin = int(np.ceil(max(scale, 1.0))) + 2
+    return max(0, int(np.floor(lo)) - margin), min(n, int(np.ceil(hi)) + margin)
+
+
 def resize_crop(rgb: np.ndarray, resize: int, crop: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """HxWx3 uint8 -> crop x crop x 3 uint8 (bilinear resize with antialiasing, then centre crop).
-    ``size``: the original (height, width) when ``rgb`` was decoded at a reduced scale; the geometry is
-    the original's, so the crop covers the same region."""
+    """HxWx3 uint8 -> crop x crop x 3 uint8: the centre crop of the image bilinearly resized (with
+    antialiasing) to shorter side ``resize``. ``size``: the original (height, width) when ``rgb`` was
+    decoded at a reduced scale; the geometry is the original's, so the crop covers the same region.
+
+    Only the crop is resampled: the crop's window mapped back to ``rgb`` (plus the filter's support)
+    is resized, not the whole image, so memory is the crop's whatever the image's shape (a 16-pixel
+    high strip is not enlarged 16 times over its whole length). The pixels equal those of resizing
+    the whole image then cropping (the same filter taps; within a grey level of rounding).
+    """
     g = geometry(*(size or rgb.shape[:2]), resize, crop)
-    img = Image.fromarray(rgb).resize((g.resized_w, g.resized_h), Image.BILINEAR)
-    return np.asarray(img)[g.top:g.top + crop, g.left:g.left + crop]
+    h, w = rgb.shape[:2]
+    sy, sx = h / g.resized_h, w / g.resized_w  # source pixels per resized pixel
+    y0, y1, x0, x1 = g.top * sy, (g.top + crop) * sy, g.left * sx, (g.left + crop) * sx
+    (a, b), (l, r) = _source_span(y0, y1, sy, h), _source_span(x0, x1, sx, w)
+    part = Image.fromarray(np.ascontiguousarray(rgb[a:b, l:r]))
+    return np.asarray(part.resize((crop, crop), Image.BILINEAR, box=(x0 - l, y0 - a, x1 - l, y1 - a)))
 
 
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

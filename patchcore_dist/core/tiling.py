@@ -14,6 +14,10 @@ backbone pads with zeros) and scores higher than the same patch seen in the midd
 tile; the mean damps those border artefacts, while a real defect is high in every tile that sees it.
 The maximum would keep the artefacts.
 
+An image whose tiles would hold more than :data:`MAX_TILE_PIXELS_FACTOR` x image.max_pixels pixels
+(a strip a few pixels high, a high overlap, a working size far above the original's) is refused:
+:func:`tiling_layout` raises ImageError, and the image's row is an error.
+
 Pure numpy / torch: the stages cut and stitch, the algorithm is unchanged.
 """
 from __future__ import annotations
@@ -211,7 +215,33 @@ def anomaly_map_of(scores: torch.Tensor | np.ndarray, grid: tuple[int, int], hei
     return anomaly_map_original(scores, grid, g, config.scoring.sigma, size)
 
 
+# The most pixels an image's tiles may hold in all (tiles x image.crop^2), as a multiple of
+# image.max_pixels (or of one tile, if that is larger): the tiles of one image are one decode task's
+# output, so this bounds its memory (3 bytes a pixel) whatever the image's shape, tiling.overlap or
+# tiling.working_size. An image of image.max_pixels fits at overlap up to 0.5 (tiles hold
+# 1 / (1 - overlap)^2 times the working image's pixels); a strip a few pixels high (padded to a
+# tile's height, each tile mostly padding), overlap 0.9 (~200 tile pixels per pixel) or a working
+# size far above the original's are refused above the limit: that image's row is an error.
+MAX_TILE_PIXELS_FACTOR = 4
+
+
+def check_tile_budget(layout: TileLayout, max_pixels: int) -> TileLayout:
+    """``layout``, or ImageError if its tiles hold more than :data:`MAX_TILE_PIXELS_FACTOR` x
+    ``max_pixels`` pixels (one tile always passes)."""
+    budget = MAX_TILE_PIXELS_FACTOR * max(max_pixels, layout.tile * layout.tile)
+    held = len(layout) * layout.tile * layout.tile
+    if held > budget:
+        raise ImageError(
+            f"image of {layout.height}x{layout.width} would be {len(layout)} tiles of {layout.tile}x{layout.tile} "
+            f"({held} pixels, working image {layout.work_h}x{layout.work_w}), over the limit of "
+            f"{MAX_TILE_PIXELS_FACTOR} x image.max_pixels={max_pixels} tile pixels; lower tiling.overlap or "
+            f"tiling.working_size, or score it untiled")
+    return layout
+
+
 def tiling_layout(height: int, width: int, config):
-    """The tile layout of an original image of ``height`` x ``width`` under ``config`` (image.crop, tiling)."""
+    """The tile layout of an original image of ``height`` x ``width`` under ``config`` (image.crop, tiling);
+    ImageError for an image whose tiles are over the limit (:func:`check_tile_budget`)."""
     t = config.tiling
-    return tile_layout(height, width, config.image.crop, t.overlap, t.working_size)
+    layout = tile_layout(height, width, config.image.crop, t.overlap, t.working_size)
+    return check_tile_budget(layout, config.image.max_pixels)

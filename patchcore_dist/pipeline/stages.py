@@ -65,8 +65,39 @@ def _decoded(batch: dict, config: dict, known_digests: set | None, faults: tuple
         yield i, got, err, (time.perf_counter() - t0) * 1e3, cfg
 
 
+# What a batch decoded for a renderer in the same process (:class:`DecodeScoreRender`) may hold for
+# its overlays until it renders them, in bytes: decoded pixels (3 bytes each) or files' bytes; 64 MP.
+KEEP_BUDGET = 64_000_000 * 3
+JPEG_MAX_SIDE = 65535  # the overlay's format: a longer side cannot be encoded
+
+
+class _Keeper:
+    """What :func:`decode_batch` keeps of each decoded image for the overlay, within ``budget`` bytes
+    in all (None: no limit): its pixels (``pixels``: decoded at the original size), else its file's
+    bytes (``data``), else nothing (the renderer reads the file again)."""
+
+    def __init__(self, n: int, keep_bytes: bool, keep_pixels: bool, budget: int | None):
+        self.data, self.pixels = np.array([b""] * n, object), np.array([None] * n, object)
+        self.keep_bytes, self.keep_pixels, self.left = keep_bytes, keep_pixels, budget
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.left is None:
+            return True
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+    def add(self, i: int, got: dict) -> None:
+        rgb, (h, w) = got["rgb"], got["size"]
+        if self.keep_pixels and rgb.shape[:2] == (h, w) and self._fits(rgb.nbytes):
+            self.pixels[i] = rgb  # the file's bytes are not needed then
+        elif self.keep_bytes and self._fits(len(got["data"])):
+            self.data[i] = got["data"]
+
+
 def decode_batch(batch: dict, config: dict, known_digests: set | None = None, keep_bytes: bool = False,
-                 faults: tuple = (), keep_pixels: bool = False) -> dict:
+                 faults: tuple = (), keep_pixels: bool = False, keep_budget: int | None = None) -> dict:
     """Decode task: uri -> digest, original size, the model's uint8 crop; or an error.
 
     Already processed images are not decoded again (``unchanged``): score's rows carry
@@ -76,36 +107,38 @@ def decode_batch(batch: dict, config: dict, known_digests: set | None = None, ke
     storage is read once per image; :func:`render_batch` drops them again. ``keep_pixels`` (when the
     renderer runs in the same process): also pass on the decoded image (column ``pixels``) where it
     was decoded at its original size, so the overlay does not decode it again (None elsewhere: a large
-    JPEG decoded at a reduced scale). ``faults``: the fault tests' injected faults (:mod:`.faults`).
+    JPEG decoded at a reduced scale); its bytes are not passed on then. ``keep_budget``: the most
+    bytes of pixels and files' bytes the batch keeps in all (:class:`_Keeper`, in row order; an image
+    over it keeps neither, and the renderer reads its file again); None: no limit. ``faults``: the
+    fault tests' injected faults (:mod:`.faults`).
     """
     c, resize = config["image"]["crop"], config["image"]["resize"]
     n = len(batch["uri"])
     crops = np.zeros((n, c, c, 3), np.uint8)
-    cols = {k: [] for k in ("digest", "height", "width", "error", "decode_ms", "data")}
+    cols = {k: [] for k in ("digest", "height", "width", "error", "decode_ms")}
     unchanged = np.zeros(n, bool)
-    pixels = np.array([None] * n, object)
+    keeper = _Keeper(n, keep_bytes, keep_pixels, keep_budget)
     # a large JPEG decodes at a reduced scale, still twice the model's resolution
     for i, got, err, ms, _ in _decoded(batch, config, known_digests, faults, {"shorter_side": 2 * resize}):
         h, w = got["size"] if got else (0, 0)
-        if keep_pixels and got and not err and not got["unchanged"] and got["rgb"].shape[:2] == (h, w):
-            pixels[i] = got["rgb"]
         if got and not err and not got["unchanged"]:
             try:
                 crops[i] = resize_crop(got["rgb"], resize, c, size=(h, w))
             except Exception as e:
                 err = _err(e)
+        if got and not err and not got["unchanged"]:
+            keeper.add(i, got)
         unchanged[i] = bool(got and got["unchanged"])
-        for k, v in zip(cols, (got["digest"] if got else "", h, w, err, ms,
-                               got["data"] if keep_bytes and got and h and not err else b"")):
+        for k, v in zip(cols, (got["digest"] if got else "", h, w, err, ms)):
             cols[k].append(v)
     out = dict(batch)
     out.update(digest=np.array(cols["digest"], object), height=np.array(cols["height"], np.int32),
                width=np.array(cols["width"], np.int32), error=np.array(cols["error"], object), crop=crops,
                decode_ms=np.array(cols["decode_ms"], np.float32), unchanged=unchanged)
     if keep_bytes:
-        out["data"] = np.array(cols["data"], object)
+        out["data"] = keeper.data
     if keep_pixels:
-        out["pixels"] = pixels
+        out["pixels"] = keeper.pixels
     return out
 
 
@@ -268,16 +301,22 @@ class DecodeScoreRender(Score):
     anyway; as separate Ray stages the decoded images (with the originals' bytes, for overlays) and
     the score grids cross the object store, and Ray Data schedules decode and render tasks between
     the actors' batches. Measured on 2 cores (benchmarks/score_job.py, 480 mixed images, heatmaps
-    and overlays): 7.7 -> 19.5-21.5 images/s."""
+    and overlays): 7.7 -> 19.5-21.5 images/s.
+
+    Memory: between decoding and rendering a batch the actor keeps, for the overlays, at most
+    ``keep_budget`` bytes (default :data:`KEEP_BUDGET`, 64 MP of pixels) of the originals: each
+    image's decoded pixels while they fit, else its file's bytes while they fit, else nothing (the
+    renderer reads and decodes that file again); never both for one image. So a batch of 100 MP
+    originals holds one image at a time, not the batch's pixels and bytes (2.5-4 GB at 8 images)."""
 
     def __init__(self, model_uri: str, config: dict, faults: tuple = (), keep_bytes: bool = False,
-                 render: dict | None = None):
+                 render: dict | None = None, keep_budget: int = KEEP_BUDGET):
         super().__init__(model_uri, config, faults)
-        self.config, self.keep_bytes, self.render = config, keep_bytes, render
+        self.config, self.keep_bytes, self.render, self.keep_budget = config, keep_bytes, render, keep_budget
 
     def __call__(self, batch: dict) -> dict:
         decoded = decode_batch(batch, self.config, keep_bytes=self.keep_bytes, faults=self.faults,
-                               keep_pixels=self.keep_bytes and self.render is not None)
+                               keep_pixels=self.keep_bytes and self.render is not None, keep_budget=self.keep_budget)
         scored = super().__call__(decoded)
         return render_batch(scored, **self.render, faults=self.faults) if self.render else scored
 
@@ -328,15 +367,28 @@ def _render_one(batch: dict, i: int, cfg: Config, heatmaps_uri: str, vrange: tup
     storage.write_bytes(base + ".png", encode(rgb, **PNG_OPTIONS), **opts, durable=False)
     if not cfg.output.overlay:
         return base + ".png", ""
+    if max(size) > JPEG_MAX_SIDE:  # checked before the original is decoded again for nothing
+        return base + ".png", f"overlay not written: JPEG takes at most {JPEG_MAX_SIDE} pixels a side, the " \
+                              f"overlay is {size[0]}x{size[1]}"
     try:
-        # the pixels decoded in this process (keep_pixels), else the bytes the decode task read
-        # (keep_bytes), else a second read
-        orig = batch["pixels"][i] if "pixels" in batch else None
-        if orig is None or orig.shape[:2] != size:
-            data = batch["data"][i] if "data" in batch else storage.read_bytes(str(batch["uri"][i]), **opts)
-            orig, _ = decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))
+        orig = _original(batch, i, cfg, opts, size)
         blended = overlay(resize_rgb(orig, size), rgb, amap, vrange, level)
         storage.write_bytes(base + "_overlay.jpg", encode(blended, "JPEG", quality=90), **opts, durable=False)
     except Exception as e:
         return base + ".png", f"overlay not written: {_err(e)}"
     return base + ".png", ""
+
+
+def _original(batch: dict, i: int, cfg: Config, opts: dict, size: tuple[int, int]):
+    """Image ``i``'s pixels for its overlay (at least ``size``'s resolution): those decoded in this
+    process (``pixels``, at the original size), else decoded from the bytes the decode step read
+    (``data``), else from the file read again, which must still be the file that was scored."""
+    orig = batch["pixels"][i] if "pixels" in batch else None
+    if orig is not None:
+        return orig
+    data = batch["data"][i] if "data" in batch else b""
+    if not len(data):  # not kept (keep_bytes off, or over the batch's keep_budget)
+        data = storage.read_bytes(str(batch["uri"][i]), **opts, limit=cfg.image.max_bytes + 1)
+        if "digest" in batch and hashlib.sha256(data).hexdigest() != batch["digest"][i]:
+            raise ImageError("the file changed since it was scored")
+    return decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))[0]

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from patchcore_dist import config as config_module
 from patchcore_dist.config import load_config
 from patchcore_dist.core import tiling
 from patchcore_dist.core.tiling import anomaly_map_of, tiling_layout
-from patchcore_dist.errors import ConfigError
+from patchcore_dist.errors import ConfigError, ImageError
 
 
 @pytest.mark.parametrize("h,w,tile,overlap,longer", [(1000, 1500, 224, 0.25, None), (2000, 3000, 224, 0.5, 1024),
@@ -112,3 +113,54 @@ def test_the_map_drawn_in_strips_equals_the_whole_map(size, monkeypatch):
         whole = F.interpolate(whole[None], size=size, mode="bilinear", align_corners=False)[0]
     assert strips.shape == (size or (700, 420))
     assert np.allclose(strips, whole[0].numpy(), atol=1e-5)
+
+
+def test_an_image_whose_tiles_would_be_over_the_limit_is_refused():
+    """A 16 x 6.25M strip (image.max_pixels) was 37,203 padded tiles (5.2 GiB); overlap 0.9 or a working
+    size far above the original's multiplied tiles without bound. Tiles hold at most
+    MAX_TILE_PIXELS_FACTOR x image.max_pixels pixels; ordinary images and settings stay well within."""
+    cfg = load_config(overrides=["tiling.enabled=true"])
+    assert len(tiling.tile_layout(16, 6_250_000, 224, 0.25)) == 37_203  # the finding's count, unrefused
+    with pytest.raises(ImageError, match=r"image of 16x6250000 would be 37203 tiles of 224x224 .* over the limit "
+                                         r"of 4 x image.max_pixels=100000000 tile pixels; lower tiling.overlap"):
+        tiling_layout(16, 6_250_000, cfg)
+    assert len(tiling_layout(16, 200_000, cfg)) == 1191  # a shorter strip: 60 M tile pixels
+    assert len(tiling_layout(10_000, 10_000, cfg)) == 3600  # image.max_pixels at the default overlap
+    half = load_config(overrides=["tiling.enabled=true", "tiling.overlap=0.5"])
+    assert len(tiling_layout(10_000, 10_000, half)) * 224 ** 2 <= 4 * 100_000_000  # and at overlap 0.5
+    dense = load_config(overrides=["tiling.enabled=true", "tiling.overlap=0.9"])
+    assert len(tiling_layout(1000, 1000, dense)) == 2500
+    with pytest.raises(ImageError, match="would be 30625 tiles"):
+        tiling_layout(3000, 3000, dense)  # 196 tile pixels per pixel: 1.5 G pixels
+    huge = load_config(overrides=["tiling.enabled=true", f"tiling.working_size={config_module.MAX_WORKING}"])
+    with pytest.raises(ImageError, match="working image 32768x32768"):
+        tiling_layout(1000, 1000, huge)  # a 1000 x 1000 image worked on at 1 G pixels
+    tiny = load_config(overrides=["tiling.enabled=true", "image.max_pixels=20000"])  # below one tile's 50,176
+    assert len(tiling_layout(100, 100, tiny)) == 1  # one tile always passes: the budget is of 4 tiles then
+    with pytest.raises(ImageError, match="would be 7 tiles"):
+        tiling_layout(16, 1200, tiny)
+
+
+def test_the_decode_stage_gives_a_refused_image_one_error_row(tmp_path, monkeypatch):
+    """The tiled decode stage checks the layout before it makes the working image: a strip of a
+    photograph over the limit is one error row with the reason, the next image its tiles."""
+    import skimage.data
+    from PIL import Image
+
+    from patchcore_dist.pipeline import stages
+    worked = []
+    monkeypatch.setattr(stages, "resize_rgb", lambda rgb, size: worked.append(size) or rgb)
+    photo = skimage.data.astronaut()
+    Image.fromarray(np.tile(photo[200:216], (1, 118, 1))).save(tmp_path / "strip.png")  # 16 x 60,416
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    cfg = load_config(overrides=["tiling.enabled=true", "image.max_pixels=1000000"])
+    rows = []
+    for name in ("strip.png", "photo.png"):
+        uri = np.array([str(tmp_path / name)], object)
+        rows.append(stages.decode_tiles({"uri": uri, "rel": uri}, cfg.to_dict()))
+    strip, ok = rows
+    assert len(strip["crop"]) == 1 and strip["tiles"].tolist() == [1]
+    assert strip["error"][0].startswith("image of 16x60416 would be 360 tiles of 224x224 (18063360 pixels")
+    assert (strip["height"][0], strip["width"][0]) == (16, 60_416)
+    assert len(ok["crop"]) == 9 and not any(ok["error"])  # 512 x 512: 3 x 3 tiles
+    assert worked == [(512, 512)]  # the strip's working image was never made
