@@ -9,6 +9,7 @@ import copy
 import io
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -110,10 +111,29 @@ def _build_any(name: str) -> nn.Module:
                         "torchvision or timm")
 
 
-def read_local(path: str) -> bytes:
-    """The default weights reader: a local path (or file:// URI)."""
-    with open(os.path.expanduser(path.removeprefix("file://")), "rb") as f:
-        return f.read()
+# The largest weights file read (2 GiB: the registry's backbones' weights are at most a few hundred MB);
+# a larger one, or one that is not a regular file (/dev/zero, a FIFO, a folder), is refused unread.
+MAX_WEIGHTS_BYTES = 2 << 30
+
+
+def read_local(path: str, limit: int = MAX_WEIGHTS_BYTES) -> bytes:
+    """The default weights reader: a local path (or file:// URI), a regular file of at most ``limit``
+    bytes (BackboneError otherwise). Opened without blocking: a FIFO is refused, not waited on."""
+    fd = os.open(os.path.expanduser(path.removeprefix("file://")), os.O_RDONLY | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise BackboneError(f"backbone weights {path} are not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        return checked_size(path, f.read(limit + 1) if st.st_size <= limit else b"", st.st_size, limit)
+
+
+def checked_size(path: str, data: bytes, size: int, limit: int = MAX_WEIGHTS_BYTES) -> bytes:
+    """``data`` (read up to limit + 1 bytes) when neither it nor the stated size is over ``limit``."""
+    if size > limit or len(data) > limit:
+        raise BackboneError(f"backbone weights {path} are over the limit of {limit} bytes (MAX_WEIGHTS_BYTES "
+                            f"in core/backbones.py): {max(size, len(data))} bytes or more")
+    return data
 
 
 def load_state_dict(weights: str, read: WeightsReader = read_local) -> dict:

@@ -1,0 +1,54 @@
+"""A model's backbone.weights is read within limits: a regular file of at most MAX_WEIGHTS_BYTES (2 GiB),
+by the algorithm's own reader and by the pipeline's storage reader alike; /dev/zero, a FIFO (never
+waited on), a folder or a larger file are refused, unread, with a BackboneError."""
+import os
+
+import pytest
+
+from patchcore_dist.core import backbones
+from patchcore_dist.errors import BackboneError
+from patchcore_dist.pipeline.stages import _reader
+
+
+def _readers():
+    return [backbones.read_local, _reader({})]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["read_local", "storage_reader"])
+def test_dev_zero_fifo_and_folders_are_refused(which, tmp_path):
+    fifo = str(tmp_path / "weights.fifo")
+    os.mkfifo(fifo)  # no writer: a blocking open would wait for ever
+    for path in ("/dev/zero", fifo, str(tmp_path)):
+        with pytest.raises(BackboneError, match="not a regular file"):
+            backbones.load_state_dict(path, _readers()[which])
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["read_local", "storage_reader"])
+def test_weights_over_the_limit_are_refused_unread(which, tmp_path):
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(backbones.MAX_WEIGHTS_BYTES + 1)  # sparse: refused by its size, never read
+    with pytest.raises(BackboneError, match=r"over the limit of 2147483648 bytes \(MAX_WEIGHTS_BYTES.*: 2147483649 bytes"):
+        backbones.load_state_dict(str(big), _readers()[which])
+
+
+def test_a_file_at_the_limit_is_read(tmp_path):
+    small = tmp_path / "w.bin"
+    small.write_bytes(b"x" * 100)
+    assert backbones.read_local(str(small), limit=100) == b"x" * 100
+    assert backbones.read_local("file://" + str(small), limit=100) == b"x" * 100
+    with pytest.raises(BackboneError, match="over the limit of 99 bytes"):
+        backbones.read_local(str(small), limit=99)
+
+
+def test_objects_over_the_limit_are_refused(s3, bucket, monkeypatch):
+    """On S3, read to one byte over the limit: more is refused."""
+    from patchcore_dist.artifacts import storage
+    uri = f"s3://{bucket}/weights-limit/w.pt"
+    storage.write_bytes(uri, b"y" * 101, endpoint_url=s3)
+    read = _reader({"endpoint_url": s3, "region": None})
+    monkeypatch.setattr(backbones, "MAX_WEIGHTS_BYTES", 101)
+    assert read(uri) == b"y" * 101
+    monkeypatch.setattr(backbones, "MAX_WEIGHTS_BYTES", 100)
+    with pytest.raises(BackboneError, match="over the limit of 100 bytes"):
+        backbones.load_state_dict(uri, read)
