@@ -3,9 +3,11 @@ ImageNet normalisation. Also the inverse geometry, to put an anomaly map back on
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -53,15 +55,30 @@ def found_format(data: bytes) -> str | None:
     return next((name for name, accept in _signatures() if accept(prefix)), None)
 
 
+_LIMITS_LOCK = threading.Lock()
+_LIMITS: dict = {"active": collections.Counter(), "before": None}  # the limits of the decodes under way
+
+
 @contextlib.contextmanager
 def _pixel_limit(max_pixels: int):
-    """Pillow's decompression-bomb limit set to ``max_pixels`` while one image is decoded (so the
-    setting is the only pixel limit), and restored after."""
-    before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    """Pillow's decompression-bomb limit at least ``max_pixels`` while one image is decoded (so the setting
+    is the only pixel limit: _open checks each image against its own ``max_pixels``), restored after the
+    last decode. Thread-safe: concurrent decodes (the local executor's threads, other configs) share
+    Pillow's one global limit, set under a lock to the largest limit under way."""
+    with _LIMITS_LOCK:
+        active = _LIMITS["active"]
+        if not active:
+            _LIMITS["before"] = Image.MAX_IMAGE_PIXELS
+        active[max_pixels] += 1
+        Image.MAX_IMAGE_PIXELS = max(active)
     try:
         yield
     finally:
-        Image.MAX_IMAGE_PIXELS = before
+        with _LIMITS_LOCK:
+            active[max_pixels] -= 1
+            if not active[max_pixels]:
+                del active[max_pixels]
+            Image.MAX_IMAGE_PIXELS = max(active) if active else _LIMITS["before"]
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
