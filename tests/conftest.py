@@ -72,13 +72,14 @@ def bucket(s3):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole test session."""
+    """One local Ray instance for the whole test session: a new instance of our own (address="local",
+    never another process's cluster on this machine) in its own temporary folder; others left running."""
     import ray
-    if not ray.is_initialized():
-        # address="local": always a new instance of our own, never another process's cluster on this machine
-        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    from ray_head import init_local_ray, remove_local_temp
+    init_local_ray()
     yield ray
     ray.shutdown()
+    remove_local_temp()
 
 
 @pytest.fixture(scope="session")

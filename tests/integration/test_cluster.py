@@ -1,22 +1,15 @@
 """The way users run on a cluster: `ray start --head`, then `ray job submit` of fit and score."""
+import contextlib
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
-
+import tempfile
 
 from helpers import ROOT
+from ray_head import RAY, init_local_ray, pids_with, start_head, stop_head, terminate
 from patchcore_dist.artifacts.scores import read_scores
-
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _wait_for_job_agent(address: str, env: dict, attempts: int = 60) -> None:
     """`ray start` returns before the dashboard's job agent takes submissions: poll until it lists jobs."""
@@ -47,22 +40,18 @@ def _restore_session_ray(was_running: bool) -> None:
     still run their jobs on Ray (runtime.executor=auto reuses a running instance)."""
     import ray
     if was_running and not ray.is_initialized():
-        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+        init_local_ray()
 
 
-def test_ray_job_submit_fit_and_score(category, tmp_path):
-    import ray
-    was_running = ray.is_initialized()
-    ray.shutdown()  # `ray stop` below ends every Ray process on this machine; the session's instance is restarted
-    env = dict(os.environ, RAY_AUTH_MODE="token")
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    port, dash = _port(), _port()
-    start = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
+def run_job_submit(category: str, tmp_path) -> None:
+    """The essential steps: a head of our own (temp dir, ports, HOME with its own auth token: other Ray
+    instances on the machine and the user's ~/.ray untouched), `ray job submit` of fit and score, and
+    a stop of only the head's own processes."""
+    head = start_head(num_cpus=3, token=True)
     try:
-        address = f"http://127.0.0.1:{dash}"
+        env = head.env
+        assert os.path.exists(os.path.join(head.home, ".ray", "auth_token"))
+        address = head.dashboard
         _wait_for_job_agent(address, env)
         runtime_env = json.dumps({"excludes": [".venv", ".git", "demo_out", "benchmarks/data", ".whl"]})
         model, out = str(tmp_path / "model"), str(tmp_path / "out")
@@ -82,8 +71,15 @@ def test_ray_job_submit_fit_and_score(category, tmp_path):
         n = sum(len(f) for _, _, f in os.walk(f"{category}/test"))
         assert table.num_rows == n and table.column("error").null_count == n
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        _restore_session_ray(was_running)
+        stop_head(head)
+    assert not head.pids() and not os.path.exists(head.temp_dir)
+
+
+def test_ray_job_submit_fit_and_score(category, tmp_path):
+    """The session's local instance keeps running (the head has its own ports and temp dir)."""
+    import ray
+    run_job_submit(category, tmp_path)
+    assert not ray.is_initialized() or ray.cluster_resources()  # the session's instance still answers
 
 
 def _upload(folder: str, uri: str, endpoint: str) -> int:
@@ -99,6 +95,41 @@ def _upload(folder: str, uri: str, endpoint: str) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _own_cluster():
+    """ray.cluster_utils.Cluster of two nodes in a temporary folder of its own (RAY_TMPDIR while it runs:
+    its address file and sessions there, not in the shared /tmp/ray), shut down at the end: only its
+    processes end (any left are ended by PID), the folder is removed and the session's instance restarted."""
+    import ray
+    from ray.cluster_utils import Cluster
+    was_running = ray.is_initialized()
+    ray.shutdown()  # the session's local instance: started again at the end for the later tests
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/pcr")
+    os.mkdir(os.path.join(temp_dir, "ray"))  # what Ray takes as its default folder under RAY_TMPDIR
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1},
+                                                                "include_dashboard": False,
+                                                                "temp_dir": os.path.join(temp_dir, "ray")})
+        cluster.add_node(num_cpus=2, resources={"node_b": 1})
+        yield cluster
+    finally:
+        ray.data.DataContext.get_current().wait_for_min_actors_s = -1
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        left = terminate(pids_with(temp_dir) - {os.getpid()})
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        _restore_session_ray(was_running)
+    assert not left, f"processes of the test's cluster still alive after its shutdown: {sorted(left)}"
+
+
 def test_two_node_cluster_fit_and_score_on_s3(category, s3, bucket, tmp_path):
     """A cluster of two nodes on loopback (each 2 CPUs and its own custom resource): fit and score run
     with actors on both nodes, the shards and outputs on the S3 server; a local output is refused
@@ -107,7 +138,6 @@ def test_two_node_cluster_fit_and_score_on_s3(category, s3, bucket, tmp_path):
 
     import pytest
     import ray
-    from ray.cluster_utils import Cluster
 
     from patchcore_dist.artifacts import storage
     from patchcore_dist.artifacts.runs import read_runs
@@ -117,13 +147,7 @@ def test_two_node_cluster_fit_and_score_on_s3(category, s3, bucket, tmp_path):
     from patchcore_dist.pipeline.fit import run_fit
     from patchcore_dist.pipeline.score import run_score
 
-    was_running = ray.is_initialized()
-    ray.shutdown()  # the session's local instance: started again at the end for the later tests
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1},
-                                                            "include_dashboard": False})
-    cluster.add_node(num_cpus=2, resources={"node_b": 1})
-    context = None
-    try:
+    with _own_cluster() as cluster:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -156,9 +180,3 @@ def test_two_node_cluster_fit_and_score_on_s3(category, s3, bucket, tmp_path):
         check_cluster_paths(shared, {"--model": f"{root}/model", "--output": local, "--images": str(tmp_path / "x")})
         with pytest.raises(JobError, match="--images /elsewhere"):
             check_cluster_paths(shared, {"--output": local, "--images": "/elsewhere"})
-    finally:
-        if context is not None:
-            context.wait_for_min_actors_s = -1
-        ray.shutdown()
-        cluster.shutdown()
-        _restore_session_ray(was_running)

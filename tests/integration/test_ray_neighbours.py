@@ -1,0 +1,37 @@
+"""Users run the suite on machines where Ray already runs: the tests' Ray instances (the session's local
+one, the `ray start` heads of the cluster tests) leave another Ray instance on the machine running, and
+the user's ~/.ray/auth_token untouched."""
+import os
+import subprocess
+
+from ray_head import RAY, alive, start_head, stop_head
+
+
+def _answers(head) -> bool:
+    r = subprocess.run([RAY, "status", "--address", head.gcs_address], env=head.env, capture_output=True,
+                       text=True, timeout=120)
+    return r.returncode == 0
+
+
+def test_a_bystander_ray_instance_survives_the_tests_heads(ray_local):
+    """A bystander head (its own temp dir, ports, HOME, token) runs while the session's local instance
+    works and a test head starts and stops (the cluster tests' helpers): its processes stay alive and
+    `ray status --address` on it still answers; the bystander is then stopped by PID."""
+    token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    token_before = os.path.getmtime(token) if os.path.exists(token) else None
+    bystander = start_head(num_cpus=1, token=True)
+    try:
+        pids = bystander.services()
+        assert len(pids) >= 3 and _answers(bystander)
+        assert ray_local.get(ray_local.put(41)) == 41  # the session's instance: another one, of our own
+        assert ray_local.get_runtime_context().gcs_address != bystander.gcs_address
+        head = start_head(num_cpus=1, token=True)  # what test_ray_job_submit_fit_and_score does around its jobs
+        assert head.pids().isdisjoint(pids) and head.home != bystander.home
+        stop_head(head)
+        assert not head.pids() and not os.path.exists(head.temp_dir)
+        assert all(alive(p) for p in pids), [p for p in pids if not alive(p)]
+        assert _answers(bystander)
+    finally:
+        stop_head(bystander)
+    assert not bystander.pids()
+    assert (os.path.getmtime(token) if os.path.exists(token) else None) == token_before  # the user's token
