@@ -153,6 +153,33 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
+# The statistics a score run reads after its commit (run record, review page): checked at load, so a
+# manifest without them is refused before any work, never after the scores are written.
+_CALIBRATION_NUMBERS = ("target_fpr", "calibration_fpr", "fpr_resolution", "threshold_images")
+
+
+def _stats_problem(stats) -> str | None:
+    """What makes the manifest's ``stats`` unusable for the scorer, the review page and the API, or None."""
+    if not (isinstance(stats, dict) and _number(stats.get("heatmap_min")) and _number(stats.get("heatmap_max"))):
+        return "'stats' needs finite numbers heatmap_min and heatmap_max"
+    if stats.get("threshold") is not None and not _number(stats["threshold"]):
+        return "'stats.threshold' must be a finite number or null"
+    if "heatmap_threshold" in stats and not (_number(stats["heatmap_threshold"])
+                                             and isinstance(stats.get("heatmap_threshold_source"), str)):
+        return "'stats.heatmap_threshold' must be a finite number, with a heatmap_threshold_source text"
+    if any(k in stats for k in _CALIBRATION_NUMBERS) and not all(_number(stats.get(k)) for k in _CALIBRATION_NUMBERS):
+        return f"'stats' needs all of {', '.join(_CALIBRATION_NUMBERS)} as finite numbers, or none of them"
+    ref = stats.get("normal_image_score")
+    if ref is not None and not (isinstance(ref, dict) and (ref.get("p99") is None or (
+            _number(ref["p99"]) and _count(ref.get("images")) and _count(ref.get("above_p99", 0))))):
+        return "'stats.normal_image_score' needs a finite p99 with counts images and above_p99, or no p99"
+    return None
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _manifest_problem(m) -> str | None:
     """What makes a parsed manifest unusable, or None."""
     if not isinstance(m, dict):
@@ -172,11 +199,9 @@ def _manifest_problem(m) -> str | None:
     if not (isinstance(bank, dict) and all(isinstance(bank.get(k), int) and not isinstance(bank.get(k), bool)
                                            and bank[k] > 0 for k in ("rows", "dim"))):
         return "'bank' needs positive integer rows and dim"
-    stats = m.get("stats")
-    if not (isinstance(stats, dict) and _number(stats.get("heatmap_min")) and _number(stats.get("heatmap_max"))):
-        return "'stats' needs finite numbers heatmap_min and heatmap_max"
-    if stats.get("threshold") is not None and not _number(stats["threshold"]):
-        return "'stats.threshold' must be a finite number or null"
+    problem = _stats_problem(m.get("stats"))
+    if problem:
+        return problem
     digest = m.get("model_digest")
     if not (isinstance(digest, str) and _HEX16.fullmatch(digest)):
         return f"model_digest {digest!r} is not 16 hex digits"
