@@ -372,13 +372,22 @@ def _strings(values) -> pa.Array:
     return pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
 
 
+def _not_finite(err: pa.Array, score: np.ndarray, unchanged: np.ndarray) -> pa.Array:
+    """``err`` with an error for each scored row whose score is NaN or infinite (the next run retries it)."""
+    bad = ~np.isfinite(score) & ~unchanged & ~err.is_valid().to_numpy(zero_copy_only=False)
+    if not bad.any():
+        return err
+    return pa.array([f"score is not finite ({score[i]})" if bad[i] else e for i, e in enumerate(err.to_pylist())],
+                    pa.string())
+
+
 def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) -> tuple[pa.Table, pa.Table | None]:
     """The score rows (SCORE_SCHEMA plus ``unchanged``) of the rows ``keep`` of an output batch, and
     their patch-score grids (GRID_SCHEMA) when output.patch_scores is on. Column by column."""
     b = {k: np.asarray(v)[keep] for k, v in batch.items() if k not in ("patch_scores", "crop", "data")}
     n = len(keep)
-    err = _strings(b["error"])
     unchanged = b["unchanged"].astype(bool)
+    err = _not_finite(_strings(b["error"]), b["score"].astype(np.float64), unchanged)
     ok = np.isfinite(b["score"].astype(np.float64)) & ~err.is_valid().to_numpy(zero_copy_only=False)
     score = pa.array(b["score"].astype(np.float64), mask=~ok)
     if plan.threshold is None:
