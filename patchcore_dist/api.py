@@ -41,8 +41,9 @@ class Model:
 
     def __init__(self, loaded: LoadedModel, config: Config, storage_options: dict):
         self.loaded, self.config, self._opts = loaded, config, storage_options
+        from .pipeline.stages import read_weights  # the jobs' reader: regular files within MAX_WEIGHTS_BYTES
         self._pc = PatchCore(config, loaded.bank, index=loaded.index,
-                             read_weights=lambda uri: storage.read_bytes(uri, **storage_options))
+                             read_weights=lambda uri: read_weights(uri, storage_options))
 
     @classmethod
     def load(cls, uri: str, overrides: list[str] | None = None, storage_options: dict | None = None) -> "Model":

@@ -196,12 +196,12 @@ def _per_image_ms(t0: float, n: int) -> np.ndarray:
 
 def _reader(opts: dict):
     """The backbone's weights reader: any storage URI (the algorithm itself reads local files only)."""
-    return functools.partial(_read_weights, opts=opts)
+    return functools.partial(read_weights, opts=opts)
 
 
-def _read_weights(uri: str, opts: dict) -> bytes:
+def read_weights(uri: str, opts: dict) -> bytes:
     """Weights of at most MAX_WEIGHTS_BYTES: a local one a regular file (read_local), an object read up
-    to one byte over the limit (BackboneError when over)."""
+    to one byte over the limit (BackboneError when over). The reader of the jobs and of the API."""
     from ..core.backbones import MAX_WEIGHTS_BYTES, checked_size, read_local  # torch: in the actors only
     if not storage.is_s3(uri):
         storage.resolve(uri)  # an unsupported scheme: StorageError

@@ -52,3 +52,19 @@ def test_objects_over_the_limit_are_refused(s3, bucket, monkeypatch):
     monkeypatch.setattr(backbones, "MAX_WEIGHTS_BYTES", 100)
     with pytest.raises(BackboneError, match="over the limit of 100 bytes"):
         backbones.load_state_dict(uri, read)
+
+
+def test_the_api_reads_weights_within_the_limits(small_model, category, tmp_path):
+    """patchcore_dist.api.Model builds its backbone through the same checked reader as the jobs."""
+    from helpers import SMALL
+
+    from patchcore_dist.api import Model
+    from patchcore_dist.artifacts.model import load_model
+    from patchcore_dist.config import load_config
+    image = os.path.join(category, "test", "good", sorted(os.listdir(os.path.join(category, "test", "good")))[0])
+    fifo = str(tmp_path / "w.fifo")
+    os.mkfifo(fifo)
+    for weights in ("/dev/zero", fifo):
+        model = Model(load_model(small_model), load_config(None, SMALL + [f"backbone.weights={weights}"]), {})
+        with pytest.raises(BackboneError, match="not a regular file"):
+            model.predict(image)
