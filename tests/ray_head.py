@@ -129,9 +129,10 @@ class Head:
         return pids_with(self.temp_dir, environ=False)
 
 
-def start_head(num_cpus: int = 1, token: bool = False, timeout: float = 180) -> Head:
+def start_head(num_cpus: int = 1, token: bool = False, dashboard: bool = True, timeout: float = 180) -> Head:
     """`ray start --head` on loopback with its own temp dir (a short path: Ray's socket paths are limited
-    to about 107 bytes), ports and HOME; with token, RAY_AUTH_MODE=token and a token generated in HOME."""
+    to about 107 bytes), ports and HOME; with token, RAY_AUTH_MODE=token and a token generated in HOME;
+    without dashboard, no dashboard (no job submission; starts faster)."""
     temp_dir = tempfile.mkdtemp(prefix="/tmp/pcr")
     home = os.path.join(temp_dir, "home")
     os.makedirs(home)
@@ -146,7 +147,8 @@ def start_head(num_cpus: int = 1, token: bool = False, timeout: float = 180) -> 
     head = Head(temp_dir, home, ports, env)
     cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
            "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--min-worker-port", str(first),
-           "--max-worker-port", str(first + WORKER_PORTS - 1), "--disable-usage-stats"]
+           "--max-worker-port", str(first + WORKER_PORTS - 1), "--disable-usage-stats",
+           f"--include-dashboard={str(dashboard).lower()}"]
     for flag, port in ports.items():
         cmd += [flag, str(port)]
     try:
@@ -161,8 +163,9 @@ def start_head(num_cpus: int = 1, token: bool = False, timeout: float = 180) -> 
     return head
 
 
-def stop_head(head: Head, timeout: float = 30.0) -> None:
-    """End this head's processes only (SIGTERM, then SIGKILL), then remove its temporary folder."""
+def stop_head(head: Head, timeout: float = 5.0) -> None:
+    """End this head's processes only (SIGTERM, then SIGKILL after ``timeout``: the GCS and raylet often
+    outlast a SIGTERM by half a minute, and a test head has nothing to save), then remove its folder."""
     left = terminate(head.pids() | head.started, timeout)
     left |= terminate(head.pids(), timeout)  # any started while the first ones stopped
     shutil.rmtree(head.temp_dir, ignore_errors=True)
