@@ -12,6 +12,9 @@ import hashlib
 import logging
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ..core.preprocessing import IMAGE_EXTENSIONS
 from ..errors import JobError, StorageError
 from . import storage
@@ -21,7 +24,14 @@ log = logging.getLogger(__name__)
 
 def list_images(uri: str, opts: dict, what: str, exclude: str | None = None,
                 max_bytes: int | None = None) -> list[dict]:
-    """Image files under ``uri`` (entries: uri, rel, size, mtime, error); a clear JobError when there are none.
+    """:func:`listing_table` as dicts (entries: uri, rel, size, mtime, ctime, etag, error)."""
+    return listing_table(uri, opts, what, exclude, max_bytes).to_pylist()
+
+
+def listing_table(uri: str, opts: dict, what: str, exclude: str | None = None,
+                  max_bytes: int | None = None) -> pa.Table:
+    """Image files under ``uri`` as a LISTING_SCHEMA table sorted by uri (built in record batches, no
+    Python object per file); a clear JobError when there are none.
 
     ``exclude``: a location that may lie inside ``uri`` (the job's own output) whose files are left out,
     so a job never reads back what it wrote; the same location as ``uri`` is refused. ``max_bytes``:
@@ -29,7 +39,7 @@ def list_images(uri: str, opts: dict, what: str, exclude: str | None = None,
     set must not be read: the job writes its error row.
     """
     try:
-        files = storage.list_entries(uri, IMAGE_EXTENSIONS, **opts)
+        files = storage.list_table(uri, IMAGE_EXTENSIONS, **opts)
     except FileNotFoundError:
         raise JobError(f"{what} not found: {uri}") from None
     except StorageError as e:
@@ -38,16 +48,29 @@ def list_images(uri: str, opts: dict, what: str, exclude: str | None = None,
     if inside == "":
         raise JobError(f"the output {exclude} is the {what} location itself: write the output elsewhere")
     if inside:
-        kept = [e for e in files if not (e["rel"] == inside or e["rel"].startswith(inside + "/"))]
+        rel = files.column("rel")
+        out = pc.or_(pc.equal(rel, inside), pc.starts_with(rel, inside + "/"))
+        kept = files.filter(pc.invert(out))
         log.warning("the output %s lies inside %s %s: its %d files are left out of the listing", exclude, what,
-                    uri, len(files) - len(kept))
+                    uri, files.num_rows - kept.num_rows)
         files = kept
-    if not files:
+    if not files.num_rows:
         raise JobError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {what} {uri}")
-    for e in files:
-        if max_bytes is not None and e["error"] is None and (e["size"] or 0) > max_bytes:
-            e["error"] = f"file is {e['size']} bytes, over the limit image.max_bytes={max_bytes} (not read)"
-    return files
+    return _over_max_bytes(files, max_bytes)
+
+
+def _over_max_bytes(files: pa.Table, max_bytes: int | None) -> pa.Table:
+    """``files`` with an error on each file larger than ``max_bytes`` (by its listed size; not read)."""
+    if max_bytes is None:
+        return files
+    size = files.column("size")
+    over = pc.and_(pc.fill_null(pc.greater(size, max_bytes), False), files.column("error").is_null())
+    if not pc.any(over).as_py():
+        return files
+    msg = pc.binary_join_element_wise("file is ", pc.cast(size, pa.string()),
+                                      f" bytes, over the limit image.max_bytes={max_bytes} (not read)", "")
+    i = files.schema.get_field_index("error")
+    return files.set_column(i, "error", pc.if_else(over, msg, files.column("error")))
 
 
 def resolve_train_root(uri: str, opts: dict) -> str:

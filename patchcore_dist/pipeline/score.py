@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from .. import __version__
 from ..artifacts import storage
-from ..artifacts.inputs import list_images
+from ..artifacts.inputs import listing_table
 from ..artifacts.model import LoadedModel, load_model
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables, previous, scores_uri
@@ -106,8 +106,7 @@ def _incompatible(model: Config, user: Config) -> str:
     return "incompatible config: the model's features were built with other settings (" + "; ".join(diffs) + ")"
 
 
-LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                            ("ctime", pa.float64()), ("etag", pa.string()), ("error", pa.string())])
+LISTING_SCHEMA = storage.LISTING_SCHEMA
 
 
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
@@ -164,8 +163,7 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
     weights = config.backbone.weights if config.backbone.weights not in ("default", "random") else None
     check_cluster_paths(config, {"--model": model_uri, "--images": images, "--output": output,
                                  "backbone.weights (of the model)": weights})
-    entries = pa.Table.from_pylist(list_images(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes),
-                                   schema=LISTING_SCHEMA)
+    entries = listing_table(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes)
     open_tables(output, opts)
     if rescore == "changed":
         unchanged, known = previous(output, model.digest, entries, opts)
