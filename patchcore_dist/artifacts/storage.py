@@ -446,6 +446,11 @@ def _object_files(uri: str, root: str, extensions: tuple[str, ...] | None, endpo
             out.add(path[len(root) + 1:], size, mtime, None, etag, ODD_KEY if odd else None)
 
 
+def file_mtime(st: os.stat_result) -> float:
+    """A modification time exactly as pyarrow's file info reports it (microseconds, rounded)."""
+    return _dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, _dt.timezone.utc).timestamp()
+
+
 def _mtimes(ns: list[int]) -> list[float]:
     """Modification times (``st_mtime_ns``) exactly as pyarrow's file info reports them, i.e. as
     ``datetime.fromtimestamp(ns / 1e9, utc).timestamp()`` gives them, bit for bit, for many at once

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from .. import __version__
 from ..artifacts import storage
-from ..artifacts.inputs import listing_table
+from ..artifacts.inputs import image_table
 from ..artifacts.model import LoadedModel, load_model
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables, previous, scores_uri
@@ -54,7 +54,8 @@ class ScorePlan:
                                 # digest of this model's previous successful row, null if none)
     vrange: tuple[float, float]  # heatmap colour scale
     threshold: float | None     # the model's calibrated decision threshold
-    images: str = ""            # the listed URI
+    images: str = ""            # the listed URI (a folder, or a manifest)
+    given: int | None = None    # how many URIs the manifest gave (None: a folder was listed)
 
     @property
     def peak_normalise(self) -> bool:
@@ -111,22 +112,27 @@ LISTING_SCHEMA = storage.LISTING_SCHEMA
 
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
               overrides: list[str] | None = None, rescore: str = "changed", commit_rows: int = 50000,
-              job: str = "score") -> dict:
-    """Score every image under ``images``; incremental unless ``rescore == "all"``.
+              job: str = "score", images_root: str | None = None, dry_run: bool = False) -> dict:
+    """Score every image under ``images`` (a folder, or a Parquet / CSV manifest of image URIs);
+    incremental unless ``rescore == "all"``.
 
     An image is skipped when this model already has a successful row for it with the same size,
     modification time, change time (local files) and ETag (S3), or (checked after reading it) the
     same content digest. Failed images are retried. One row per image and model, always; rows are
     committed in MERGE commits of up to ``commit_rows`` rows (one for most scheduled runs). ``job``
     names the run in its record (``evaluate`` scores a labelled test set: no drift warning there).
+    ``images_root``: every image must lie under it (else an error row). ``dry_run``: list and plan
+    only, write nothing (:func:`dry_run_summary`).
     """
     model_uri, images, output = (storage.absolute(u) for u in (model_uri, images, output))
+    images_root = storage.absolute(images_root) if images_root else None
     if rescore not in ("changed", "all"):
         raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
     t_start = time.time()
     run_id, started = new_run_id()
-    plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore)
-    plan.images = images
+    plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore, images_root, dry_run)
+    if dry_run:
+        return dry_run_summary(plan, t_start)
     if not plan.todo.num_rows:
         log.info("score: all %d images already have rows for model %s in %s: nothing to do (no backbone work; "
                  "--rescore all forces it)", plan.entries.num_rows, plan.digest, scores_uri(output))
@@ -142,6 +148,23 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     return summary
 
 
+def dry_run_summary(plan: ScorePlan, t_start: float) -> dict:
+    """What a run would do, from its plan alone: images new (no successful row of this model), changed
+    (a row, but the file's statistics differ: read, scored unless its digest is the row's), unchanged
+    (not read) and refused (an error row without reading: the listing's or the manifest's reason)."""
+    todo = plan.todo
+    refused = todo.column("error").is_valid().to_numpy(zero_copy_only=False)
+    known = todo.column("known_digest").is_valid().to_numpy(zero_copy_only=False)
+    out = {"dry_run": True, "images": plan.entries.num_rows, "new": int((~refused & ~known).sum()),
+           "changed": int((~refused & known).sum()), "unchanged": plan.entries.num_rows - todo.num_rows,
+           "refused": int(refused.sum()), "given": plan.given, "model": plan.digest, "output": plan.output,
+           "seconds": round(time.time() - t_start, 2)}
+    log.info("dry run: %d images%s: %d new, %d changed, %d unchanged, %d refused; nothing written to %s",
+             out["images"], f" ({plan.given} URIs in the manifest)" if plan.given is not None else "", out["new"],
+             out["changed"], out["unchanged"], out["refused"], plan.output)
+    return out
+
+
 def _counts() -> dict:
     """What a run's rows add up to: rows, errors, unchanged images, commits; this run's new scores,
     error messages and anomalies (for the run record)."""
@@ -150,9 +173,10 @@ def _counts() -> dict:
 
 
 def plan_score(model_uri: str, images: str, output: str, config_file: str | None, overrides: list[str],
-               rescore: str) -> ScorePlan:
-    """Config and model checked, images listed, the score table opened (an earlier version's
-    Parquet parts converted): which images this run must read."""
+               rescore: str, images_root: str | None = None, dry_run: bool = False) -> ScorePlan:
+    """Config and model checked, images listed (a folder) or read (a manifest), the score table opened
+    (an earlier version's Parquet parts converted; not in a ``dry_run``, which writes nothing): which
+    images this run must read."""
     pre = load_config(config_file, overrides)  # validates the user's settings before any work
     opts = pre.storage.options()
     try:
@@ -163,10 +187,18 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
     weights = config.backbone.weights if config.backbone.weights not in ("default", "random") else None
     check_cluster_paths(config, {"--model": model_uri, "--images": images, "--output": output,
                                  "backbone.weights (of the model)": weights})
-    entries = listing_table(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes)
-    open_tables(output, opts)
+    entries, given = image_table(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes,
+                                 root=images_root)
+    verify = None
+    if "verify" in entries.column_names:  # manifest entries without the statistics that would prove them unchanged
+        verify = entries.column("verify").to_numpy(zero_copy_only=False)
+        entries = entries.drop_columns(["verify"])
+    if not dry_run:
+        open_tables(output, opts)
     if rescore == "changed":
         unchanged, known = previous(output, model.digest, entries, opts)
+        if verify is not None:
+            unchanged &= ~verify
     else:
         unchanged, known = np.zeros(entries.num_rows, bool), pa.nulls(entries.num_rows, pa.string())
     todo = entries.append_column("known_digest", known).filter(pa.array(~unchanged))
@@ -176,7 +208,7 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
         log.info("incremental: %d of %d images already scored by this model; reading %d new or changed",
                  entries.num_rows - todo.num_rows, entries.num_rows, todo.num_rows)
     return ScorePlan(model_uri, model, config, output, entries, todo, _heatmap_range(model, config),
-                     decision_threshold(model))
+                     decision_threshold(model), images, given)
 
 
 def decision_threshold(model: LoadedModel) -> float | None:
@@ -453,7 +485,7 @@ def score_record(plan: ScorePlan, summary: dict, counts: dict, run_id: str, star
                     100 * drift["share_above"], len(scores), reference, 100 * drift["expected"])
     calibrated = plan.threshold is not None
     return {"run_id": run_id, "job": job, "started": started, "ended": now_iso(), "model": plan.digest,
-            "model_uri": plan.model_uri, "inputs": plan.images, "output": plan.output,
+            "model_uri": plan.model_uri, "inputs": plan.images, "manifest_uris": plan.given, "output": plan.output,
             "images_listed": summary["images"], "scored": summary["scored"], "skipped": summary["skipped"],
             "errors": summary["errors"], "errors_by_reason": error_reasons(counts["messages"]),
             "threshold": plan.threshold, "anomalies": counts["anomalies"] if calibrated else None,
