@@ -116,7 +116,7 @@ def holdout(entries: list[tuple[str, str]], fraction: float, seed: int) -> set[s
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
 MANIFEST_TYPES = {"image": pa.string(), "size": pa.int64(), "mtime": pa.float64(), "etag": pa.string(),
                   "product": pa.string()}
-MANIFEST_BATCH = 65536
+MANIFEST_BATCH = 16384
 MANIFEST_SCHEMA = storage.LISTING_SCHEMA.append(pa.field("verify", pa.bool_()))
 
 
@@ -194,10 +194,13 @@ def manifest_table(uri: str, opts: dict, what: str, exclude: str | None = None, 
                        f"{', ...' if missing.sum() > 5 else ''}; the first data row is 1): give every row an image")
     if "product" in m.column_names:
         log.info("the manifest's product column is accepted and not stored in the score rows")
-    ctx = _ManifestContext(uri, exclude, root, max_bytes)
-    batches = [_manifest_batch(m.slice(off, MANIFEST_BATCH), ctx) for off in range(0, m.num_rows, MANIFEST_BATCH)]
+    ctx, given = _ManifestContext(uri, exclude, root, max_bytes), m.num_rows
+    batches = [_manifest_batch(m.slice(off, MANIFEST_BATCH), ctx) for off in range(0, given, MANIFEST_BATCH)]
+    del m, img  # the manifest's own columns, before the sort copies the table
     table = pa.Table.from_batches(batches, MANIFEST_SCHEMA)
-    table = table.take(pc.sort_indices(table, [("uri", "ascending")]))  # stable: a duplicate's first copy first
+    del batches
+    if not storage.is_sorted(table.column("uri")):
+        table = table.take(pc.sort_indices(table, [("uri", "ascending")]))  # stable: a duplicate's first copy first
     first = np.r_[True, pc.not_equal(table.column("uri")[1:], table.column("uri")[:-1]).to_numpy(zero_copy_only=False)]
     if not first.all():
         log.warning("the manifest %s lists %d image URI(s) more than once: each is read and scored once", uri,
@@ -205,7 +208,7 @@ def manifest_table(uri: str, opts: dict, what: str, exclude: str | None = None, 
         table = table.filter(pa.array(first))
     log.info("%s: %d images from the manifest %s (%d refused by their entry)", what, table.num_rows, uri,
              table.num_rows - table.column("error").null_count)
-    return table, m.num_rows
+    return table, given
 
 
 class _ManifestContext:

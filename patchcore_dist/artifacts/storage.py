@@ -329,7 +329,7 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url
 # (never a Python object per file), so memory is the Arrow columns plus one batch.
 LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
                             ("ctime", pa.float64()), ("etag", pa.string()), ("error", pa.string())])
-LISTING_BATCH = 65536
+LISTING_BATCH = 16384
 
 
 class _Columns:
@@ -363,7 +363,14 @@ class _Columns:
         self.flush()
         t = pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA)
         self.batches = []
-        return t.take(pc.sort_indices(t, [("uri", "ascending")])) if t.num_rows > 1 else t
+        return t if is_sorted(t.column("uri")) else t.take(pc.sort_indices(t, [("uri", "ascending")]))
+
+
+def is_sorted(values: pa.ChunkedArray | pa.Array, strict: bool = False) -> bool:
+    """Whether ``values`` (no nulls) are in ascending order (``strict``: and distinct); one pass, no copy."""
+    if len(values) < 2:
+        return True
+    return bool(pc.all((pc.less if strict else pc.less_equal)(values[:-1], values[1:])).as_py())
 
 
 def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
@@ -585,13 +592,14 @@ def _walk(root: str):
                 raise
             log.warning("cannot list the folder %r: %s", rel_dir, e.strerror or e)
             continue
-        prefix = rel_dir + "/" if rel_dir else ""
+        prefix, folders = (rel_dir + "/" if rel_dir else ""), []
         for entry in entries:
             rel = prefix + entry.name
             if entry.is_dir(follow_symlinks=False):
-                stack.append(rel)
+                folders.append(rel)
             else:
                 yield rel, entry
+        stack.extend(reversed(folders))  # folders in name order: a tree of folders of files comes out sorted
 
 
 def _add(out: _Columns, escaped: list, rel: str, st: os.stat_result, error: str | None = None) -> None:

@@ -201,7 +201,9 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
             unchanged &= ~verify
     else:
         unchanged, known = np.zeros(entries.num_rows, bool), pa.nulls(entries.num_rows, pa.string())
-    todo = entries.append_column("known_digest", known).filter(pa.array(~unchanged))
+    todo = entries.append_column("known_digest", known)
+    if unchanged.any():  # (a filter copies every column, even when it keeps every row)
+        todo = todo.filter(pa.array(~unchanged))
     log.info("score: %d images under %s with model %s (digest %s, bank %d x %d) -> %s", entries.num_rows, images,
              model_uri, model.digest, *model.bank.shape, output)
     if todo.num_rows and todo.num_rows < entries.num_rows:
