@@ -28,7 +28,7 @@ from ..artifacts import storage
 from ..artifacts.inputs import image_table
 from ..artifacts.model import LoadedModel, load_model
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
-from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables, previous, scores_uri
+from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables, previous_rows, scores_uri
 from ..config import Config, load_config
 from ..core import calibration
 from ..errors import JobError, ModelError
@@ -56,6 +56,8 @@ class ScorePlan:
     threshold: float | None     # the model's calibrated decision threshold
     images: str = ""            # the listed URI (a folder, or a manifest)
     given: int | None = None    # how many URIs the manifest gave (None: a folder was listed)
+    first_time: np.ndarray | None = None  # per todo row: no row of this model at all at ``version`` (appended)
+    version: int | None = None  # the score table's version the plan read
 
     @property
     def peak_normalise(self) -> bool:
@@ -195,8 +197,10 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
         entries = entries.drop_columns(["verify"])
     if not dry_run:
         open_tables(output, opts)
+    first_time, version = np.zeros(entries.num_rows, bool), None
     if rescore == "changed":
-        unchanged, known = previous(output, model.digest, entries, opts)
+        prev = previous_rows(output, model.digest, entries, opts)
+        unchanged, known, first_time, version = prev.unchanged, prev.known, ~prev.exists, prev.version
         if verify is not None:
             unchanged &= ~verify
     else:
@@ -210,7 +214,7 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
         log.info("incremental: %d of %d images already scored by this model; reading %d new or changed",
                  entries.num_rows - todo.num_rows, entries.num_rows, todo.num_rows)
     return ScorePlan(model_uri, model, config, output, entries, todo, _heatmap_range(model, config),
-                     decision_threshold(model), images, given)
+                     decision_threshold(model), images, given, first_time[~unchanged], version)
 
 
 def decision_threshold(model: LoadedModel) -> float | None:
@@ -338,7 +342,7 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
     def flush():
         rows = pa.concat_tables([r for r, _ in pending])
         grids = [g for _, g in pending if g is not None]
-        commit(plan.output, plan.digest, rows, opts, pa.concat_tables(grids) if grids else None)
+        commit(plan.output, plan.digest, rows, opts, pa.concat_tables(grids) if grids else None, plan.version, run)
         counts["commits"] += 1
         pending.clear()
     for batch in _with_refused(plan, scored_batches(plan, ds) if ds else ()):
@@ -349,6 +353,8 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
             continue
         seen[idx[keep]] = True
         rows, grids = batch_tables(batch, keep, plan, run, now)
+        if plan.first_time is not None:  # appended, not merged, when safe (artifacts.scores.commit)
+            rows = rows.append_column("first_time", pa.array(plan.first_time[idx[keep]]))
         pending.append((rows, grids))
         unchanged = rows.column("unchanged").to_numpy(zero_copy_only=False)
         counts["rows"] += rows.num_rows
