@@ -291,11 +291,13 @@ def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np
     return p.unchanged, p.known
 
 
-def previous_rows(output: str, model: str, listing: pa.Table, opts: dict) -> Previous:
+def previous_rows(output: str, model: str, listing: pa.Table, opts: dict, verify: np.ndarray | None = None) -> Previous:
     """What this model's live rows say about the listed files (``listing``: uri, size, mtime, ctime,
     etag; sorted by uri): per file, whether its successful row has the same size, mtime, ctime and
     ETag (nulls equal), i.e. it need not be read; the successful row's digest where the file changed
-    (null elsewhere: no previous result); whether it has any row; and the version read.
+    (null elsewhere: no previous result); whether it has any row; and the version read. ``verify``
+    (bool per file): files whose equal statistics prove nothing (a manifest's S3 entry without an
+    ETag): never unchanged, read and compared with the row's digest.
 
     Reads the partition's image, file-statistic, digest and error columns in batches of
     PLAN_BATCH_ROWS and matches each batch against the listing by binary search: memory is the
@@ -310,7 +312,7 @@ def previous_rows(output: str, model: str, listing: pa.Table, opts: dict) -> Pre
     if not storage.is_sorted(uri, strict=True):
         if not storage.is_sorted(uri):
             raise ValueError("internal error: the listing must be sorted by uri")
-        return _with_duplicates(output, model, listing, opts)
+        return _with_duplicates(output, model, listing, opts, verify)
     file_schema = pa.schema([f for f in _stored(SCORE_SCHEMA) if f.name != "model"])
     ds = delta.dataset(dt, scores_uri(output), opts, file_schema, where=[("model", "=", model)])
     known_idx, known_digest = [np.zeros(0, np.int64)], [pa.array([], pa.string())]
@@ -321,6 +323,8 @@ def previous_rows(output: str, model: str, listing: pa.Table, opts: dict) -> Pre
             exists[li] = True
             ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)[bi]
             bi, li, same = bi[ok], li[ok], same[ok]
+            if verify is not None:
+                same &= ~verify[li]
             unchanged[li[same]] = True
             known_idx.append(li[~same])
             known_digest.append(batch.column("digest").take(bi[~same]))
@@ -332,7 +336,7 @@ def previous_rows(output: str, model: str, listing: pa.Table, opts: dict) -> Pre
                     dt.version())
 
 
-def _with_duplicates(output: str, model: str, listing: pa.Table, opts: dict) -> Previous:
+def _with_duplicates(output: str, model: str, listing: pa.Table, opts: dict, verify: np.ndarray | None) -> Previous:
     """:func:`previous_rows` for a listing that holds a URI more than once (no listing of ours does):
     the plan of its distinct URIs, each copy given its first copy's answer (its rows commit as one row)."""
     uri = listing.column("uri")
@@ -340,7 +344,7 @@ def _with_duplicates(output: str, model: str, listing: pa.Table, opts: dict) -> 
     first = np.flatnonzero(start)
     log.warning("the listing holds %d URI(s) more than once; each is planned (and committed) once",
                 listing.num_rows - len(first))
-    p = previous_rows(output, model, listing.take(first), opts)
+    p = previous_rows(output, model, listing.take(first), opts, None if verify is None else verify[first])
     copy_of = np.cumsum(start) - 1  # the position of each row's first copy among the distinct URIs
     return Previous(p.unchanged[copy_of], p.known.take(pa.array(copy_of)), p.exists[copy_of], p.version)
 

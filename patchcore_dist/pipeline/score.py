@@ -199,10 +199,8 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
         open_tables(output, opts)
     first_time, version = np.zeros(entries.num_rows, bool), None
     if rescore == "changed":
-        prev = previous_rows(output, model.digest, entries, opts)
+        prev = previous_rows(output, model.digest, entries, opts, verify)
         unchanged, known, first_time, version = prev.unchanged, prev.known, ~prev.exists, prev.version
-        if verify is not None:
-            unchanged &= ~verify
     else:
         unchanged, known = np.zeros(entries.num_rows, bool), pa.nulls(entries.num_rows, pa.string())
     todo = entries.append_column("known_digest", known)
@@ -432,7 +430,7 @@ def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) 
         "height": pa.array(b["height"], pa.int32()), "width": pa.array(b["width"], pa.int32()),
         "model": pa.array([plan.digest] * n, pa.string()), "error": err,
         "warning": _strings(b["warning"]) if "warning" in b else pa.nulls(n, pa.string()), "digest": _strings(b["digest"]),
-        "size": pa.array(b["size"], pa.int64()), "mtime": pa.array(b["mtime"], pa.float64(), from_pandas=True),
+        "size": pa.array(b["size"], pa.int64(), from_pandas=True), "mtime": pa.array(b["mtime"], pa.float64(), from_pandas=True),
         "ctime": pa.array(b["ctime"], pa.float64(), from_pandas=True), "etag": _strings(b["etag"]),
         "decode_ms": pa.array(b["decode_ms"], pa.float32()), "score_ms": pa.array(b["score_ms"], pa.float32()),
         "scored_at": pa.array(np.full(n, now), pa.timestamp("s", tz="UTC")), "run": pa.array([run] * n, pa.string()),
