@@ -1,6 +1,6 @@
 """Listing and planning at scale (issue 29): a folder of N empty image files in F subfolders, and a
 Parquet manifest of the same URIs, each planned by `patchcore score --dry-run` as a fresh process
-under /usr/bin/time -v (peak RSS, wall time). Also times the listing alone (`--listing-only`).
+under /usr/bin/time -v (peak RSS, wall time).
 
     python benchmarks/listing_scale.py --files 1000000 --folders 1000 [--keep DIR]
 
@@ -75,12 +75,38 @@ def fit_model(base: str, env: dict) -> str:
     return model
 
 
+def write_table(images: str, model: str, out: str) -> None:
+    """A score table under ``out`` with a successful row for every file under ``images`` (the listing's
+    statistics), as a scheduled run finds it: the dry run then plans every image as unchanged."""
+    import datetime as dt
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from patchcore_dist.artifacts.inputs import listing_table
+    from patchcore_dist.artifacts.model import load_model
+    from patchcore_dist.artifacts.scores import SCORE_SCHEMA, _conform, _stored, open_tables, scores_uri
+    digest = load_model(model, {}).digest
+    listing = listing_table(images, {}, "images")
+    n = listing.num_rows
+    rows = pa.table({"image": listing.column("uri"), "score": pa.array([1.0] * n), "model": [digest] * n,
+                     "digest": ["0" * 64] * n, "size": listing.column("size"), "mtime": listing.column("mtime"),
+                     "ctime": listing.column("ctime"), "etag": listing.column("etag"),
+                     "scored_at": pa.array([dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)] * n,
+                                           pa.timestamp("s", tz="UTC")), "run": ["bench"] * n})
+    open_tables(out, {})
+    write_deltalake(scores_uri(out), _conform(rows, _stored(SCORE_SCHEMA)), mode="append", partition_by=["model"])
+    print(f"wrote a score table of {n} rows under {out}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=1_000_000)
     ap.add_argument("--folders", type=int, default=1000)
     ap.add_argument("--keep", help="build (or reuse) the tree in this folder and keep it")
     ap.add_argument("--model", help="an existing model (else one is fitted)")
+    ap.add_argument("--with-table", action="store_true",
+                    help="also a dry run over the folder into an output whose table has a row for every file")
     a = ap.parse_args()
     base = a.keep or tempfile.mkdtemp(prefix="listing-scale-", dir=os.path.join(ROOT, "benchmarks"))
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -93,12 +119,19 @@ def main() -> None:
             make_manifest(images, manifest)
         model = a.model or (os.path.join(base, "model") if os.path.exists(os.path.join(base, "model", "manifest.json"))
                             else fit_model(base, env))
-        for what, src in (("folder", images), ("manifest", manifest)):
-            out = os.path.join(base, f"out-{what}")
+        runs = [("folder", images, os.path.join(base, "out-folder")),
+                ("manifest", manifest, os.path.join(base, "out-manifest"))]
+        if a.with_table:
+            table_out = os.path.join(base, "out-table")
+            if not os.path.exists(table_out):
+                sys.path.insert(0, ROOT)
+                write_table(images, model, table_out)
+            runs.append(("folder, every image in the table", images, table_out))
+        for what, src, out in runs:
             r = timed([sys.executable, "-m", "patchcore_dist.cli", "score", "--dry-run", "--model", model,
                        "--images", src, "--output", out], env)
             print(f"dry run over the {what}: exit {r['rc']}, {r['seconds']:.1f} s, peak RSS {r['peak_mb']:.0f} MB, "
-                  f"output folder created: {os.path.exists(out)}\n{r['out']}", flush=True)
+                  f"output folder exists afterwards: {os.path.exists(out)}\n{r['out']}", flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)
