@@ -368,9 +368,14 @@ class _Columns:
 
 def is_sorted(values: pa.ChunkedArray | pa.Array, strict: bool = False) -> bool:
     """Whether ``values`` (no nulls) are in ascending order (``strict``: and distinct); one pass, no copy."""
-    if len(values) < 2:
-        return True
-    return bool(pc.all((pc.less if strict else pc.less_equal)(values[:-1], values[1:])).as_py())
+    chunks = [c for c in (values.chunks if isinstance(values, pa.ChunkedArray) else [values]) if len(c)]
+    cmp = pc.less if strict else pc.less_equal
+    for i, c in enumerate(chunks):  # within each chunk (slices of one array: no copy), then across chunks
+        if len(c) > 1 and not pc.all(cmp(c[:-1], c[1:])).as_py():
+            return False
+        if i and not cmp(chunks[i - 1][-1], c[0]).as_py():
+            return False
+    return True
 
 
 def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
@@ -490,8 +495,7 @@ def _distinct(escaped: list[dict], valid: pa.ChunkedArray | pa.Array) -> list[di
     entry has its own URI. ``valid``: the relative paths of the files with valid names, which always
     keep their own (the job reads them by that name)."""
     names = pa.array([e["rel"] for e in escaped], pa.string())
-    clash = set(pc.filter(names, pc.is_in(names, value_set=pa.array(valid, pa.string()))).to_pylist()) \
-        if len(valid) else set()
+    clash = set(pc.filter(names, pc.is_in(names, value_set=valid)).to_pylist()) if len(valid) else set()
     taken = {e["rel"] for e in escaped} | clash
     counts: dict[str, int] = {}
     for e in escaped:
@@ -551,8 +555,10 @@ def _local_files(root: str, extensions: tuple[str, ...] | None, out: _Columns) -
     seen = _linked_inodes(links, devs, inos)
     for rel, path in links:
         _link_entry(rel, path, real_root, seen, extensions, out, escaped)
+    if not escaped:
+        return
     out.flush()
-    valid = pa.concat_arrays([b.column("rel") for b in out.batches]) if out.batches else pa.array([], pa.string())
+    valid = pa.chunked_array([b.column("rel") for b in out.batches], pa.string())
     for e in _distinct(escaped, valid):
         out.add(e["rel"], e["size"], e["mtime_ns"], e["ctime"], None, e["error"])
 
