@@ -222,10 +222,11 @@ class _ManifestContext:
         self.excluded = _prefixes(exclude)
         self.roots = _prefixes(root)
         self.root = root
+        self.bases = self.roots if root is not None else _prefixes(self.base)  # once: realpath is a syscall per part
 
     def under_root(self, u: str) -> str | None:
         """``u`` relative to --images-root (or the manifest's folder when there is no root); None outside."""
-        for p in self.roots if self.root is not None else _prefixes(self.base):
+        for p in self.bases:
             if u.startswith(p):
                 return u[len(p):]
         return None
