@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -161,36 +162,109 @@ def _unique(rows: pa.Table) -> pa.Table:
     return rows.take(np.sort(last.column("__i_max").to_numpy()))
 
 
-def commit(output: str, model: str, rows: pa.Table, opts: dict, grids: pa.Table | None = None) -> dict:
+def commit(output: str, model: str, rows: pa.Table, opts: dict, grids: pa.Table | None = None,
+           since: int | None = None, run: str | None = None) -> dict:
     """Commit score rows of one model atomically: the grids (if any) are appended to their table,
     then one MERGE on (model, image) puts the rows into the score table, retried on a new version
     while concurrent commits overtake it.
 
     ``rows``: SCORE_SCHEMA columns plus ``unchanged`` (bool): a row for an image whose file was read
     again and found to have its previous digest, which only updates that row's file statistics.
-    A scored row replaces a live row scored no later than itself; a new image is inserted. Returns
-    delta-rs's merge metrics.
+    A scored row replaces a live row scored no later than itself; a new image is inserted. Optional
+    ``first_time`` (bool): the image had no row of this model at table version ``since`` (the version
+    the plan read); such rows are appended without a MERGE when that is safe (:func:`_append_new`),
+    else they join the MERGE. ``run`` tags this run's commits (its own commits never count as
+    concurrent). Returns delta-rs's merge metrics and ``appended`` (rows appended).
     """
     if not _MODEL.match(model):
         raise StorageError(f"not a model digest: {model!r}")
     uri = scores_uri(output)
     merge_schema = _stored(SCORE_SCHEMA).append(pa.field("unchanged", pa.bool_()))
-    source = _conform(_unique(rows), merge_schema)
+    rows = _unique(rows)
+    first = (pc.fill_null(rows.column("first_time"), False) if "first_time" in rows.column_names and since is not None
+             else pa.array(np.zeros(rows.num_rows, bool)))
+    new, old = rows.filter(first), rows.filter(pc.invert(first))
     if grids is not None and grids.num_rows:
         _append(grids_uri(output), _conform(grids, _stored(GRID_SCHEMA)), opts)
     if os.environ.get(KILL_BEFORE_COMMIT):
         log.warning("%s is set: exiting before the commit", KILL_BEFORE_COMMIT)
         os._exit(75)
-    return delta.retry_commits(lambda: _merge(uri, opts, model, source), f"committing {source.num_rows} score rows to {uri}")
+    appended = 0
+    if new.num_rows and _append_new(uri, opts, model, _conform(new, _stored(SCORE_SCHEMA)), since, run):
+        appended = new.num_rows
+    elif new.num_rows:
+        old = pa.concat_tables([old, new])
+    metrics = {}
+    if old.num_rows:
+        source = _conform(old, merge_schema)
+        metrics = delta.retry_commits(lambda: _merge(uri, opts, model, source, run),
+                                      f"committing {source.num_rows} score rows to {uri}")
+    return {**metrics, "appended": appended}
 
 
-def _merge(uri: str, opts: dict, model: str, source: pa.Table) -> dict:
+APPEND_ATTEMPTS = 8        # appends tried while other commits take the next version (then: MERGE)
+APPEND_MAX_VERSIONS = 1000  # more versions than this since the plan read the table: MERGE (no log walk)
+
+
+def _append_new(uri: str, opts: dict, model: str, rows: pa.Table, since: int, run: str | None) -> bool:
+    """Append the rows of images that had no row of this model at version ``since``, if no other
+    commit since then added data to the model's partition (:func:`_partition_touched`); True when
+    appended, False when the caller must MERGE them (which is always correct).
+
+    Safe against concurrent runs: the append is committed on the exact version that was checked
+    (``max_commit_retries=0``: when another commit takes that version first, delta-rs fails it and
+    the new versions are checked again), so no version between the plan's read and the append
+    inserted one of these images. It is recorded as not a blind append, so a concurrent MERGE that
+    read the partition before it conflicts and runs again over it (delta-rs also conflicts a
+    MERGE with a concurrent blind append into its partition; tested)."""
+    from deltalake import CommitProperties, write_deltalake
+    from deltalake.exceptions import CommitFailedError
+    meta = {"isBlindAppend": False, **({"patchcore.run": run} if run else {})}
+    for _ in range(APPEND_ATTEMPTS):
+        dt = delta.load(uri, opts)
+        if dt is None or _partition_touched(uri, opts, model, since, dt.version(), run):
+            return False
+        try:
+            write_deltalake(dt, rows, mode="append", partition_by=["model"],
+                            commit_properties=CommitProperties(max_commit_retries=0, custom_metadata=meta))
+            return True
+        except CommitFailedError:
+            continue
+        except Exception as e:  # e.g. a table whose columns are in another order: the MERGE handles it
+            log.debug("append of %d new rows to %s not possible (%s): merged instead", rows.num_rows, uri, e)
+            return False
+    return False
+
+
+def _partition_touched(uri: str, opts: dict, model: str, since: int, until: int, run: str | None) -> bool:
+    """Whether a commit after version ``since`` up to ``until``, other than this run's own, added data
+    files to the model's partition (read from the table's log entries; a missing entry counts)."""
+    import json
+    if until - since > APPEND_MAX_VERSIONS:
+        return True
+    for version in range(since + 1, until + 1):
+        try:
+            lines = storage.read_bytes(storage.join(uri, "_delta_log", f"{version:020d}.json"), **opts).splitlines()
+        except (FileNotFoundError, StorageError):
+            return True
+        actions = [json.loads(line) for line in lines if line.strip()]
+        if run and any(a.get("commitInfo", {}).get("patchcore.run") == run for a in actions):
+            continue
+        if any(a["add"].get("dataChange", True) and (a["add"].get("partitionValues") or {}).get("model") == model
+               for a in actions if "add" in a):
+            return True
+    return False
+
+
+def _merge(uri: str, opts: dict, model: str, source: pa.Table, run: str | None = None) -> dict:
+    from deltalake import CommitProperties
     from deltalake.exceptions import CommitFailedError
     dt = delta.load(uri, opts) or delta.create(uri, opts, _stored(SCORE_SCHEMA), ["model"])
     stats = {c: f"s.{c}" for c in STAT_COLUMNS}
+    tag = CommitProperties(custom_metadata={"patchcore.run": run}) if run else None
     try:
         return (dt.merge(source, predicate=f"t.model = '{model}' AND t.model = s.model AND t.image = s.image",
-                         source_alias="s", target_alias="t", streamed_exec=False)
+                         source_alias="s", target_alias="t", streamed_exec=False, commit_properties=tag)
                 .when_matched_update(stats, predicate="s.unchanged AND t.digest = s.digest")
                 .when_matched_update_all(predicate="NOT s.unchanged AND s.scored_at >= t.scored_at",
                                          except_cols=["unchanged"])
@@ -202,34 +276,55 @@ def _merge(uri: str, opts: dict, model: str, source: pa.Table) -> dict:
         raise delta.unreadable(dt.to_pyarrow_dataset(file_pruning_predicate=[("model", "=", model)]), uri, e) from None
 
 
-def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np.ndarray, pa.Array]:
-    """What this model's live successful rows say about the listed files (``listing``: uri, size,
-    mtime, ctime, etag; sorted by uri): per file, whether its row has the same size, mtime, ctime
-    and ETag (nulls equal), i.e. it need not be read, and the row's digest where there is a row but
-    the file changed (null elsewhere: no previous result).
+@dataclass
+class Previous:
+    """What the plan learns from the table (:func:`previous_rows`), per listed file."""
+    unchanged: np.ndarray       # a successful row with the same size, mtime, ctime and ETag: not read
+    known: pa.Array             # the digest of the successful row where the file changed (null: none)
+    exists: np.ndarray          # any row of this model (successful or an error row)
+    version: int | None         # the table version read (None: no table)
 
-    Reads the partition's image, file-statistic and digest columns in batches of PLAN_BATCH_ROWS
-    and matches each batch against the listing by binary search: memory is the listing plus one
-    byte per file plus one batch, whatever the table's size.
+
+def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np.ndarray, pa.Array]:
+    """:func:`previous_rows`' unchanged files and known digests."""
+    p = previous_rows(output, model, listing, opts)
+    return p.unchanged, p.known
+
+
+def previous_rows(output: str, model: str, listing: pa.Table, opts: dict, verify: np.ndarray | None = None) -> Previous:
+    """What this model's live rows say about the listed files (``listing``: uri, size, mtime, ctime,
+    etag; sorted by uri): per file, whether its successful row has the same size, mtime, ctime and
+    ETag (nulls equal), i.e. it need not be read; the successful row's digest where the file changed
+    (null elsewhere: no previous result); whether it has any row; and the version read. ``verify``
+    (bool per file): files whose equal statistics prove nothing (a manifest's S3 entry without an
+    ETag): never unchanged, read and compared with the row's digest.
+
+    Reads the partition's image, file-statistic, digest and error columns in batches of
+    PLAN_BATCH_ROWS and matches each batch against the listing by binary search: memory is the
+    listing plus two bytes per file plus one batch, whatever the table's size.
     """
     n = listing.num_rows
-    unchanged = np.zeros(n, bool)
+    unchanged, exists = np.zeros(n, bool), np.zeros(n, bool)
     dt = delta.load(scores_uri(output), opts)
     if dt is None or n == 0:
-        return unchanged, pa.nulls(n, pa.string())
+        return Previous(unchanged, pa.nulls(n, pa.string()), exists, dt and dt.version())
     uri = listing.column("uri")  # as it is: combining chunks would copy it
-    if n > 1 and not pc.all(pc.less(uri[:-1], uri[1:])).as_py():
-        if not pc.all(pc.less_equal(uri[:-1], uri[1:])).as_py():
+    if not storage.is_sorted(uri, strict=True):
+        if not storage.is_sorted(uri):
             raise ValueError("internal error: the listing must be sorted by uri")
-        return _with_duplicates(output, model, listing, opts)
+        return _with_duplicates(output, model, listing, opts, verify)
     file_schema = pa.schema([f for f in _stored(SCORE_SCHEMA) if f.name != "model"])
     ds = delta.dataset(dt, scores_uri(output), opts, file_schema, where=[("model", "=", model)])
     known_idx, known_digest = [np.zeros(0, np.int64)], [pa.array([], pa.string())]
     try:
-        for batch in ds.to_batches(columns=["image", *STAT_COLUMNS, "digest"], filter=pc.field("error").is_null(),
-                                   batch_size=PLAN_BATCH_ROWS, batch_readahead=0, fragment_readahead=0,
-                                   use_threads=False):
+        for batch in ds.to_batches(columns=["image", *STAT_COLUMNS, "digest", "error"], batch_size=PLAN_BATCH_ROWS,
+                                   batch_readahead=0, fragment_readahead=0, use_threads=False):
             bi, li, same = _match(uri, listing, batch)
+            exists[li] = True
+            ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)[bi]
+            bi, li, same = bi[ok], li[ok], same[ok]
+            if verify is not None:
+                same &= ~verify[li]
             unchanged[li[same]] = True
             known_idx.append(li[~same])
             known_digest.append(batch.column("digest").take(bi[~same]))
@@ -237,20 +332,21 @@ def previous(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np
         raise delta.unreadable(ds, scores_uri(output), e) from None
     where = np.full(n, -1, np.int64)
     where[np.concatenate(known_idx)] = np.arange(sum(len(i) for i in known_idx))
-    return unchanged, pa.concat_arrays(known_digest).take(pa.array(where, mask=where < 0))
+    return Previous(unchanged, pa.concat_arrays(known_digest).take(pa.array(where, mask=where < 0)), exists,
+                    dt.version())
 
 
-def _with_duplicates(output: str, model: str, listing: pa.Table, opts: dict) -> tuple[np.ndarray, pa.Array]:
-    """:func:`previous` for a listing that holds a URI more than once (no listing of ours does): the
-    plan of its distinct URIs, each copy given its first copy's answer (its rows commit as one row)."""
+def _with_duplicates(output: str, model: str, listing: pa.Table, opts: dict, verify: np.ndarray | None) -> Previous:
+    """:func:`previous_rows` for a listing that holds a URI more than once (no listing of ours does):
+    the plan of its distinct URIs, each copy given its first copy's answer (its rows commit as one row)."""
     uri = listing.column("uri")
     start = np.r_[True, pc.not_equal(uri[1:], uri[:-1]).to_numpy(zero_copy_only=False)]
     first = np.flatnonzero(start)
     log.warning("the listing holds %d URI(s) more than once; each is planned (and committed) once",
                 listing.num_rows - len(first))
-    unchanged, known = previous(output, model, listing.take(first), opts)
+    p = previous_rows(output, model, listing.take(first), opts, None if verify is None else verify[first])
     copy_of = np.cumsum(start) - 1  # the position of each row's first copy among the distinct URIs
-    return unchanged[copy_of], known.take(pa.array(copy_of))
+    return Previous(p.unchanged[copy_of], p.known.take(pa.array(copy_of)), p.exists[copy_of], p.version)
 
 
 def _match(uri: pa.ChunkedArray, listing: pa.Table, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

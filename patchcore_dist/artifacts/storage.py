@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
+import operator
 import os
 import posixpath
 import re
@@ -18,6 +19,7 @@ from functools import lru_cache
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from ..errors import StorageError
@@ -319,19 +321,80 @@ def holds_anything(uri: str, endpoint_url: str | None = None, region: str | None
 def list_files(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
                region: str | None = None) -> list[tuple[str, str]]:
     """All files under ``uri`` (recursive), sorted, as (full URI, path relative to ``uri``)."""
-    return [(e["uri"], e["rel"]) for e in list_entries(uri, extensions, endpoint_url, region)]
+    t = list_table(uri, extensions, endpoint_url, region)
+    return list(zip(t.column("uri").to_pylist(), t.column("rel").to_pylist()))
+
+
+# A listing as Arrow: one row per file. Listings build it in record batches of LISTING_BATCH rows
+# (never a Python object per file), so memory is the Arrow columns plus one batch.
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
+                            ("ctime", pa.float64()), ("etag", pa.string()), ("error", pa.string())])
+LISTING_BATCH = 16384
+
+
+class _Columns:
+    """Listed files gathered column by column and flushed as record batches of LISTING_BATCH rows;
+    the URI is ``prefix + rel``."""
+
+    def __init__(self, prefix: str, mtime_ns: bool = False):
+        self.prefix, self.batches, self.mtime_ns = prefix, [], mtime_ns  # mtime_ns: add() gets st_mtime_ns
+        self.cols: dict[str, list] = {f.name: [] for f in LISTING_SCHEMA if f.name != "uri"}
+
+    def add(self, rel: str, size, mtime, ctime, etag, error) -> None:
+        c = self.cols
+        c["rel"].append(rel), c["size"].append(size), c["mtime"].append(mtime), c["ctime"].append(ctime)
+        c["etag"].append(etag), c["error"].append(error)
+        if len(c["rel"]) >= LISTING_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        rel = self.cols["rel"]
+        if rel:
+            uri = pa.array([self.prefix + r for r in rel], pa.string())
+            cols = dict(self.cols, mtime=_mtimes(self.cols["mtime"]) if self.mtime_ns else self.cols["mtime"])
+            self.batches.append(pa.RecordBatch.from_arrays(
+                [uri] + [pa.array(cols[f.name], f.type) for f in LISTING_SCHEMA if f.name != "uri"],
+                schema=LISTING_SCHEMA))
+            for v in self.cols.values():  # cleared in place: the listing appends to these very lists
+                v.clear()
+
+    def table(self) -> pa.Table:
+        """Every batch, as one table sorted by URI."""
+        self.flush()
+        t = pa.Table.from_batches(self.batches, schema=LISTING_SCHEMA)
+        self.batches = []
+        return t if is_sorted(t.column("uri")) else t.take(pc.sort_indices(t, [("uri", "ascending")]))
+
+
+def is_sorted(values: pa.ChunkedArray | pa.Array, strict: bool = False) -> bool:
+    """Whether ``values`` (no nulls) are in ascending order (``strict``: and distinct); one pass, no copy."""
+    chunks = [c for c in (values.chunks if isinstance(values, pa.ChunkedArray) else [values]) if len(c)]
+    cmp = pc.less if strict else pc.less_equal
+    for i, c in enumerate(chunks):  # within each chunk (slices of one array: no copy), then across chunks
+        if len(c) > 1 and not pc.all(cmp(c[:-1], c[1:])).as_py():
+            return False
+        if i and not cmp(chunks[i - 1][-1], c[0]).as_py():
+            return False
+    return True
 
 
 def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
                  region: str | None = None) -> list[dict]:
-    """All files under ``uri`` (recursive), sorted by URI, as dicts: uri, rel (path relative to ``uri``),
-    size, mtime, ctime (local files: the status change time, which no tool can set back; else None),
-    etag (S3 objects: the ETag, which changes with the content; else None), and error: None, or why
-    the file cannot be read by its name (the jobs give it an error row without reading it).
+    """:func:`list_table` as dicts (one per file): for small folders and the tests."""
+    return list_table(uri, extensions, endpoint_url, region).to_pylist()
+
+
+def list_table(uri: str, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None,
+               region: str | None = None) -> pa.Table:
+    """All files under ``uri`` (recursive), sorted by URI, as a LISTING_SCHEMA table: uri, rel (path
+    relative to ``uri``), size, mtime, ctime (local files: the status change time, which no tool can
+    set back; else null), etag (S3 objects: the ETag, which changes with the content; else null), and
+    error: null, or why the file cannot be read by its name (the jobs give it an error row without
+    reading it). Built in record batches (:class:`_Columns`), never a Python object per file.
 
     ctime and etag come from the listing itself, with no read of any file: on local disks the
     ``os.stat`` the walk makes anyway, on S3 the ETag that ``ListObjectsV2`` returns with every key
-    (pyarrow's listing drops it, so S3 folders are listed through boto3; same requests).
+    (pyarrow's listing drops it, so S3 folders are listed through boto3, page by page; same requests).
 
     Local folders follow the link policy of :func:`_local_files` (no loops, nothing outside the root,
     each file once; FIFOs, sockets and devices skipped with a log line). Temporary files of our own
@@ -339,29 +402,36 @@ def list_entries(uri: str, extensions: tuple[str, ...] | None = None, endpoint_u
     when ``uri`` does not exist.
     """
     fs, root = resolve(uri, endpoint_url, region)
+    # Normalised, so that the same file always gets the same URI (one row per image across runs).
+    # An S3 key is kept as it is (join would merge its empty segments).
+    base = uri.rstrip("/") if is_s3(uri) else ("file://" + root if uri.startswith("file://") else root)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    out = _Columns(base if base.endswith("/") and not is_s3(uri) else base + "/", mtime_ns=local)
     try:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"not found: {uri}")
         if info.type == pafs.FileType.File:
-            mtime = info.mtime.timestamp() if info.mtime is not None else None
-            full = uri if is_s3(uri) or uri.startswith("file://") else root
-            ctime = None if is_s3(uri) else os.stat(root).st_ctime
-            etag = _s3_listing(uri, endpoint_url, region)[2][0][4] if is_s3(uri) else None
-            return [{"uri": full, "rel": posixpath.basename(root), "size": info.size, "mtime": mtime, "ctime": ctime,
-                     "etag": etag, "error": None}]
-        local = isinstance(fs, pafs.LocalFileSystem)
-        found = (_local_files(root, extensions) if local
-                 else _object_files(uri, root, extensions, endpoint_url, region))
+            return _single_file(uri, root, info, endpoint_url, region)
+        if local:
+            _local_files(root, extensions, out)
+        else:
+            _object_files(uri, root, extensions, endpoint_url, region, out)
     except FileNotFoundError:
         raise
     except Exception as e:
         raise _wrap(uri, e) from None
-    # Normalised, so that the same file always gets the same URI (one row per image across runs).
-    base = uri.rstrip("/") if is_s3(uri) else ("file://" + root if uri.startswith("file://") else root)
-    def full(rel):  # an S3 key is kept as it is (join would merge its empty segments)
-        return base + "/" + rel if is_s3(uri) else join(base, rel)
-    return sorted((dict(f, uri=full(f["rel"])) for f in found), key=lambda e: e["uri"])
+    return out.table()
+
+
+def _single_file(uri: str, root: str, info, endpoint_url: str | None, region: str | None) -> pa.Table:
+    """The listing of a URI that names one file."""
+    mtime = info.mtime.timestamp() if info.mtime is not None else None
+    full = uri if is_s3(uri) or uri.startswith("file://") else root
+    ctime = None if is_s3(uri) else os.stat(root).st_ctime
+    etag = _s3_listing(uri, endpoint_url, region)[2][0][4] if is_s3(uri) else None
+    return pa.Table.from_pylist([{"uri": full, "rel": posixpath.basename(root), "size": info.size, "mtime": mtime,
+                                  "ctime": ctime, "etag": etag, "error": None}], schema=LISTING_SCHEMA)
 
 
 def _wanted(rel: str, extensions: tuple[str, ...] | None) -> bool:
@@ -370,26 +440,38 @@ def _wanted(rel: str, extensions: tuple[str, ...] | None) -> bool:
     return not _TMP.match(name) and (not extensions or name.lower().endswith(extensions))
 
 
+ODD_KEY = ("object key has an empty, '.' or '..' segment, which the S3 client cannot address exactly (it would "
+           "read another object): rename the object")
+
+
 def _object_files(uri: str, root: str, extensions: tuple[str, ...] | None, endpoint_url: str | None,
-                  region: str | None) -> list[dict]:
-    """Objects under a bucket prefix, with their ETags. A key with an empty, ``.`` or ``..`` segment
-    (``a//b.png``, ``a/./b.png``) cannot be addressed exactly through the S3 client, which would read
-    another key or none: such an object gets an error."""
-    out = []
-    for path, size, mtime, _, etag in _s3_listing(uri, endpoint_url, region)[2]:
-        if not _wanted(path, extensions):
-            continue
-        key = path.split("/", 1)[1] if "/" in path else ""
-        odd = any(part in ("", ".", "..") for part in key.split("/"))
-        out.append({"rel": path[len(root) + 1:], "size": size, "mtime": mtime, "ctime": None, "etag": etag,
-                    "error": ("object key has an empty, '.' or '..' segment, which the S3 client cannot address "
-                              "exactly (it would read another object): rename the object") if odd else None})
-    return out
+                  region: str | None, out: _Columns) -> None:
+    """Objects under a bucket prefix, with their ETags, page by page into ``out``. A key with an empty,
+    ``.`` or ``..`` segment (``a//b.png``, ``a/./b.png``) cannot be addressed exactly through the S3
+    client, which would read another key or none: such an object gets an error."""
+    for page in _s3_pages(uri, endpoint_url, region):
+        for path, size, mtime, _, etag in page:
+            if not _wanted(path, extensions):
+                continue
+            key = path.split("/", 1)[1] if "/" in path else ""
+            odd = any(part in ("", ".", "..") for part in key.split("/"))
+            out.add(path[len(root) + 1:], size, mtime, None, etag, ODD_KEY if odd else None)
 
 
-def _mtime(st: os.stat_result) -> float:
+def file_mtime(st: os.stat_result) -> float:
     """A modification time exactly as pyarrow's file info reports it (microseconds, rounded)."""
     return _dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, _dt.timezone.utc).timestamp()
+
+
+def _mtimes(ns: list[int]) -> list[float]:
+    """Modification times (``st_mtime_ns``) exactly as pyarrow's file info reports them, i.e. as
+    ``datetime.fromtimestamp(ns / 1e9, utc).timestamp()`` gives them, bit for bit, for many at once
+    (seconds split as ``datetime`` does, the microseconds rounded half to even)."""
+    import numpy as np
+    x = np.asarray(ns, np.int64) / 1e9
+    whole = np.floor(x)
+    us = np.round((x - whole) * 1e6).astype(np.int64)
+    return ((whole.astype(np.int64) * 1_000_000 + us) / 1_000_000).tolist()
 
 
 NOT_UTF8 = "file name is not valid UTF-8 (shown with \\x escapes, a backslash doubled)"
@@ -407,110 +489,162 @@ def _text_name(rel: str) -> tuple[str, str | None]:
         return raw.decode("utf-8", "backslashreplace"), f"{NOT_UTF8}: rename the file to score it"
 
 
-def _distinct(entries: list[dict]) -> list[dict]:
-    """The entries with an escaped name that another listed file has as its own name (``bad\\xff.png``
-    beside ``bad<0xff>.png``) renamed with a hash of their bytes: every entry has its own URI. A file
-    with a valid name always keeps its own (the job reads it by that name)."""
-    taken = {e["rel"] for e in entries}
+def _distinct(escaped: list[dict], valid: pa.ChunkedArray | pa.Array) -> list[dict]:
+    """The entries with an escaped name (``escaped``, in listing order) that another listed file has as
+    its own name (``bad\\xff.png`` beside ``bad<0xff>.png``) renamed with a hash of their bytes: every
+    entry has its own URI. ``valid``: the relative paths of the files with valid names, which always
+    keep their own (the job reads them by that name)."""
+    names = pa.array([e["rel"] for e in escaped], pa.string())
+    clash = set(pc.filter(names, pc.is_in(names, value_set=valid)).to_pylist()) if len(valid) else set()
+    taken = {e["rel"] for e in escaped} | clash
     counts: dict[str, int] = {}
-    for e in entries:
+    for e in escaped:
         counts[e["rel"]] = counts.get(e["rel"], 0) + 1
-    for e in entries:
-        raw = e.pop("raw", None)
-        if raw is None or counts[e["rel"]] == 1:
+    for rel in clash:
+        counts[rel] += 1
+    for e in escaped:
+        raw = e.pop("raw")
+        if counts[e["rel"]] == 1:
             continue
         counts[e["rel"]] -= 1
         stem, ext = posixpath.splitext(e["rel"])
         rel, n = f"{stem}~{_name_hash(raw)}{ext}", 1
-        while rel in taken:
+        while rel in taken or (len(valid) and pc.any(pc.equal(valid, rel)).as_py()):
             n += 1
             rel = f"{stem}~{_name_hash(raw)}-{n}{ext}"
         taken.add(rel)
         e["rel"] = rel
         e["error"] = (f"{NOT_UTF8}, and a hash of its bytes added, as another file has the escaped name: rename the "
                       "file to score it")
-    return entries
+    return escaped
 
 
-def _local_files(root: str, extensions: tuple[str, ...] | None) -> list[dict]:
-    """Files under a local folder. Link policy: directory links are never followed (a target inside
-    the root is listed under its real path; one outside is out of scope), so the walk terminates and
-    nothing outside the root is read. A file link is listed when its target lies inside the root and is
-    not listed already (under its own name or an earlier link); a link out of the root or a broken one
-    is an error. FIFOs, sockets and devices are skipped with a log line (opening a FIFO would block)."""
+def _local_files(root: str, extensions: tuple[str, ...] | None, out: _Columns) -> None:
+    """Files under a local folder, into ``out``. Link policy: directory links are never followed (a
+    target inside the root is listed under its real path; one outside is out of scope), so the walk
+    terminates and nothing outside the root is read. A file link is listed when its target lies inside
+    the root and is not listed already (under its own name or an earlier link); a link out of the root
+    or a broken one is an error. FIFOs, sockets and devices are skipped with a log line (opening a FIFO
+    would block). Regular files go straight into ``out`` (their inodes into two integer arrays, for the
+    links); links and names that are not UTF-8 (rare) are kept aside and added at the end."""
+    import array
     real_root = os.path.realpath(root)
-    regular, links, seen = [], [], set()
+    links, escaped = [], []
+    devs, inos = array.array("q"), array.array("q")
+    c = out.cols  # the common case appends to the columns directly (no call per file)
+    rels, sizes, mtimes, ctimes, etags, errors = (c[k].append for k in ("rel", "size", "mtime", "ctime", "etag",
+                                                                        "error"))
+    add_dev, add_ino = devs.append, inos.append
     for rel, entry in _walk(root):
+        name = entry.name
         if entry.is_symlink():
             links.append((rel, entry.path))
-        elif not _wanted(entry.name, extensions):
+        elif (extensions and not name.lower().endswith(extensions)) or (name[0] == "." and _TMP.match(name)):
             continue
         elif entry.is_file(follow_symlinks=False):
             st = entry.stat(follow_symlinks=False)
-            seen.add((st.st_dev, st.st_ino))
-            regular.append(_local_entry(rel, st))
+            add_dev(st.st_dev), add_ino(st.st_ino)
+            if rel.isascii():  # the common case: a valid name, as it is
+                rels(rel), sizes(st.st_size), mtimes(st.st_mtime_ns), ctimes(st.st_ctime), etags(None), errors(None)
+                if len(c["rel"]) >= LISTING_BATCH:
+                    out.flush()
+            else:
+                _add(out, escaped, rel, st)
         else:
             log.warning("skipped %r: not a regular file (%s)", rel, _kind(entry))
-    linked = (_link_entry(rel, path, real_root, seen, extensions) for rel, path in links)
-    return _distinct(regular + [e for e in linked if e])
+    seen = _linked_inodes(links, devs, inos)
+    for rel, path in links:
+        _link_entry(rel, path, real_root, seen, extensions, out, escaped)
+    if not escaped:
+        return
+    out.flush()
+    valid = pa.chunked_array([b.column("rel") for b in out.batches], pa.string())
+    for e in _distinct(escaped, valid):
+        out.add(e["rel"], e["size"], e["mtime_ns"], e["ctime"], None, e["error"])
+
+
+def _linked_inodes(links: list, devs, inos) -> set:
+    """The (device, inode) pairs of listed regular files that some link points to: the only ones the
+    link policy needs to know (a Python set of every file's inode would be an object per file)."""
+    if not links:
+        return set()
+    import numpy as np
+    targets = set()
+    for _, path in links:
+        try:
+            st = os.stat(path)
+            targets.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    d, i = np.frombuffer(devs, np.int64), np.frombuffer(inos, np.int64)
+    hit = np.isin(i, np.array([t[1] for t in targets], np.int64))
+    return {(int(a), int(b)) for a, b in zip(d[hit], i[hit])} & targets
+
+
+_NAME = operator.attrgetter("name")
 
 
 def _walk(root: str):
-    """(relative path, os.DirEntry) of everything under ``root`` but directories, without entering links."""
+    """(relative path, os.DirEntry) of everything under ``root`` but directories, without entering
+    links. One folder's entries at a time are held (sorted by name)."""
     stack = [""]
     while stack:
         rel_dir = stack.pop()
         try:
             with os.scandir(os.path.join(root, rel_dir)) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_NAME)
         except OSError as e:
             if not rel_dir:
                 raise
             log.warning("cannot list the folder %r: %s", rel_dir, e.strerror or e)
             continue
+        prefix, folders = (rel_dir + "/" if rel_dir else ""), []
         for entry in entries:
-            rel = posixpath.join(rel_dir, entry.name) if rel_dir else entry.name
+            rel = prefix + entry.name
             if entry.is_dir(follow_symlinks=False):
-                stack.append(rel)
+                folders.append(rel)
             else:
                 yield rel, entry
+        stack.extend(reversed(folders))  # folders in name order: a tree of folders of files comes out sorted
 
 
-def _local_entry(rel: str, st: os.stat_result, error: str | None = None) -> dict:
-    """A listed file; ``raw`` (the name as it is, for :func:`_distinct`) when its name had to be escaped."""
+def _add(out: _Columns, escaped: list, rel: str, st: os.stat_result, error: str | None = None) -> None:
+    """A listed file: into ``out``, or (a name that had to be escaped) into ``escaped`` with ``raw``,
+    the name as it is, for :func:`_distinct`."""
     shown, name_error = _text_name(rel)
-    entry = {"rel": shown, "size": st.st_size, "mtime": _mtime(st), "ctime": st.st_ctime, "etag": None,
-             "error": name_error or error}
     if name_error:
-        entry["raw"] = rel
-    return entry
+        escaped.append({"rel": shown, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime": st.st_ctime,
+                        "error": name_error, "raw": rel})
+    else:
+        out.add(shown, st.st_size, st.st_mtime_ns, st.st_ctime, None, error)
 
 
-def _link_entry(rel: str, path: str, real_root: str, seen: set, extensions: tuple[str, ...] | None) -> dict | None:
-    """The entry of a symbolic link under the policy of :func:`_local_files`, or None (not listed)."""
+def _link_entry(rel: str, path: str, real_root: str, seen: set, extensions: tuple[str, ...] | None,
+                out: _Columns, escaped: list) -> None:
+    """The entry of a symbolic link under the policy of :func:`_local_files`, if it is listed."""
     target = os.path.realpath(path)
     inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
     try:
         st = os.stat(path)
     except OSError:
-        broken = "broken symbolic link (its target does not exist)"
-        return _local_entry(rel, os.lstat(path), broken) if _wanted(rel, extensions) else None
+        if _wanted(rel, extensions):
+            _add(out, escaped, rel, os.lstat(path), "broken symbolic link (its target does not exist)")
+        return
     if stat.S_ISDIR(st.st_mode):
         log.warning("directory link %r not followed (%s)", rel, "its folder is listed under its real path" if inside
                     else "it leads out of the input root")
-        return None
+        return
     if not _wanted(rel, extensions):
-        return None
+        return
     if not inside:
-        return _local_entry(rel, os.lstat(path), "symbolic link to a file outside the input root: not followed")
-    if not stat.S_ISREG(st.st_mode):
+        _add(out, escaped, rel, os.lstat(path), "symbolic link to a file outside the input root: not followed")
+    elif not stat.S_ISREG(st.st_mode):
         log.warning("skipped %r: a link to something that is not a regular file", rel)
-        return None
-    if (st.st_dev, st.st_ino) in seen:
+    elif (st.st_dev, st.st_ino) in seen:
         log.info("link %r not listed: its file is listed already", rel)
-        return None
-    seen.add((st.st_dev, st.st_ino))
-    return _local_entry(rel, st)
+    else:
+        seen.add((st.st_dev, st.st_ino))
+        _add(out, escaped, rel, st)
 
 
 def _kind(entry: os.DirEntry) -> str:
@@ -541,18 +675,25 @@ def _boto3_s3(endpoint_url: str | None, region: str | None):
                         or os.environ.get("AWS_REGION") or "us-east-1")
 
 
-def _s3_listing(uri: str, endpoint_url: str | None, region: str | None) -> tuple[bool, str, list[tuple]]:
-    """(uri is a single object, "bucket/prefix", [("bucket/key", size, mtime, None, etag)]) from
-    ListObjectsV2 pages; a HEAD only when ``uri`` may name one object rather than a prefix."""
+def _s3_pages(uri: str, endpoint_url: str | None, region: str | None):
+    """The objects under the prefix ``uri`` names, one ListObjectsV2 page (up to 1,000 keys) at a time:
+    lists of ("bucket/key", size, mtime, None, etag); "folder" marker objects are not files."""
     client = _boto3_s3(endpoint_url, region)
     bucket, _, key = uri[len("s3://"):].partition("/")
     key = key.rstrip("/")
-    found = []
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/" if key else "")
-    for page in pages:
-        for o in page.get("Contents", []):
-            if not o["Key"].endswith("/"):  # "folder" marker objects are not files
-                found.append((f"{bucket}/{o['Key']}", o["Size"], o["LastModified"].timestamp(), None, o.get("ETag")))
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/" if key else ""):
+        yield [(f"{bucket}/{o['Key']}", o["Size"], o["LastModified"].timestamp(), None, o.get("ETag"))
+               for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+
+
+def _s3_listing(uri: str, endpoint_url: str | None, region: str | None) -> tuple[bool, str, list[tuple]]:
+    """(uri is a single object, "bucket/prefix", [("bucket/key", size, mtime, None, etag)]) from
+    ListObjectsV2 pages; a HEAD only when ``uri`` may name one object rather than a prefix. For small
+    prefixes and single objects (the listing of a folder goes page by page: :func:`_s3_pages`)."""
+    client = _boto3_s3(endpoint_url, region)
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    key = key.rstrip("/")
+    found = [o for page in _s3_pages(uri, endpoint_url, region) for o in page]
     root = (bucket + "/" + key).rstrip("/")
     if found or not key:
         return False, root, found

@@ -24,18 +24,36 @@ def fit(a: argparse.Namespace) -> None:
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory written by fit")
-    p.add_argument("--images", required=True, help="folder of images to score")
+    p.add_argument("--images", required=True,
+                   help="folder of images to score, or a manifest: a .parquet / .csv file with an 'image' column of "
+                        "URIs (optional size, mtime, etag: used as the files' statistics)")
+    p.add_argument("--images-root", help="every image (of a manifest, or the folder) must lie under this folder or "
+                                         "prefix; an image outside it is an error row")
     p.add_argument("--output", required=True, help="where the score table and heatmaps go")
     p.add_argument("--rescore", choices=["changed", "all"], default="changed",
                    help="changed (default): skip images this model already scored; all: score everything again")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list and plan only: print how many images are new, changed, unchanged and refused; write "
+                        "nothing")
 
 
 def score(a: argparse.Namespace) -> None:
     from ..pipeline.score import run_score
-    s = run_score(a.model, a.images, a.output, a.config, a.overrides, rescore=a.rescore)
+    s = run_score(a.model, a.images, a.output, a.config, a.overrides, rescore=a.rescore,
+                  images_root=a.images_root, dry_run=a.dry_run)
+    if a.dry_run:
+        print(dry_run_line(s))
+        return
     print(f"review page: {s['review']}" + ("" if s["flagged"] else " (no image flagged)"))
     for r in s["flagged"][:5]:
         print(f"  flagged  score {r['score']:.3f}  {r['image']}")
+
+
+def dry_run_line(s: dict) -> str:
+    """What `score --dry-run` prints: the plan's counts, in one line."""
+    given = f" (the manifest gave {s['given']} URIs)" if s.get("given") is not None else ""
+    return (f"dry run: {s['images']} images{given}: {s['new']} new, {s['changed']} changed, {s['unchanged']} "
+            f"unchanged, {s['refused']} refused; nothing written to {s['output']}")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

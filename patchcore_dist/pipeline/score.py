@@ -6,10 +6,10 @@
     <output>/heatmaps/<model digest>/<relative path>_overlay.jpg
     <output>/review.html                                       the latest score run's review page (render/review.py)
 
-Steps: :func:`plan_score` (config, model, listing, the incremental plan, all as Arrow tables),
-:func:`score_dataset` (Ray: decode tasks -> scoring actors -> render tasks), :func:`write_rows`
-(the driver turns each output batch into Arrow columns and commits them in MERGE commits of
-``commit_rows`` rows).
+Steps: :func:`.plan.plan_score` (config, model, listing or manifest, the incremental plan, all as
+Arrow tables), :func:`score_dataset` (Ray: decode tasks -> scoring actors -> render tasks),
+:func:`write_rows` (the driver turns each output batch into Arrow columns and commits them every
+``commit_rows`` rows: first-time rows appended when safe, the others merged).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import datetime as _dt
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -25,109 +24,48 @@ import pyarrow.compute as pc
 
 from .. import __version__
 from ..artifacts import storage
-from ..artifacts.inputs import list_images
-from ..artifacts.model import LoadedModel, load_model
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
-from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, open_tables, previous, scores_uri
-from ..config import Config, load_config
+from ..artifacts.scores import GRID_SCHEMA, commit, compact_if_due, scores_uri
 from ..core import calibration
-from ..errors import JobError, ModelError
+from ..errors import JobError
 from ..render.review import write_review
 from . import faults
-from .cluster import (actor_pool, check_cluster_paths, init_ray, iterate_with_progress, map_in_tasks,
-                      output_batches, use_ray)
+from .cluster import actor_pool, init_ray, iterate_with_progress, map_in_tasks, output_batches, use_ray
 from .local import driver_threads_kept, in_batches, map_ordered, rebatched
+from .plan import _heatmap_range  # noqa: F401 (benchmarks/score_job.py)
+from .plan import ScorePlan, decision_threshold, dry_run_summary, plan_score, score_config  # noqa: F401 (API)
 from .stages import DecodeScoreRender, Score, decode_batch, decode_tiles, render_batch
 from .tiles import TileAssembler
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ScorePlan:
-    model_uri: str
-    model: LoadedModel
-    config: Config              # the run's config: the model's features, the user's runtime / output
-    output: str
-    entries: pa.Table           # every listed image: uri, rel, size, mtime, ctime, etag (sorted by uri)
-    todo: pa.Table              # the images this run reads: the same columns, and known_digest (the
-                                # digest of this model's previous successful row, null if none)
-    vrange: tuple[float, float]  # heatmap colour scale
-    threshold: float | None     # the model's calibrated decision threshold
-    images: str = ""            # the listed URI
-
-    @property
-    def peak_normalise(self) -> bool:
-        """Heatmaps peak-normalised: for models whose scale was calibrated on such maps."""
-        return "heatmap_threshold" in self.model.manifest["stats"]
-
-    @property
-    def heatmap_threshold(self) -> tuple[float | None, str]:
-        """The score at the centre of the heatmap scale, and where it comes from."""
-        st = self.model.manifest["stats"]
-        if "heatmap_threshold" in st:
-            return st["heatmap_threshold"], st["heatmap_threshold_source"]
-        return None, "none (a model fitted before the scale was centred on a threshold)"
-
-    @property
-    def digest(self) -> str:
-        return self.model.digest
-
-
-def score_config(model_config: Config, user: Config, config_file: str | None, overrides: list[str]) -> Config:
-    """The config a scoring run uses.
-
-    Feature-defining keys (backbone, image geometry, embedding) come from the model and must not
-    be changed; scoring and index search settings come from the model unless the user's config file
-    or overrides set them; runtime, output and storage are this run's (the user's config file, or the
-    default config, plus overrides: ``user``), never the settings the model happened to be fitted with.
-    """
-    merged = model_config.to_dict()
-    for section in ("runtime", "output", "storage"):
-        merged[section] = user.to_dict()[section]
-    if config_file:
-        if user.feature_digest() != model_config.feature_digest():
-            raise JobError(_incompatible(model_config, user))
-        merged["scoring"] = user.to_dict()["scoring"]
-    cfg = load_config(base=merged, overrides=[o for o in overrides
-                                              if o.split("=", 1)[0].split(".")[0] not in ("runtime", "output", "storage")])
-    if cfg.feature_digest() != model_config.feature_digest():
-        raise JobError(_incompatible(model_config, cfg))
-    return cfg
-
-
-def _incompatible(model: Config, user: Config) -> str:
-    a, b = model.feature_dict(), user.feature_dict()
-    keys = [(s, k) for s in sorted(set(a) | set(b)) for k in sorted(set(a.get(s, {})) | set(b.get(s, {})))]
-    diffs = [f"{s}.{k}: model {a.get(s, {}).get(k)!r}, given {b.get(s, {}).get(k)!r}" for s, k in keys
-             if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
-    if "tiling" in set(a) ^ set(b):
-        diffs.insert(0, f"tiling.enabled: model {'tiling' in a}, given {'tiling' in b}")
-    return "incompatible config: the model's features were built with other settings (" + "; ".join(diffs) + ")"
-
-
-LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("rel", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                            ("ctime", pa.float64()), ("etag", pa.string()), ("error", pa.string())])
+LISTING_SCHEMA = storage.LISTING_SCHEMA
 
 
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
               overrides: list[str] | None = None, rescore: str = "changed", commit_rows: int = 50000,
-              job: str = "score") -> dict:
-    """Score every image under ``images``; incremental unless ``rescore == "all"``.
+              job: str = "score", images_root: str | None = None, dry_run: bool = False) -> dict:
+    """Score every image under ``images`` (a folder, or a Parquet / CSV manifest of image URIs);
+    incremental unless ``rescore == "all"``.
 
     An image is skipped when this model already has a successful row for it with the same size,
     modification time, change time (local files) and ETag (S3), or (checked after reading it) the
     same content digest. Failed images are retried. One row per image and model, always; rows are
     committed in MERGE commits of up to ``commit_rows`` rows (one for most scheduled runs). ``job``
     names the run in its record (``evaluate`` scores a labelled test set: no drift warning there).
+    ``images_root``: every image must lie under it (else an error row). ``dry_run``: list and plan
+    only, write nothing (:func:`dry_run_summary`).
     """
     model_uri, images, output = (storage.absolute(u) for u in (model_uri, images, output))
+    images_root = storage.absolute(images_root) if images_root else None
     if rescore not in ("changed", "all"):
         raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
     t_start = time.time()
     run_id, started = new_run_id()
-    plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore)
-    plan.images = images
+    plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore, images_root, dry_run)
+    if dry_run:
+        return dry_run_summary(plan, t_start)
     if not plan.todo.num_rows:
         log.info("score: all %d images already have rows for model %s in %s: nothing to do (no backbone work; "
                  "--rescore all forces it)", plan.entries.num_rows, plan.digest, scores_uri(output))
@@ -148,55 +86,6 @@ def _counts() -> dict:
     error messages and anomalies (for the run record)."""
     return {"rows": 0, "errors": 0, "unchanged": 0, "commits": 0, "scores": [], "messages": [], "anomalies": 0,
             "nodes": set()}
-
-
-def plan_score(model_uri: str, images: str, output: str, config_file: str | None, overrides: list[str],
-               rescore: str) -> ScorePlan:
-    """Config and model checked, images listed, the score table opened (an earlier version's
-    Parquet parts converted): which images this run must read."""
-    pre = load_config(config_file, overrides)  # validates the user's settings before any work
-    opts = pre.storage.options()
-    try:
-        model = load_model(model_uri, opts)
-    except ModelError as e:
-        raise JobError(f"cannot score: {e}") from None
-    config = score_config(model.config, pre, config_file, overrides)
-    weights = config.backbone.weights if config.backbone.weights not in ("default", "random") else None
-    check_cluster_paths(config, {"--model": model_uri, "--images": images, "--output": output,
-                                 "backbone.weights (of the model)": weights})
-    entries = pa.Table.from_pylist(list_images(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes),
-                                   schema=LISTING_SCHEMA)
-    open_tables(output, opts)
-    if rescore == "changed":
-        unchanged, known = previous(output, model.digest, entries, opts)
-    else:
-        unchanged, known = np.zeros(entries.num_rows, bool), pa.nulls(entries.num_rows, pa.string())
-    todo = entries.append_column("known_digest", known).filter(pa.array(~unchanged))
-    log.info("score: %d images under %s with model %s (digest %s, bank %d x %d) -> %s", entries.num_rows, images,
-             model_uri, model.digest, *model.bank.shape, output)
-    if todo.num_rows and todo.num_rows < entries.num_rows:
-        log.info("incremental: %d of %d images already scored by this model; reading %d new or changed",
-                 entries.num_rows - todo.num_rows, entries.num_rows, todo.num_rows)
-    return ScorePlan(model_uri, model, config, output, entries, todo, _heatmap_range(model, config),
-                     decision_threshold(model))
-
-
-def decision_threshold(model: LoadedModel) -> float | None:
-    """The threshold ``is_anomaly`` compares with: the model's calibrated one (every fit calibrates one);
-    for models fitted before that, the centre of their heatmap scale (the p99 of held-out training
-    image scores); None only for models older than that scale."""
-    st = model.manifest["stats"]
-    return st["threshold"] if st.get("threshold") is not None else st.get("heatmap_threshold")
-
-
-def _heatmap_range(model: LoadedModel, config: Config) -> tuple[float, float]:
-    """The heatmap colour scale: the model's, unless output.heatmap_min / heatmap_max set it."""
-    lo, hi = model.heatmap_range
-    vrange = (config.output.heatmap_min if config.output.heatmap_min is not None else lo,
-              config.output.heatmap_max or hi)
-    if vrange[1] <= vrange[0]:
-        raise JobError(f"heatmap scale [{vrange[0]}, {vrange[1]}] is empty: set output.heatmap_max above heatmap_min")
-    return vrange
 
 
 def score_dataset(plan: ScorePlan):
@@ -306,7 +195,7 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
     def flush():
         rows = pa.concat_tables([r for r, _ in pending])
         grids = [g for _, g in pending if g is not None]
-        commit(plan.output, plan.digest, rows, opts, pa.concat_tables(grids) if grids else None)
+        commit(plan.output, plan.digest, rows, opts, pa.concat_tables(grids) if grids else None, plan.version, run)
         counts["commits"] += 1
         pending.clear()
     for batch in _with_refused(plan, scored_batches(plan, ds) if ds else ()):
@@ -317,6 +206,8 @@ def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
             continue
         seen[idx[keep]] = True
         rows, grids = batch_tables(batch, keep, plan, run, now)
+        if plan.first_time is not None:  # appended, not merged, when safe (artifacts.scores.commit)
+            rows = rows.append_column("first_time", pa.array(plan.first_time[idx[keep]]))
         pending.append((rows, grids))
         unchanged = rows.column("unchanged").to_numpy(zero_copy_only=False)
         counts["rows"] += rows.num_rows
@@ -403,7 +294,7 @@ def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) 
         "height": pa.array(b["height"], pa.int32()), "width": pa.array(b["width"], pa.int32()),
         "model": pa.array([plan.digest] * n, pa.string()), "error": err,
         "warning": _strings(b["warning"]) if "warning" in b else pa.nulls(n, pa.string()), "digest": _strings(b["digest"]),
-        "size": pa.array(b["size"], pa.int64()), "mtime": pa.array(b["mtime"], pa.float64(), from_pandas=True),
+        "size": pa.array(b["size"], pa.int64(), from_pandas=True), "mtime": pa.array(b["mtime"], pa.float64(), from_pandas=True),
         "ctime": pa.array(b["ctime"], pa.float64(), from_pandas=True), "etag": _strings(b["etag"]),
         "decode_ms": pa.array(b["decode_ms"], pa.float32()), "score_ms": pa.array(b["score_ms"], pa.float32()),
         "scored_at": pa.array(np.full(n, now), pa.timestamp("s", tz="UTC")), "run": pa.array([run] * n, pa.string()),
@@ -464,7 +355,7 @@ def score_record(plan: ScorePlan, summary: dict, counts: dict, run_id: str, star
                     100 * drift["share_above"], len(scores), reference, 100 * drift["expected"])
     calibrated = plan.threshold is not None
     return {"run_id": run_id, "job": job, "started": started, "ended": now_iso(), "model": plan.digest,
-            "model_uri": plan.model_uri, "inputs": plan.images, "output": plan.output,
+            "model_uri": plan.model_uri, "inputs": plan.images, "manifest_uris": plan.given, "output": plan.output,
             "images_listed": summary["images"], "scored": summary["scored"], "skipped": summary["skipped"],
             "errors": summary["errors"], "errors_by_reason": error_reasons(counts["messages"]),
             "threshold": plan.threshold, "anomalies": counts["anomalies"] if calibrated else None,
