@@ -15,7 +15,7 @@ import numpy as np
 from ..artifacts import storage
 from ..artifacts.inputs import list_images
 from ..core.preprocessing import decode_image
-from ..errors import ImageError, JobError
+from ..errors import ImageError, JobError, StorageError
 from ..render.heatmap import encode as encode_png
 from .defects import DEFECT_KINDS, inject
 from .photos import TEXTURES, mosaic_variants, photo_variants
@@ -116,12 +116,17 @@ def synthesize_folder(normal: str, output: str, kinds: Iterable[str] = DEFECT_KI
     opts = storage_options or {}
     files = list_images(normal, opts, "normal images")
     images, names, skipped = [], [], []
-    for uri, rel in ((e["uri"], e["rel"]) for e in files):
+    for e in files:
+        if e["error"]:  # refused by the listing (a link out of the root, a name that is not UTF-8): never read
+            skipped.append(f"{e['rel']}: {e['error']}")
+            continue
         try:
-            images.append(decode_image(storage.read_bytes(uri, **opts), max_pixels))
-            names.append(storage.safe_relpath(rel).replace("/", "__").rsplit(".", 1)[0])
-        except ImageError as e:
-            skipped.append(f"{rel}: {e}")
+            images.append(decode_image(storage.read_bytes(e["uri"], **opts), max_pixels))
+        except (ImageError, StorageError, OSError) as err:
+            skipped.append(f"{e['rel']}: {err}")
+            continue
+        name = storage.safe_relpath(e["rel"]).replace("/", "__").rsplit(".", 1)[0]
+        names.append(name if name not in names else f"{name}~{len(names)}")  # a/b.png and a__b.png stay apart
     for s in skipped:
         log.warning("skipped (not usable): %s", s)
     if len(images) < 3:
