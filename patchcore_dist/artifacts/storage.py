@@ -728,7 +728,8 @@ def safe_relpath(rel: str, max_part: int = 120) -> str:
     ``..``, ``.``, empty and absolute components are dropped, backslashes split components, odd
     characters are replaced and long components shortened. When this changed the name at all, a hash
     of the whole original relative path is added to the last component (``a/./b.png``, ``a//b.png``,
-    ``a\\b.png`` and ``a/b.png`` are four keys).
+    ``a\\b.png`` and ``a/b.png`` are four keys). A name that already ends like a hashed key
+    (``-`` and 16 hex digits before its extension) gets a hash too, so no input's key is another's.
     """
     parts = []
     for p in rel.replace("\\", "/").split("/"):
@@ -741,13 +742,16 @@ def safe_relpath(rel: str, max_part: int = 120) -> str:
             clean = stem[: max_part - 17 - len(ext)] + "-" + _name_hash(p) + ext
         parts.append(clean)
     out = "/".join(parts) or "_"
-    if out != rel:
+    if out != rel or _HASHED.search(out):  # a name that looks hashed is hashed too: keys never coincide
         head, _, last = out.rpartition("/")
         stem, ext = os.path.splitext(last)
         ext = ext if len(ext) <= 10 else ""
         stem = stem[: max(1, max_part - 17 - len(ext))] if ext else last[: max_part - 17]
         out = (head + "/" if head else "") + f"{stem}-{_name_hash(rel)}{ext}"
     return out
+
+
+_HASHED = re.compile(r"-[0-9a-f]{16}(\.[^/]{0,10})?$")
 
 
 def _name_hash(name: str) -> str:

@@ -202,3 +202,13 @@ def test_the_plan_survives_a_listing_with_one_uri_twice(tmp_path):
     assert known.to_pylist() == [None, None, "db", "db", None]
     with pytest.raises(ValueError, match="sorted"):
         scores.previous(out, "m1", listing.take([4, 0]), {})
+
+
+def test_a_name_shaped_like_a_hashed_key_gets_its_own_key():
+    """`a b.png` becomes `a_b-<hash>.png`; a file literally named so used to share that heatmap key."""
+    from patchcore_dist.artifacts.storage import safe_relpath
+    hashed = safe_relpath("a b.png")
+    assert hashed != "a b.png" and safe_relpath(hashed) != hashed
+    names = ["a b.png", hashed, safe_relpath(hashed), "x/y.png", "a_b.png"]
+    assert len({safe_relpath(n) for n in names}) == len(names)
+    assert safe_relpath("x/y.png") == "x/y.png"  # ordinary names keep their path
