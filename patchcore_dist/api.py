@@ -107,7 +107,10 @@ class Model:
         limits and reductions (a large JPEG at a reduced scale, as the decode stage does)."""
         c = self.config.image
         if isinstance(image, (str, bytes)):
-            data = storage.read_bytes(storage.absolute(image), **self._opts) if isinstance(image, str) else image
+            data = image if isinstance(image, bytes) else \
+                storage.read_bytes(storage.absolute(image), **self._opts, limit=c.max_bytes + 1)
+            if len(data) > c.max_bytes:
+                raise ImageError(f"file is over the limit image.max_bytes={c.max_bytes}")
             need = {"longer_side": self.config.tiling.working_size} if self.config.tiling.enabled else \
                 {"shorter_side": 2 * c.resize}
             return decode_sized(data, c.max_pixels, c.min_side, **need)

@@ -52,3 +52,9 @@ def test_bad_inputs_are_clear_errors(small_model, tmp_path):
         model.predict(np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(FileNotFoundError):
         model.predict(os.path.join(tmp_path, "missing.png"))
+
+
+def test_a_file_over_the_byte_limit_is_refused_unread(small_model, category):
+    model = Model.load(small_model, overrides=["image.max_bytes=1000"])
+    with pytest.raises(ImageError, match="max_bytes=1000"):
+        model.predict(sorted(glob.glob(f"{category}/test/good/*.png"))[0])
