@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import urlparse
 
 import yaml
@@ -242,7 +242,9 @@ class RuntimeConfig(_Section):
 
 class OutputConfig(_Section):
     """What a score run writes besides the score table (never the model's identity)."""
-    heatmaps: bool = Field(True, description="write a heatmap PNG per image; false: scores only")
+    heatmaps: Union[bool, Literal["anomalies"]] = Field(True, description=(
+        "write a heatmap PNG (and overlay) per image; false: scores only; anomalies: only for images above "
+        "the decision threshold (archive-wide runs: the review page shows what exists)"))
     overlay: bool = Field(True, description="write an overlay JPEG per image (the heatmap over the photograph)")
     # Colour scale of heatmaps: scores in [heatmap_min, heatmap_max] map onto the colour map, fixed per model.
     heatmap_min: Optional[Real] = Field(None, ge=0.0, description=(

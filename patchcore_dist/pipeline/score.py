@@ -100,8 +100,9 @@ def score_dataset(plan: ScorePlan):
 
 
 def _render_kwargs(plan: ScorePlan, cfg: dict) -> dict:
+    only = plan.threshold if plan.config.output.heatmaps == "anomalies" else None
     return {"config": cfg, "vrange": plan.vrange, "heatmaps_uri": storage.join(plan.output, "heatmaps", plan.digest),
-            "peak_normalise": plan.peak_normalise}
+            "peak_normalise": plan.peak_normalise, "only_above": only}
 
 
 def _local_batches(plan: ScorePlan, todo: pa.Table):

@@ -333,14 +333,15 @@ class DecodeScoreRender(Score):
 
 
 def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[float, float], faults: tuple = (),
-                 peak_normalise: bool = True) -> dict:
+                 peak_normalise: bool = True, only_above: float | None = None) -> dict:
     """Render task: anomaly map at the original resolution (capped at render.heatmap.MAX_RENDER_PIXELS)
     -> heatmap PNG (and an overlay JPEG) under ``heatmaps_uri``, mirroring each input's relative path
     with its extension (cat.jpg -> cat.jpg.png, so cat.png and cat.jpg stay apart). The map is
     peak-normalised (its maximum reads the image score; not for models fitted before the scale was
     calibrated on such maps) and coloured on the fixed scale ``vrange``. A heatmap that cannot be made
     or written never costs the image its score: ``heatmap`` stays null and the reason is in
-    ``warning``. Only in the pipeline when output.heatmaps is on."""
+    ``warning``. Only in the pipeline when output.heatmaps is on; ``only_above`` (output.heatmaps=anomalies:
+    the decision threshold): only images scoring above it get heatmaps."""
     _faults.on_batch(faults, "render")
     cfg = Config.model_validate(config)
     opts = cfg.storage.options()
@@ -349,6 +350,8 @@ def render_batch(batch: dict, config: dict, heatmaps_uri: str, vrange: tuple[flo
     warning = np.array([""] * n, object)
     for i in range(n):
         if batch["error"][i] or batch["unchanged"][i]:
+            continue
+        if only_above is not None and not float(batch["score"][i]) > only_above:
             continue
         try:
             heatmap[i], warning[i] = _render_one(batch, i, cfg, heatmaps_uri, vrange, opts, peak_normalise)

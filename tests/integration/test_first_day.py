@@ -64,3 +64,19 @@ def test_a_threshold_from_few_held_out_images_is_pooled(category, tmp_path, capl
     assert 1 <= held < 20 and st["threshold_images"] > held
     assert st["threshold_source"].startswith(f"normal images ({held} held-out training images")
     assert any("pooled with" in r.getMessage() for r in caplog.records)
+
+
+def test_heatmaps_for_anomalies_only(small_model, category, tmp_path):
+    """output.heatmaps=anomalies (archive-wide runs): heatmaps and overlays only for the images above the
+    threshold; the others keep their scores and decisions, with no heatmap and no warning."""
+    from helpers import SMALL
+    from patchcore_dist.pipeline.score import run_score
+    out = str(tmp_path / "out")
+    run_score(small_model, f"{category}/test", out, None, SMALL + ["runtime.executor=local", "output.heatmaps=anomalies"])
+    rows = read_scores(out).to_pylist()
+    flagged = [r for r in rows if r["is_anomaly"]]
+    assert flagged and len(flagged) < len(rows)
+    assert all(r["heatmap"] and os.path.exists(r["heatmap"]) for r in flagged)
+    assert all(r["heatmap"] is None and r["warning"] is None for r in rows if not r["is_anomaly"])
+    pngs = glob.glob(os.path.join(out, "heatmaps", "**", "*.png"), recursive=True)
+    assert len(pngs) == len(flagged)
