@@ -1,0 +1,122 @@
+"""Training-set denoising before the coreset (SoftPatch-style, docs/design.md#denoising).
+
+A "good" folder may hold escapes: defective images nobody caught. Their defect patches, once in the
+memory bank, make that kind of defect score as normal. Every training patch gets an outlier score
+against the OTHER training images' patches at the same feature cell (or within ``radius`` cells of it,
+for parts that are not aligned), on the coreset's projected features; the top ``fraction`` of all
+patches never enters the coreset.
+
+Scores are exact (every other image is compared), computed in chunks of cells and query images with a
+bounded working set (``budget_bytes``), on the CPU or a GPU. Thresholds are taken by partition
+(``np.argpartition``), never by ``torch.quantile`` (which refuses more than 2^24 elements).
+
+- ``knn``: mean distance to the k nearest other-image patches, divided by the median of that value
+  over the images at the same cell (cells differ in how much normal images vary there: background
+  versus the object), so one global threshold fits every cell.
+- ``lof``: the local outlier factor at the cell (radius 0): ~1 for an inlier, larger for an outlier.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+BUDGET_BYTES = 256 * 2 ** 20  # distance blocks of one chunk (cells x query images x references)
+EPS = 1e-12
+
+
+def window(grid: tuple[int, int], radius: int) -> np.ndarray:
+    """For every cell of the grid (row-major), the cells within ``radius`` (Chebyshev) of it: [l, m]
+    int64 with -1 where the window leaves the grid; column 0 is the cell itself."""
+    h, w = grid
+    ys, xs = np.divmod(np.arange(h * w), w)
+    offsets = [(0, 0)] + [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+                          if (dy, dx) != (0, 0)]
+    out = np.full((h * w, len(offsets)), -1, np.int64)
+    for j, (dy, dx) in enumerate(offsets):
+        y, x = ys + dy, xs + dx
+        ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        out[ok, j] = (y * w + x)[ok]
+    return out
+
+
+def knn_per_cell(x: torch.Tensor, grid: tuple[int, int], k: int, radius: int = 0, device: str = "cpu",
+                 budget_bytes: int = BUDGET_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances [n, l, k'] (ascending) from each image's patch at each cell to its k nearest patches of
+    the other images within the cell's window, and their reference numbers [n, l, k'] (image * m + slot,
+    slot the window column); k' = min(k, references - 1 image's share). ``x``: [n, l, p] float32."""
+    n, l, p = x.shape
+    nbr = torch.from_numpy(window(grid, radius))
+    m = nbr.shape[1]
+    k_eff = max(1, min(k, (n - 1) * m))
+    dev = torch.device(device)
+    xs = x.to(dev, torch.float32)
+    sq = (xs * xs).sum(-1)                                    # [n, l]
+    per_pair = n * m * 4 * 3                                  # distances, masks, copies per query patch
+    cells = max(1, min(l, budget_bytes // max(1, per_pair * n)))
+    queries = max(1, min(n, budget_bytes // max(1, per_pair * cells)))
+    out_d = torch.empty((n, l, k_eff), dtype=torch.float32)
+    out_i = torch.empty((n, l, k_eff), dtype=torch.int64)
+    image_of_ref = torch.arange(n, device=dev).repeat_interleave(m)  # reference r = image * m + slot
+    for c0 in range(0, l, cells):
+        idx = nbr[c0:c0 + cells].to(dev)                      # [c, m]
+        valid = (idx >= 0).repeat(1, n).view(len(idx), n * m) if m > 1 else None
+        safe = idx.clamp_min(0)
+        ref = xs[:, safe].permute(1, 0, 2, 3).reshape(len(idx), n * m, p)   # [c, n*m, p]
+        ref_sq = sq[:, safe].permute(1, 0, 2).reshape(len(idx), n * m)
+        for q0 in range(0, n, queries):
+            q = xs[q0:q0 + queries, c0:c0 + cells].permute(1, 0, 2)         # [c, b, p]
+            d2 = (q * q).sum(-1)[..., None] + ref_sq[:, None, :] - 2.0 * torch.bmm(q, ref.transpose(1, 2))
+            own = image_of_ref[None, :] == torch.arange(q0, q0 + q.shape[1], device=dev)[:, None]   # [b, n*m]
+            d2.masked_fill_(own[None], float("inf"))
+            if valid is not None:
+                d2.masked_fill_(~valid[:, None, :], float("inf"))
+            d, i = torch.topk(d2, k_eff, dim=-1, largest=False)
+            out_d[q0:q0 + q.shape[1], c0:c0 + cells] = d.clamp_min_(0).sqrt_().permute(1, 0, 2).cpu()
+            out_i[q0:q0 + q.shape[1], c0:c0 + cells] = i.permute(1, 0, 2).cpu()
+    return out_d, out_i
+
+
+def patch_outlier_scores(x: torch.Tensor, grid: tuple[int, int], k: int = 5, method: str = "knn",
+                         radius: int = 0, device: str = "cpu", budget_bytes: int = BUDGET_BYTES) -> np.ndarray:
+    """Outlier score [n, l] float32 of every image's patch at every cell (higher: less like the other
+    images there); ~1 for a typical patch under either method. Fewer than 2 images: zeros."""
+    n, l, _ = x.shape
+    if n < 2:
+        return np.zeros((n, l), np.float32)
+    if method == "lof" and radius:
+        raise ValueError("denoise.method=lof compares patches at the same cell only (denoise.radius=0)")
+    d, i = knn_per_cell(x, grid, k, radius, device, budget_bytes)
+    if method == "knn":
+        s = d.mean(-1)
+        return (s / (s.median(0).values[None] + EPS)).numpy().astype(np.float32)
+    if method != "lof":
+        raise ValueError(f"unknown denoise method {method!r} (knn or lof)")
+    return _lof(d, i).numpy().astype(np.float32)
+
+
+def _lof(d: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """Local outlier factor per (image, cell) from the kNN at radius 0 (reference number = image)."""
+    kdist = d[..., -1]                                        # [n, l]: each point's k-distance
+    cell = torch.arange(d.shape[1])[None, :, None].expand_as(i)
+    reach = torch.maximum(kdist[i, cell], d)                  # reach-dist(a, o) = max(k-dist(o), d(a, o))
+    lrd = 1.0 / (reach.mean(-1) + EPS)
+    return lrd[i, cell].mean(-1) / lrd
+
+
+def drop_top(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask (shape of ``scores``) of the floor(fraction x size) highest scores, by partition."""
+    flat = np.asarray(scores, np.float32).reshape(-1)
+    n_drop = int(np.floor(fraction * flat.size))
+    mask = np.zeros(flat.size, bool)
+    if n_drop > 0:
+        mask[np.argpartition(flat, flat.size - n_drop)[flat.size - n_drop:]] = True
+    return mask.reshape(np.shape(scores))
+
+
+def image_outliers(scores: np.ndarray, dropped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image [n]: its outlier score (its highest patch score) and the share of its patches dropped."""
+    return scores.max(1).astype(np.float64), dropped.mean(1).astype(np.float64)
