@@ -292,14 +292,15 @@ class DenoiseConfig(_Section):
     fraction: Real = Field(0.15, ge=0.0, lt=1.0, description=(
         "share of all training patches left out (the highest outlier scores; SoftPatch: 0.15)"))
     neighbors: Int = Field(5, gt=0, le=1024, description="k of the kNN / LOF outlier score")
-    radius: Int = Field(0, ge=0, le=8, description=(
-        "compare with the other images' patches within this many feature cells (Chebyshev) of the cell: for parts "
-        "that are not aligned from image to image (the work grows with (2 radius + 1)^2)"))
+    radius: Int = Field(4, ge=0, le=8, description=(
+        "compare with the other images' patches within this many feature cells (Chebyshev) of the cell, for parts "
+        "and textures that are not aligned from image to image (the work grows with (2 radius + 1)^2); 0: the "
+        "same cell only (the one radius of method lof)"))
 
     @model_validator(mode="after")
     def _lof_at_cell(self):
         if self.method == "lof" and self.radius:
-            raise ValueError("denoise.method=lof compares patches at the same cell only: set denoise.radius=0")
+            raise ValueError("denoise.method=lof compares patches at the same cell only: set denoise.radius=0 with it")
         return self
 
 

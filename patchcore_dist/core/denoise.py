@@ -81,7 +81,7 @@ def knn_per_cell(x: torch.Tensor, grid: tuple[int, int], k: int, radius: int = 0
 
 
 def patch_outlier_scores(x: torch.Tensor, grid: tuple[int, int], k: int = 5, method: str = "knn",
-                         radius: int = 0, device: str = "cpu", budget_bytes: int = BUDGET_BYTES) -> np.ndarray:
+                         radius: int = 4, device: str = "cpu", budget_bytes: int = BUDGET_BYTES) -> np.ndarray:
     """Outlier score [n, l] float32 of every image's patch at every cell (higher: less like the other
     images there); ~1 for a typical patch under either method. Fewer than 2 images: zeros."""
     n, l, _ = x.shape
