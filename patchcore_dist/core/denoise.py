@@ -45,38 +45,41 @@ def window(grid: tuple[int, int], radius: int) -> np.ndarray:
 
 def knn_per_cell(x: torch.Tensor, grid: tuple[int, int], k: int, radius: int = 0, device: str = "cpu",
                  budget_bytes: int = BUDGET_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances [n, l, k'] (ascending) from each image's patch at each cell to its k nearest patches of
-    the other images within the cell's window, and their reference numbers [n, l, k'] (image * m + slot,
-    slot the window column); k' = min(k, references - 1 image's share). ``x``: [n, l, p] float32."""
+    """For each image's patch at each cell, its distances [n, l, k'] (ascending) to the k nearest OTHER
+    images, each image at its best-matching patch within the cell's window (``radius`` cells), and
+    those images' numbers [n, l, k']; k' = min(k, n - 1). ``x``: [n, l, p] float32.
+
+    One batched GEMM per chunk of cells and query images (``budget_bytes`` bounds its distance block);
+    window slots outside the grid get an infinite squared norm (so an infinite distance, no mask pass),
+    the query's own image is set to infinity in place, the window is reduced by a minimum before the
+    top-k over images."""
     n, l, p = x.shape
     nbr = torch.from_numpy(window(grid, radius))
     m = nbr.shape[1]
-    k_eff = max(1, min(k, (n - 1) * m))
+    k_eff = max(1, min(k, n - 1))
     dev = torch.device(device)
     xs = x.to(dev, torch.float32)
     sq = (xs * xs).sum(-1)                                    # [n, l]
-    per_pair = n * m * 4 * 3                                  # distances, masks, copies per query patch
-    cells = max(1, min(l, budget_bytes // max(1, per_pair * n)))
-    queries = max(1, min(n, budget_bytes // max(1, per_pair * cells)))
+    cells = max(1, min(l, budget_bytes // max(1, 4 * n * n * m)))
+    queries = max(1, min(n, budget_bytes // max(1, 4 * cells * n * m)))
     out_d = torch.empty((n, l, k_eff), dtype=torch.float32)
     out_i = torch.empty((n, l, k_eff), dtype=torch.int64)
-    image_of_ref = torch.arange(n, device=dev).repeat_interleave(m)  # reference r = image * m + slot
     for c0 in range(0, l, cells):
         idx = nbr[c0:c0 + cells].to(dev)                      # [c, m]
-        valid = (idx >= 0).repeat(1, n).view(len(idx), n * m) if m > 1 else None
-        safe = idx.clamp_min(0)
-        ref = xs[:, safe].permute(1, 0, 2, 3).reshape(len(idx), n * m, p)   # [c, n*m, p]
-        ref_sq = sq[:, safe].permute(1, 0, 2).reshape(len(idx), n * m)
+        c = len(idx)
+        ref = xs[:, idx.clamp_min(0)].permute(1, 0, 2, 3).reshape(c, n * m, p)        # [c, n*m, p]
+        ref_sq = sq[:, idx.clamp_min(0)].masked_fill((idx < 0)[None], float("inf"))   # [n, c, m]
+        ref_sq = ref_sq.permute(1, 0, 2).reshape(c, 1, n * m)
         for q0 in range(0, n, queries):
-            q = xs[q0:q0 + queries, c0:c0 + cells].permute(1, 0, 2)         # [c, b, p]
-            d2 = (q * q).sum(-1)[..., None] + ref_sq[:, None, :] - 2.0 * torch.bmm(q, ref.transpose(1, 2))
-            own = image_of_ref[None, :] == torch.arange(q0, q0 + q.shape[1], device=dev)[:, None]   # [b, n*m]
-            d2.masked_fill_(own[None], float("inf"))
-            if valid is not None:
-                d2.masked_fill_(~valid[:, None, :], float("inf"))
-            d, i = torch.topk(d2, k_eff, dim=-1, largest=False)
-            out_d[q0:q0 + q.shape[1], c0:c0 + cells] = d.clamp_min_(0).sqrt_().permute(1, 0, 2).cpu()
-            out_i[q0:q0 + q.shape[1], c0:c0 + cells] = i.permute(1, 0, 2).cpu()
+            b = min(queries, n - q0)
+            q = xs[q0:q0 + b, c0:c0 + cells].permute(1, 0, 2)                       # [c, b, p]
+            d2 = torch.baddbmm(ref_sq, q, ref.transpose(1, 2), alpha=-2.0)         # [c, b, n*m] less |q|^2
+            d2 = d2.view(c, b, n, m).amin(-1)                                       # best slot per image
+            d2[:, torch.arange(b, device=dev), torch.arange(q0, q0 + b, device=dev)] = float("inf")
+            d2.add_(sq[q0:q0 + b, c0:c0 + cells].T[..., None])
+            d, i = torch.topk(d2, k_eff, dim=-1, largest=False, sorted=True)
+            out_d[q0:q0 + b, c0:c0 + cells] = d.clamp_min_(0).sqrt_().permute(1, 0, 2).cpu()
+            out_i[q0:q0 + b, c0:c0 + cells] = i.permute(1, 0, 2).cpu()
     return out_d, out_i
 
 
@@ -99,7 +102,7 @@ def patch_outlier_scores(x: torch.Tensor, grid: tuple[int, int], k: int = 5, met
 
 
 def _lof(d: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """Local outlier factor per (image, cell) from the kNN at radius 0 (reference number = image)."""
+    """Local outlier factor per (image, cell) from the kNN at radius 0 (neighbours by image number)."""
     kdist = d[..., -1]                                        # [n, l]: each point's k-distance
     cell = torch.arange(d.shape[1])[None, :, None].expand_as(i)
     reach = torch.maximum(kdist[i, cell], d)                  # reach-dist(a, o) = max(k-dist(o), d(a, o))

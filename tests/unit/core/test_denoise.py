@@ -31,28 +31,30 @@ def projected(lite0, category):
 
 
 def _brute(x: np.ndarray, nbr: np.ndarray, a: int, c: int, k: int) -> np.ndarray:
-    refs = [x[b, j] for b in range(len(x)) if b != a for j in nbr[c] if j >= 0]
-    return np.sort(np.linalg.norm(np.stack(refs) - x[a, c], axis=1))[:k]
+    """The k nearest other images, each at its closest patch within the window, by exhaustive search."""
+    best = [min(np.linalg.norm(x[b, j] - x[a, c]) for j in nbr[c] if j >= 0) for b in range(len(x)) if b != a]
+    return np.sort(best)[:k]
 
 
-@pytest.mark.parametrize("radius", [0, 1])
+@pytest.mark.parametrize("radius", [0, 1, 4])
 def test_chunked_knn_is_exact(projected, radius):
     """Tiny budgets (one cell, one query image per block) give the exhaustive search's distances."""
     x, grid, _ = projected
-    d_small, _ = denoise.knn_per_cell(x, grid, 4, radius, budget_bytes=1)
-    d_big, _ = denoise.knn_per_cell(x, grid, 4, radius)
+    d_small, i_small = denoise.knn_per_cell(x, grid, 4, radius, budget_bytes=1)
+    d_big, i_big = denoise.knn_per_cell(x, grid, 4, radius)
     assert torch.allclose(d_small, d_big, atol=1e-3)
+    assert not (i_big == torch.arange(len(x))[:, None, None]).any()  # never the image itself
     nbr = denoise.window(grid, radius)
     for a, c in ((0, 0), (5, 17), (11, 255)):
         np.testing.assert_allclose(d_big[a, c].numpy(), _brute(x.numpy(), nbr, a, c, 4), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["knn", "lof"])
-def test_defect_patches_score_highest(projected, method):
+@pytest.mark.parametrize("method, radius", [("knn", 0), ("knn", 4), ("lof", 0)])
+def test_defect_patches_score_highest(projected, method, radius):
     """The injected stains' cells are far above the clean patches: the top 2 % of all patches are mostly
     defect cells, and the two defective images have the highest image scores."""
     x, grid, masks = projected
-    s = denoise.patch_outlier_scores(x, grid, 5, method)
+    s = denoise.patch_outlier_scores(x, grid, 5, method, radius)
     assert s.shape == masks.shape and np.median(s) == pytest.approx(1.0, abs=0.15)
     dropped = denoise.drop_top(s, 0.02)
     assert dropped.sum() == int(0.02 * s.size)
