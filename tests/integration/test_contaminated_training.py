@@ -107,3 +107,16 @@ def test_an_exclude_parquet_without_an_image_column_is_refused(contaminated, tmp
     pq.write_table(pa.table({"uri": ["x"]}), str(bad))
     with pytest.raises(JobError, match="'image' column"):
         run_fit(contaminated["train"], str(tmp_path / "m"), load_config(None, SMALL), exclude=str(bad))
+
+
+def test_two_round_coreset_leaves_the_same_patches_out(ray_local, contaminated, tmp_path):
+    """The two-round coreset on Ray gets each part's keep mask: the copied images' defects stay out of the
+    bank as in a single-pass fit."""
+    model = str(tmp_path / "two")
+    manifest = run_fit(contaminated["train"], model, load_config(None, SMALL + [
+        "denoise.enabled=true", "coreset.method=two_round", "coreset.parts=2"]))
+    info = manifest["stats"]["coreset"]
+    assert info["method"] == "two_round" and info["denoised"] == int(0.15 * manifest["training"]["patches"])
+    off, two = Model.load(contaminated["models"]["off"]), Model.load(model)
+    for path in contaminated["copied"]:
+        assert two.predict(path).score > 1.2 * off.predict(path).score, path
