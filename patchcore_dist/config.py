@@ -296,6 +296,9 @@ class DenoiseConfig(_Section):
         "compare with the other images' patches within this many feature cells (Chebyshev) of the cell, for parts "
         "and textures that are not aligned from image to image (the work grows with (2 radius + 1)^2); 0: the "
         "same cell only (the one radius of method lof)"))
+    max_references: Optional[Int] = Field(512, gt=1, le=1_000_000, description=(
+        "compare each image with at most this many other training images (a seeded sample; null: all): the "
+        "scoring's work grows with images x min(images, max_references) instead of images^2"))
 
     @model_validator(mode="after")
     def _lof_at_cell(self):

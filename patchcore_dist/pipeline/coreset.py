@@ -62,7 +62,8 @@ def outlier_scores(projected: torch.Tensor, layout: list, config: Config) -> dic
     grid = (side, side) if side * side == per else (1, per)
     x = projected.view(-1, per, projected.shape[1])
     scores = denoise.patch_outlier_scores(x, grid, dn.neighbors, dn.method, dn.radius,
-                                          str(pick_device(config.coreset.device)))
+                                          str(pick_device(config.coreset.device)),
+                                          max_references=dn.max_references, seed=config.seed)
     dropped = denoise.drop_top(scores, dn.fraction) if dn.enabled else np.zeros(scores.shape, bool)
     image_score, share = denoise.image_outliers(scores, dropped)
     out = {"image_score": image_score, "dropped_fraction": share,

@@ -82,3 +82,21 @@ def test_window_is_clipped_at_the_border():
     w = denoise.window((3, 4), 1)
     assert w.shape == (12, 9) and (w[:, 0] == np.arange(12)).all()
     assert (w[0] >= 0).sum() == 4 and (w[5] >= 0).sum() == 9
+
+
+def test_a_sample_of_reference_images_is_searched_exactly(projected):
+    """max_references: each image against a sample of the others (itself excluded when sampled), exact
+    within it; a sample as large as the other images is the full search."""
+    x, grid, masks = projected
+    refs = np.array([0, 3, 5, 10, 11])
+    d, i = denoise.knn_per_cell(x, grid, 3, 1, references=refs)
+    assert set(np.unique(i.numpy())) <= set(refs.tolist())
+    assert not (i == torch.arange(len(x))[:, None, None]).any()
+    nbr, xn = denoise.window(grid, 1), x.numpy()
+    for a, c in ((3, 40), (7, 100)):
+        best = sorted(min(np.linalg.norm(xn[b, j] - xn[a, c]) for j in nbr[c] if j >= 0) for b in refs if b != a)
+        np.testing.assert_allclose(d[a, c].numpy(), best[:3], rtol=1e-4, atol=1e-3)
+    full = denoise.patch_outlier_scores(x, grid, 5, "knn", 1)
+    assert np.array_equal(full, denoise.patch_outlier_scores(x, grid, 5, "knn", 1, max_references=11))
+    sampled = denoise.patch_outlier_scores(x, grid, 5, "knn", 1, max_references=8, seed=1)
+    assert set(np.argsort(-sampled.max(1))[:2]) == {10, 11}
