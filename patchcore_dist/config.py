@@ -51,7 +51,8 @@ MAX_WORKING = 32768         # tiling.working_size: a 32k-pixel side, far above a
 # What defines a model (its config digest, model digest and config.yaml): these sections, with their
 # values. Everything else says where and how a job runs or what it writes (RUN_SECTIONS) and never
 # enters a model's identity: a fit with runtime.gpu_batch_size=128 is the same model as without.
-IDENTITY_SECTIONS = ("backbone", "image", "embedding", "coreset", "scoring", "index", "fit", "tiling", "seed")
+IDENTITY_SECTIONS = ("backbone", "image", "embedding", "coreset", "scoring", "index", "fit", "tiling", "denoise",
+                     "seed")
 # The run sections as models have always recorded them (their defaults when identities were first
 # pinned): recorded as these constants, whatever this run's values and whatever keys or defaults they
 # gain later, so the digests of models fitted with the defaults never move.
@@ -280,6 +281,34 @@ class TilingConfig(_Section):
         return v
 
 
+class DenoiseConfig(_Section):
+    """Training-set denoising before the coreset (docs/design.md#denoising): patches unlike the other training
+    images' patches at the same feature cell never enter the memory bank. Part of the model when enabled."""
+    enabled: bool = Field(False, description=(
+        "leave the denoise.fraction most outlying training patches out of the coreset (for training folders that "
+        "may hold defective images; on clean data it costs a little quality, docs/quality.md#contaminated-training-"
+        "data); off or on, <model>/train_outliers.parquet ranks the training images for review"))
+    method: Literal["knn", "lof"] = Field("knn", description=(
+        "knn: mean distance to the k nearest other-image patches, over its median at the cell; lof: local outlier "
+        "factor at the cell (denoise.radius=0 only)"))
+    fraction: Real = Field(0.15, ge=0.0, lt=1.0, description=(
+        "share of all training patches left out (the highest outlier scores; SoftPatch: 0.15)"))
+    neighbors: Int = Field(5, gt=0, le=1024, description="k of the kNN / LOF outlier score")
+    radius: Int = Field(4, ge=0, le=8, description=(
+        "compare with the other images' patches within this many feature cells (Chebyshev) of the cell, for parts "
+        "and textures that are not aligned from image to image (the work grows with (2 radius + 1)^2); 0: the "
+        "same cell only (the one radius of method lof)"))
+    max_references: Optional[Int] = Field(512, gt=1, le=1_000_000, description=(
+        "compare each image with at most this many other training images (a seeded sample; null: all): the "
+        "scoring's work grows with images x min(images, max_references) instead of images^2"))
+
+    @model_validator(mode="after")
+    def _lof_at_cell(self):
+        if self.method == "lof" and self.radius:
+            raise ValueError("denoise.method=lof compares patches at the same cell only: set denoise.radius=0 with it")
+        return self
+
+
 class FitConfig(_Section):
     """The decision threshold every fit calibrates (docs/operations.md#thresholds)."""
     holdout_fraction: Real = Field(0.0, ge=0.0, le=0.5, description=(
@@ -347,6 +376,7 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     fit: FitConfig = FitConfig()
     tiling: TilingConfig = TilingConfig()
+    denoise: DenoiseConfig = DenoiseConfig()
     storage: StorageConfig = StorageConfig()
     seed: Int = Field(0, ge=0, le=MAX_SEED, description="projection, coreset start and hold-out split")
 
@@ -369,16 +399,16 @@ class Config(_Section):
 
     def recorded_dict(self) -> dict:
         """The config as a model records it (config.yaml, the config digest): the values of
-        :data:`IDENTITY_SECTIONS` (the tiling section only when tiling is on), and the run sections as the
-        constants :data:`RUN_SECTIONS_AS_RECORDED`, in the schema's order. So the same model fitted with
-        other runtime, output or storage settings, in process or on Ray, has the same identity."""
+        :data:`IDENTITY_SECTIONS` (the tiling and denoise sections only when they are on), and the run
+        sections as the constants :data:`RUN_SECTIONS_AS_RECORDED`, in the schema's order. So the same model
+        fitted with other runtime, output or storage settings, in process or on Ray, has the same identity."""
         d = self.to_dict()
         out = {}
         for section, value in d.items():
             if section in RUN_SECTIONS_AS_RECORDED:
                 out[section] = copy.deepcopy(RUN_SECTIONS_AS_RECORDED[section])
-            elif section in IDENTITY_SECTIONS and (section != "tiling" or self.tiling.enabled):
-                out[section] = value  # an untiled model records no tiling section (absent reads as off)
+            elif section in IDENTITY_SECTIONS and (section not in ("tiling", "denoise") or value["enabled"]):
+                out[section] = value  # an untiled (undenoised) model records no such section: absent reads as off
         return out
 
     def run_dict(self) -> dict:
@@ -423,8 +453,8 @@ _SEARCH = ("index.nprobe", "index.ef_search", "index.exact_search", "index.bound
 _SCORE = ("scoring",) + _SEARCH + ("image.max_pixels", "image.max_bytes", "image.min_side", "runtime", "output",
                                    "storage")
 COMMAND_KEYS = {
-    "fit": ("backbone", "image", "embedding", "coreset", "scoring", "index", "runtime", "fit", "tiling", "storage",
-            "seed"),
+    "fit": ("backbone", "image", "embedding", "coreset", "scoring", "index", "runtime", "fit", "tiling", "denoise",
+            "storage", "seed"),
     "score": _SCORE,
     "evaluate": _SCORE,
     "maintain": ("storage",),
@@ -463,7 +493,8 @@ def did_you_mean(key: str) -> str | None:
     known = list(schema_keys()) + list(Config.model_fields)
     leaf = key.rsplit(".", 1)[-1]
     same = [k for k in known if k.rsplit(".", 1)[-1] == leaf and k != key]
-    close = difflib.get_close_matches(key, same, n=1, cutoff=0) or difflib.get_close_matches(key, known, n=1)
+    depth = [k for k in known if k.count(".") == key.count(".")]  # a section's name is not a key's spelling
+    close = difflib.get_close_matches(key, same, n=1, cutoff=0) or difflib.get_close_matches(key, depth, n=1)
     return close[0] if close else None
 
 

@@ -5,6 +5,7 @@
     <model>/config.yaml       the resolved config as the model records it (Config.recorded_dict)
     <model>/images.parquet    one row per training image: uri, digest, feature shard and row, or error
     <model>/errors.parquet    training images that could not be used, with the reason
+    <model>/train_outliers.parquet  one row per training image: outlier score, share of patches denoised
     <model>/features/*.parquet  patch-feature shards (float16); validation/*.parquet for the threshold
     <model>/manifest.json     versions, digests, bank shape, sha256 of every file: the commit marker
     <model>/.fit-lease, .patchcore-fit  while a fit runs / until it commits (artifacts/lease.py)
@@ -38,7 +39,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 REQUIRED = ("memory_bank.npy", "index.faiss", "config.yaml")
 # Every file a fit writes besides the feature shards (features/, validation/) and the manifest.
-MODEL_FILES = ("memory_bank.npy", "index.faiss", "config.yaml", "images.parquet", "errors.parquet")
+MODEL_FILES = ("memory_bank.npy", "index.faiss", "config.yaml", "images.parquet", "errors.parquet",
+               "train_outliers.parquet")
 
 
 def sha256(data: bytes) -> str:

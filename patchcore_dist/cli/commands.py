@@ -14,12 +14,16 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse", help="an earlier model: reuse its features of unchanged images")
     p.add_argument("--validation", help="normal images to calibrate the decision threshold on "
                                         "(else fit.holdout_fraction of the training images, if set)")
+    p.add_argument("--exclude", metavar="LIST", help="training images to leave out: a text file of image URIs "
+                   "(one a line) or a Parquet file with an 'image' column (e.g. reviewed rows of "
+                   "train_outliers.parquet); recorded in the manifest")
 
 
 def fit(a: argparse.Namespace) -> None:
     from ..config import load_config
     from ..pipeline.fit import run_fit
-    run_fit(a.train, a.model, load_config(a.config, a.overrides), reuse=a.reuse, validation=a.validation)
+    run_fit(a.train, a.model, load_config(a.config, a.overrides), reuse=a.reuse, validation=a.validation,
+            exclude=a.exclude)
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:

@@ -56,11 +56,14 @@ class FitPlan:
     reuse: str | None = None
     validation: str | None = None
     nodes: set = field(default_factory=set)  # the Ray nodes whose actors extracted features ("local": in process)
+    excluded: list = field(default_factory=list)  # training images --exclude left out (their URIs)
 
 
-def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None) -> dict:
+def run_fit(train: str, model: str, config: Config, reuse: str | None = None, validation: str | None = None,
+            exclude: str | None = None) -> dict:
     """Fit a model on the normal images under ``train``; returns its manifest. Relative local paths are
-    taken against the working directory."""
+    taken against the working directory. ``exclude``: a text file of image URIs (one a line) or a
+    Parquet file with an ``image`` column (rows of train_outliers.parquet) to leave out."""
     train, model = storage.absolute(train), storage.absolute(model)
     reuse, validation = (storage.absolute(u) if u else u for u in (reuse, validation))
     t_start = time.time()
@@ -70,7 +73,7 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
                                  "backbone.weights": weights})
     lease = acquire_fit_lease(model, config.storage.options())  # a second fit into `model` is refused
     try:
-        plan = plan_fit(train, model, config, reuse, validation)
+        plan = plan_fit(train, model, config, reuse, validation, exclude)
         rows = extract_features(plan, config)
         t_extract = time.time() - t_start
         manifest = commit_model(plan, rows, config)
@@ -82,6 +85,8 @@ def run_fit(train: str, model: str, config: Config, reuse: str | None = None, va
              "total %.1f s; model %s (digest %s)", len(plan.items), t["errors"], t["reused"], t["patches"],
              manifest["bank"]["rows"], manifest["bank"]["dim"], t_extract, elapsed, model, manifest["model_digest"])
     record = _fit_record(plan, rows, manifest, run_id, started, elapsed)
+    record["train_outliers"] = manifest["stats"].get("train_outliers", {}).get("top", [])
+    record["excluded"] = len(plan.excluded)
     record["run_settings"] = config.run_dict()  # runtime / output / storage: not part of the model
     write_run(model, record, config.storage.options())
     return manifest
@@ -100,7 +105,8 @@ def _fit_record(plan: FitPlan, rows: dict, manifest: dict, run_id: str, started:
             "seconds": round(elapsed, 2), "images_per_s": round(len(plan.items) / elapsed, 2), "version": __version__}
 
 
-def plan_fit(train: str, model: str, config: Config, reuse: str | None, validation: str | None) -> FitPlan:
+def plan_fit(train: str, model: str, config: Config, reuse: str | None, validation: str | None,
+             exclude: str | None = None) -> FitPlan:
     """Everything checked and listed before any work: a new model URI, the images, the hold-out split,
     the features an earlier model can lend; an interrupted fit's leftovers are removed."""
     opts = config.storage.options()
@@ -111,6 +117,7 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
         raise JobError("--reuse must name another (committed) model than --model, outside it")
     root = resolve_train_root(train, opts)
     listed = list_images(root, opts, "training images", exclude=model, max_bytes=config.image.max_bytes)
+    listed, excluded = excluded_images(listed, exclude, opts) if exclude else (listed, [])
     files = [(e["uri"], e["rel"]) for e in listed]
     held = holdout(files, config.fit.holdout_fraction, config.seed) if not validation else set()
     items = [{"uri": e["uri"], "rel": e["rel"], "split": "validation" if e["uri"] in held else "features",
@@ -119,7 +126,8 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
         items += [{"uri": e["uri"], "rel": e["rel"], "split": "validation", "error": e["error"]}
                   for e in list_images(validation, opts, "validation images", exclude=model,
                                        max_bytes=config.image.max_bytes)]
-    plan = FitPlan(model, root, items, len(files) - len(held), held, validation=validation, reuse=reuse)
+    plan = FitPlan(model, root, items, len(files) - len(held), held, validation=validation, reuse=reuse,
+                   excluded=excluded)
     plan.reusable = reusable_features(reuse, config, opts) if reuse else {}
     if plan.reusable and config.tiling.enabled:
         log.warning("--reuse: features are extracted again with tiling on (reuse works image by image, "
@@ -130,6 +138,40 @@ def plan_fit(train: str, model: str, config: Config, reuse: str | None, validati
     log.info("fit: %d training images under %s%s -> model %s", plan.training, root,
              f", {n_val} validation images" if n_val else "", model)
     return plan
+
+
+def read_exclude_list(uri: str, opts: dict) -> list[str]:
+    """--exclude: a Parquet file's ``image`` column, or a text file's non-empty lines (# comments)."""
+    import io
+
+    import pyarrow.parquet as pq
+    try:
+        data = storage.read_bytes(storage.absolute(uri), **opts)
+    except (OSError, FileNotFoundError) as e:
+        raise JobError(f"--exclude {uri}: cannot be read ({e})") from None
+    if data[:4] == b"PAR1":
+        table = pq.read_table(io.BytesIO(data))
+        if "image" not in table.column_names:
+            raise JobError(f"--exclude {uri}: a Parquet file needs an 'image' column (as train_outliers.parquet has); "
+                           f"it has {', '.join(table.column_names)}")
+        return [str(v) for v in table["image"].to_pylist() if v]
+    lines = (line.strip() for line in data.decode("utf-8", "replace").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def excluded_images(listed: list[dict], exclude: str, opts: dict) -> tuple[list[dict], list[str]]:
+    """The listing without the images --exclude names (by URI as listed, or path relative to the
+    training folder), and the URIs left out; names that match no listed image are logged."""
+    names = read_exclude_list(exclude, opts)
+    wanted = set(names) | {storage.absolute(n) for n in names if "://" not in n}
+    kept = [e for e in listed if e["uri"] not in wanted and e["rel"] not in wanted]
+    out = [e["uri"] for e in listed if e["uri"] in wanted or e["rel"] in wanted]
+    unmatched = len(set(names)) - len(out)
+    log.info("--exclude %s: %d training images left out%s", exclude, len(out),
+             f" ({unmatched} listed names match no training image)" if unmatched > 0 else "")
+    if not kept:
+        raise JobError(f"--exclude {exclude} leaves none of the {len(listed)} training images (no model was written)")
+    return kept, out
 
 
 def extract_features(plan: FitPlan, config: Config) -> dict[str, list]:
@@ -258,7 +300,9 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     remove_orphan_shards(plan.model, set(writer.files), opts)
     shards, counts = _training_shards(rows, train_ok)
     train_uris = [storage.join(plan.model, "features", s) for s in shards]
-    bank, stats, selected, layout = build_memory_bank(train_uris, counts, config, opts)
+    bank, stats, selected, layout, outliers = build_memory_bank(train_uris, counts, config, opts)
+    stats["train_outliers"] = write_outliers(writer, rows, [t and f for t, f in zip(train_ok, first)], layout,
+                                             outliers)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
     if config.tiling.enabled:
         stats.update(calibrate_tiled(rows, ok, plan.model, bank, selected, layout, config, opts,
@@ -271,7 +315,7 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], used) if t)).encode()).hexdigest()
     training = {"uri": plan.root, "images": plan.training, "used": int(sum(used)), "errors": errors,
                 "reused": int(sum(rows["unchanged"])), "digest": digest[:16], "patches": stats.pop("patches"),
-                "reuse_from": plan.reuse,
+                "reuse_from": plan.reuse, "excluded": plan.excluded,
                 "validation": plan.validation or (f"{len(plan.held)} held out" if plan.held else None)}
     return writer.commit(config, bank.shape, training, stats)
 
@@ -284,6 +328,33 @@ def _training_shards(rows: dict[str, list], train_ok: list[bool]) -> tuple[list[
         if t:
             patches[name] = patches.get(name, 0) + int(p)
     return list(patches), list(patches.values())
+
+
+OUTLIERS_NAMED = 5  # training images the summary, the manifest and the run record name
+
+
+def write_outliers(writer: ModelWriter, rows: dict[str, list], used: list[bool], layout: list,
+                   outliers: dict | None) -> dict:
+    """train_outliers.parquet: one row per training image (image, outlier_score, dropped_fraction),
+    most outlying first (with tiling: no scores, listing order); returns its summary for the manifest."""
+    offsets = {uri.rsplit("/", 1)[-1]: int(o) for (uri, _, _), o in
+               zip(layout, np.cumsum([0] + [n for _, n, _ in layout]))}
+    idx = [i for i, u in enumerate(used) if u]
+    at = [offsets[rows["shard"][i]] + int(rows["row"][i]) for i in idx]
+    score = outliers["image_score"][at] if outliers else np.full(len(idx), np.nan)
+    dropped = outliers["dropped_fraction"][at] if outliers else np.zeros(len(idx))
+    order = np.argsort(-score, kind="stable") if outliers else np.arange(len(idx))
+    images = [rows["uri"][idx[j]] for j in order]
+    writer.put("train_outliers.parquet", storage.parquet_bytes(pa.table(
+        {"image": images, "outlier_score": score[order], "dropped_fraction": dropped[order]},
+        schema=pa.schema([("image", pa.string()), ("outlier_score", pa.float64()),
+                          ("dropped_fraction", pa.float64())]))))
+    top = [{"image": images[j], "outlier_score": round(float(score[order][j]), 4)}
+           for j in range(min(OUTLIERS_NAMED, len(images)))] if outliers else []
+    if top:
+        log.info("most outlying training images (review %s/train_outliers.parquet): %s", writer.uri,
+                 "; ".join(f"{t['image'].rsplit('/', 1)[-1]} {t['outlier_score']:.3g}" for t in top))
+    return {"file": "train_outliers.parquet", "top": top}
 
 
 def _write_model_files(writer: ModelWriter, bank: np.ndarray, rows: dict[str, list], ok: list[bool],
