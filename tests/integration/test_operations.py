@@ -114,7 +114,7 @@ def test_refit_reuses_unchanged_images(ray_local, category, tmp_path):
         run_fit(str(train), str(tmp_path / "y"), load_config(None, SMALL), reuse=old)
     (tmp_path / "notamodel").mkdir()
     (tmp_path / "notamodel" / "precious.txt").write_text("keep me")
-    with pytest.raises(JobError, match="not empty"):
+    with pytest.raises(JobError, match="holds files no fit wrote"):
         run_fit(str(train), str(tmp_path / "notamodel"), load_config(None, SMALL))
     assert (tmp_path / "notamodel" / "precious.txt").exists()
     with pytest.raises(JobError, match="other feature settings"):
