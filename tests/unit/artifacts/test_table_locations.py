@@ -51,11 +51,13 @@ def test_a_local_output_with_a_space_a_hash_and_a_non_ascii_letter(tmp_path):
 
 def test_an_s3_prefix_with_a_space_a_hash_and_a_non_ascii_letter(s3, bucket):
     import boto3
-    out, opts = f"s3://{bucket}/{ODD}/out", {"endpoint_url": s3}
+    import uuid
+    own = f"odd-{uuid.uuid4().hex[:8]}"  # the session's bucket is shared with other tests' outputs
+    out, opts = f"s3://{bucket}/{own}/{ODD}/out", {"endpoint_url": s3}
     _commits_and_reads(out, opts)
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3).list_objects_v2(
-        Bucket=bucket, Prefix=ODD.split(" ")[0])["Contents"]]
-    assert keys and all(k.startswith(f"{ODD}/out/scores/") for k in keys)
+        Bucket=bucket, Prefix=own)["Contents"]]
+    assert keys and all(k.startswith(f"{own}/{ODD}/out/scores/") for k in keys)
 
 
 def test_a_percent_escape_in_a_local_output_is_refused_before_anything_is_written(tmp_path):
