@@ -16,7 +16,8 @@ from ..errors import ConfigError
 
 # Path arguments of the commands (argparse destination -> option).
 PATH_ARGUMENTS = {"train": "--train", "model": "--model", "reuse": "--reuse", "validation": "--validation",
-                  "images": "--images", "output": "--output", "dataset": "--dataset", "normal": "--normal"}
+                  "images": "--images", "output": "--output", "dataset": "--dataset", "normal": "--normal",
+                  "images_root": "--images-root", "exclude": "--exclude"}
 # What must outlive the job: written, or a model (read by later jobs, never inside an uploaded package).
 KEPT = ("model", "reuse", "output")
 PATH_KEYS = ("backbone.weights",)   # config keys that hold a path (besides their keywords)
