@@ -12,6 +12,7 @@ image scores here as it does in the score table. No Ray, nothing written.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,8 @@ class Model:
             c = self.config.image
             pred = self._pc.predict(resize_crop(rgb, c.resize, c.crop, size=(height, width))[None], maps=False)
             score, grid = float(pred.image_scores[0]), pred.patch_scores[0]
+        if not np.isfinite(score):  # the score job makes it an error row: never a decision
+            raise ImageError(f"score is not finite ({score})")
         amap = anomaly_map_of(grid.ravel(), grid.shape, height, width, self.config)
         if "heatmap_threshold" in self.loaded.manifest["stats"]:  # as heatmaps are drawn
             amap = calibration.peak_normalised(amap, score)
@@ -106,6 +109,8 @@ class Model:
         """Any accepted input as HxWx3 uint8 and the original (height, width): files decoded with the job's
         limits and reductions (a large JPEG at a reduced scale, as the decode stage does)."""
         c = self.config.image
+        if isinstance(image, os.PathLike):
+            image = os.fspath(image)
         if isinstance(image, (str, bytes)):
             data = image if isinstance(image, bytes) else \
                 storage.read_bytes(storage.absolute(image), **self._opts, limit=c.max_bytes + 1)

@@ -537,6 +537,15 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _weights_beside(tree: dict, path: Path) -> None:
+    """A relative local ``backbone.weights`` in a config file names a file beside that config file: made
+    absolute here, once, so the model records a path that works from any working directory."""
+    b = tree.get("backbone")
+    w = b.get("weights") if isinstance(b, dict) else None
+    if isinstance(w, str) and w not in ("default", "random") and "://" not in w and not w.startswith(("/", "~")):
+        b["weights"] = str((path.resolve().parent / w).resolve())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Load a YAML config (default: configs/default.yaml), apply ``key=value`` overrides, validate."""
@@ -554,6 +563,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         source = str(p)
+        _weights_beside(tree, p)
     backbone_before = tree.get("backbone") if isinstance(tree.get("backbone"), dict) else {}
     name_before, keys = backbone_before.get("name"), []
     for item in overrides or []:

@@ -252,8 +252,9 @@ def _manifest_batch(chunk: pa.Table, ctx: _ManifestContext) -> pa.RecordBatch:
         u, rel, err = _check_entry(raw, ctx)
         size, mtime, ctime, etag = given["size"][i], given["mtime"][i], None, given["etag"][i]
         s3 = storage.is_s3(u)
-        if err is None and not s3 and (size is None or mtime is None):
-            err, size, mtime, ctime = _stat(u, ctx)
+        if err is None and not s3:  # always checked (a link out of the root, a FIFO, a missing file);
+            err, st_size, st_mtime, ctime = _stat(u, ctx)  # the manifest's numbers, when given, are the stats
+            size, mtime = (st_size if size is None else size), (st_mtime if mtime is None else mtime)
         if err is None and ctx.max_bytes is not None and (size or 0) > ctx.max_bytes:
             err = f"file is {size} bytes, over the limit image.max_bytes={ctx.max_bytes} (not read)"
         for k, v in (("uri", u), ("rel", rel), ("size", size), ("mtime", mtime), ("ctime", ctime), ("etag", etag),
@@ -296,14 +297,15 @@ def _check_entry(raw: str, ctx: _ManifestContext) -> tuple[str, str, str | None]
 
 def _stat(path: str, ctx: _ManifestContext) -> tuple[str | None, int | None, float | None, float | None]:
     """(error, size, mtime, ctime) of a local manifest entry from one ``lstat`` (a link: its target's,
-    if the target exists, is a regular file and lies under --images-root when one is declared)."""
+    if the target exists and is a regular file); with --images-root declared, the entry's real path
+    (every link on its way resolved) must lie under it."""
     import stat as st_mod
     try:
         st = os.lstat(path)
+        # any link on the way (the file, or a folder above it) must stay under --images-root
+        if ctx.root is not None and not any((os.path.realpath(path) + "/").startswith(p) for p in ctx.roots):
+            return "a symbolic link on its path leads outside --images-root: not followed", None, None, None
         if st_mod.S_ISLNK(st.st_mode):
-            real = os.path.realpath(path)
-            if ctx.root is not None and not any((real + "/").startswith(p) for p in ctx.roots):
-                return "symbolic link to a file outside --images-root: not followed", None, None, None
             st = os.stat(path)
     except FileNotFoundError:
         return "not found", None, None, None

@@ -66,6 +66,9 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore, images_root, dry_run)
     if dry_run:
         return dry_run_summary(plan, t_start)
+    if plan.config.output.heatmaps == "anomalies" and plan.threshold is None:
+        log.warning("output.heatmaps=anomalies: model %s has no decision threshold (fitted before every fit "
+                    "calibrated one): heatmaps are drawn for every image", plan.digest)
     if not plan.todo.num_rows:
         log.info("score: all %d images already have rows for model %s in %s: nothing to do (no backbone work; "
                  "--rescore all forces it)", plan.entries.num_rows, plan.digest, scores_uri(output))

@@ -54,3 +54,13 @@ def test_job_package_from_the_working_dir_layout(tmp_path, monkeypatch):
     assert job_package() == str(pkg)
     monkeypatch.chdir(tmp_path)
     assert job_package() is None
+
+
+def test_relative_weights_in_a_config_file_name_a_file_beside_it(tmp_path, monkeypatch):
+    from patchcore_dist.config import load_config
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "c.yaml").write_text("backbone:\n  name: resnet18\n  weights: w/resnet18.pth\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("proj/c.yaml")
+    assert cfg.backbone.weights == str(tmp_path / "proj" / "w" / "resnet18.pth")
+    assert load_config("proj/c.yaml", ["backbone.weights=random"]).backbone.weights == "random"

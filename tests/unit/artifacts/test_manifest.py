@@ -68,8 +68,8 @@ def test_given_statistics_are_used_and_s3_entries_without_an_etag_are_verified(t
                   etag=pa.array([None, '"e1"', None, None], pa.string()), product=["p"] * 4)
     rows = _by_uri(inputs.manifest_table(m, {}, "images", max_bytes=100)[0])
     local = rows[f"{root}/a/1.png"]
-    # the manifest's size and mtime stand (not stat'ed: the file has 7 bytes); over max_bytes by that size
-    assert local["size"] == 123 and local["mtime"] == when.timestamp() and local["ctime"] is None
+    # the manifest's size and mtime stand (the file has 7 bytes); the file is still checked (lstat: its ctime)
+    assert local["size"] == 123 and local["mtime"] == when.timestamp() and local["ctime"]
     assert local["error"] == "file is 123 bytes, over the limit image.max_bytes=100 (not read)"
     assert rows["s3://bkt/x/1.png"]["etag"] == '"e1"' and not rows["s3://bkt/x/1.png"]["verify"]
     assert rows["s3://bkt/x/2.png"]["verify"] and rows["s3://bkt/x/2.png"]["error"] is None
@@ -123,3 +123,25 @@ def test_the_listing_is_the_same_at_any_batch_size(tmp_path, monkeypatch):
     assert batched.equals(whole) and whole.num_rows == 7
     assert whole.schema == storage.LISTING_SCHEMA
     assert whole.column("uri").to_pylist() == sorted(whole.column("uri").to_pylist())
+
+
+def test_given_statistics_never_skip_the_checks(tmp_path):
+    """A manifest row with size and mtime used to skip every local check: a link out of --images-root
+    (the file, or a folder on its way), a FIFO and a missing file were read. Each is an error row."""
+    root = _files(tmp_path)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "s.png").write_bytes(b"s" * 7)
+    os.symlink(secret / "s.png", root / "file-link.png")
+    os.symlink(secret, root / "dir-link")
+    os.mkfifo(root / "fifo.png")
+    images = [f"{root}/a/1.png", f"{root}/file-link.png", f"{root}/dir-link/s.png", f"{root}/fifo.png",
+              f"{root}/gone.png"]
+    m = _manifest(tmp_path / "m.parquet", image=images, size=pa.array([7] * 5, pa.int64()),
+                  mtime=pa.array([1.0] * 5, pa.float64()))
+    rows = _by_uri(inputs.manifest_table(m, {}, "images", root=str(root))[0])
+    assert rows[f"{root}/a/1.png"]["error"] is None
+    for link in ("file-link.png", "dir-link/s.png"):
+        assert "leads outside --images-root" in rows[f"{root}/{link}"]["error"]
+    assert rows[f"{root}/fifo.png"]["error"] == "not a regular file"
+    assert rows[f"{root}/gone.png"]["error"] == "not found"
