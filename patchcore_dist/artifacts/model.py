@@ -96,7 +96,11 @@ class ModelWriter:
         """A file written elsewhere (a feature shard written by a worker)."""
         self.files[name] = {"sha256": sha, "bytes": nbytes}
 
-    def commit(self, config: Config, bank_shape: tuple[int, int], training: dict, stats: dict) -> dict:
+    def commit(self, config: Config, bank_shape: tuple[int, int], training: dict, stats: dict,
+               backbone_weights: dict | None = None) -> dict:
+        """Write the manifest (the commit marker). ``backbone_weights``: the weights file's uri, sha256
+        and bytes, checked by every scorer (outside the model digest: the bank's hash already differs
+        when other weights made it, and earlier models keep their digests)."""
         body = {
             "format_version": FORMAT_VERSION,
             "library": {"name": "patchcore-dist", "version": __version__},
@@ -108,6 +112,7 @@ class ModelWriter:
             "training": training,
             "stats": stats,
             "files": dict(sorted(self.files.items())),
+            **({"backbone_weights": backbone_weights} if backbone_weights else {}),
         }
         body["model_digest"] = model_digest(body)
         storage.write_bytes(storage.join(self.uri, MANIFEST), json.dumps(body, indent=2).encode(),
@@ -201,6 +206,10 @@ def _manifest_problem(m) -> str | None:
     if not (isinstance(bank, dict) and all(isinstance(bank.get(k), int) and not isinstance(bank.get(k), bool)
                                            and bank[k] > 0 for k in ("rows", "dim"))):
         return "'bank' needs positive integer rows and dim"
+    weights = m.get("backbone_weights")
+    if weights is not None and not (isinstance(weights, dict) and isinstance(weights.get("sha256"), str)
+                                    and _HEX64.fullmatch(weights["sha256"])):
+        return "'backbone_weights' needs a sha256 (64 hex digits)"
     problem = _stats_problem(m.get("stats"))
     if problem:
         return problem

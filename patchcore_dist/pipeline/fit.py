@@ -32,7 +32,7 @@ from .cluster import (actor_pool, check_cluster_paths, init_ray, iterate_with_pr
                       use_ray)
 from .local import driver_threads_kept, in_batches, map_ordered, object_columns, rebatched
 from .coreset import build_memory_bank
-from .stages import Extract, decode_batch, decode_tiles
+from .stages import Extract, decode_batch, decode_tiles, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,17 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
                 "reused": int(sum(rows["unchanged"])), "digest": digest[:16], "patches": stats.pop("patches"),
                 "reuse_from": plan.reuse, "excluded": plan.excluded,
                 "validation": plan.validation or (f"{len(plan.held)} held out" if plan.held else None)}
-    return writer.commit(config, bank.shape, training, stats)
+    return writer.commit(config, bank.shape, training, stats, backbone_weights(config, opts))
+
+
+def backbone_weights(config: Config, opts: dict) -> dict | None:
+    """The weights file's identity for the manifest (read once more on the driver: scorers refuse other
+    content, which would give other features against this bank); None without a weights file."""
+    uri = config.backbone.weights
+    if uri in ("default", "random"):  # the registry's packaged weights (versioned with their package), none
+        return None
+    data = read_weights(uri, opts)
+    return {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def _training_shards(rows: dict[str, list], train_ok: list[bool]) -> tuple[list[str], list[int]]:

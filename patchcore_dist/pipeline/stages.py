@@ -18,7 +18,7 @@ from ..artifacts import storage
 from ..config import Config
 from ..core.calibration import peak_normalised
 from ..core.preprocessing import decode_sized, resize_crop, resize_rgb
-from ..errors import ImageError
+from ..errors import BackboneError, ImageError
 from ..render.heatmap import PNG_OPTIONS, colorize, encode, heat_index, overlay, render_size
 from . import faults as _faults
 from .cluster import node_id
@@ -194,20 +194,35 @@ def _per_image_ms(t0: float, n: int) -> np.ndarray:
     return np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32)
 
 
-def _reader(opts: dict):
-    """The backbone's weights reader: any storage URI (the algorithm itself reads local files only)."""
-    return functools.partial(read_weights, opts=opts)
+def _reader(opts: dict, sha256: str | None = None):
+    """The backbone's weights reader: any storage URI (the algorithm itself reads local files only);
+    with ``sha256`` (a model's recorded weights), other content is refused."""
+    return functools.partial(read_weights, opts=opts, sha256=sha256)
 
 
-def read_weights(uri: str, opts: dict) -> bytes:
+def weights_sha256(manifest: dict) -> str | None:
+    """The sha256 of the backbone weights a model was fitted with (None: no weights file, or a model
+    fitted before they were recorded)."""
+    return (manifest.get("backbone_weights") or {}).get("sha256")
+
+
+def read_weights(uri: str, opts: dict, sha256: str | None = None) -> bytes:
     """Weights of at most MAX_WEIGHTS_BYTES: a local one a regular file (read_local), an object read up
-    to one byte over the limit (BackboneError when over). The reader of the jobs and of the API."""
+    to one byte over the limit (BackboneError when over). The reader of the jobs and of the API.
+    ``sha256``: the content the model was fitted with; a file changed since then would give other
+    features against the same memory bank, so it is refused (BackboneError)."""
     from ..core.backbones import MAX_WEIGHTS_BYTES, checked_size, read_local  # torch: in the actors only
     if not storage.is_s3(uri):
         storage.resolve(uri)  # an unsupported scheme: StorageError
-        return read_local(uri)
-    data = storage.read_bytes(uri, limit=MAX_WEIGHTS_BYTES + 1, **opts)
-    return checked_size(uri, data, len(data), MAX_WEIGHTS_BYTES)
+        data = read_local(uri)
+    else:
+        data = storage.read_bytes(uri, limit=MAX_WEIGHTS_BYTES + 1, **opts)
+        data = checked_size(uri, data, len(data), MAX_WEIGHTS_BYTES)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BackboneError(f"backbone weights {uri} are not the file this model was fitted with (sha256 "
+                            f"{hashlib.sha256(data).hexdigest()[:16]}..., the model recorded {sha256[:16]}...): "
+                            "restore that file, or fit the model again with the new weights")
+    return data
 
 
 def _threads(config: Config) -> None:
@@ -278,7 +293,8 @@ class Score:
         _threads(self.cfg)
         opts = self.cfg.storage.options()
         model = load_model(model_uri, opts)
-        self.pc = PatchCore(self.cfg, model.bank, index=model.index, read_weights=_reader(opts))
+        self.pc = PatchCore(self.cfg, model.bank, index=model.index,
+                            read_weights=_reader(opts, weights_sha256(model.manifest)))
         self.node = node_id()
 
     def __call__(self, batch: dict) -> dict:

@@ -33,6 +33,8 @@ def test_every_command_with_relative_paths(tmp_path, monkeypatch, capsys):
     table = read_scores(str(tmp_path / "runs/s"))
     n = len(glob.glob(str(tmp_path / "data/gravel/test/*/*.png")))
     assert table.num_rows == n and all(u.startswith(str(tmp_path) + "/") for u in table.column("image").to_pylist())
+    heatmaps = table.column("heatmap").to_pylist()  # stored resolved, like the images (not runs/s/...)
+    assert all(h and h.startswith(str(tmp_path / "runs/s") + "/") and os.path.exists(h) for h in heatmaps)
     score = np.array(table.column("score").to_pylist())
     decision = table.column("is_anomaly").to_pylist()
     norm = np.array(table.column("normalized_score").to_pylist())

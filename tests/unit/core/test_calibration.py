@@ -68,3 +68,17 @@ def test_betabinom_tail_equals_scipy_stats(n, a, b):
         # scipy's sf is 1 - cdf: its error near zero is ~1e-13; the tail sum stays exact there
         assert calibration.betabinom_tail(k, n, a, b) == pytest.approx(expected, rel=1e-6, abs=1e-12), k
     assert calibration.betabinom_tail(0, n, a, b) == 1.0 and calibration.betabinom_tail(n + 1, n, a, b) == 0.0
+
+
+def test_a_threshold_from_few_images_is_called_unreliable():
+    """Under MIN_THRESHOLD_IMAGES normal images the fit's sentence says the threshold is unreliable and
+    how to fix it; from enough images it says which FPR they resolve, and is not weak."""
+    rng = np.random.default_rng(0)
+    few = calibration.calibration_stats(rng.normal(3, 0.2, calibration.MIN_THRESHOLD_IMAGES - 1), 0.01, "normal images")
+    line, weak = calibration.describe_threshold(few)
+    assert weak and "unreliable" in line and "--validation" in line
+    assert few["threshold_images"] == calibration.MIN_THRESHOLD_IMAGES - 1
+    enough = calibration.calibration_stats(rng.normal(3, 0.2, 200), 0.01, "normal images")
+    line, weak = calibration.describe_threshold(enough)
+    assert not weak and "unreliable" not in line and "200 images resolve FPRs down to 0.5%" in line
+    assert enough["calibration_fpr"] <= 0.01

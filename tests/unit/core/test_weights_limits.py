@@ -68,3 +68,31 @@ def test_the_api_reads_weights_within_the_limits(small_model, category, tmp_path
         model = Model(load_model(small_model), load_config(None, SMALL + [f"backbone.weights={weights}"]), {})
         with pytest.raises(BackboneError, match="not a regular file"):
             model.predict(image)
+
+
+def test_a_model_refuses_weights_other_than_those_it_was_fitted_with(category, tmp_path):
+    """The manifest records the weights file's sha256; a scorer (here the API, which builds its backbone
+    through the jobs' reader) refuses a file changed since the fit, which would give other features
+    against the same memory bank. The model digest does not depend on the record."""
+    import hashlib
+
+    import torch
+    from helpers import SMALL
+
+    from patchcore_dist.api import Model
+    from patchcore_dist.artifacts.model import model_digest
+    from patchcore_dist.config import load_config
+    from patchcore_dist.pipeline.fit import run_fit
+    weights = str(tmp_path / "lite0.pth")
+    torch.save(backbones.build_backbone("tf_efficientnet_lite0").model.state_dict(), weights)
+    fast = SMALL + ["runtime.executor=local", f"backbone.weights={weights}"]
+    manifest = run_fit(os.path.join(category, "train", "good"), str(tmp_path / "m"), load_config(None, fast))
+    recorded = manifest["backbone_weights"]
+    assert recorded["sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    assert model_digest({k: v for k, v in manifest.items() if k != "backbone_weights"}) == manifest["model_digest"]
+    image = os.path.join(category, "test", "good", sorted(os.listdir(os.path.join(category, "test", "good")))[0])
+    assert Model.load(str(tmp_path / "m"), ["runtime.device=cpu"]).predict(image).score > 0
+    with open(weights, "ab") as f:
+        f.write(b"\0")  # the same path, other content
+    with pytest.raises(BackboneError, match="not the file this model was fitted with"):
+        Model.load(str(tmp_path / "m"), ["runtime.device=cpu"]).predict(image)
