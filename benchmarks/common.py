@@ -92,3 +92,11 @@ def write_training_folder(images: list[np.ndarray], folder: str) -> list[str]:
         paths.append(os.path.join(folder, f"{i:04d}.png"))
         Image.fromarray(img).save(paths[-1])
     return paths
+
+
+# Printed by every benchmark whose ratio is against the in-repo "original formulation" (issue 27):
+# that re-implementation drifts from the official code (1.1-3x slower than it, measured), so its
+# ratios are not ratios against the original.
+BASELINE_NOTE = ("baseline: this repository's re-implementation of the original formulation, NOT the official "
+                 "code; for ratios against amazon-science/patchcore-inspection run ../shared/baseline/"
+                 "vs_official.sh (OFFICIAL_SRC, BASELINE_VENV), see benchmarks/README.md")

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 import torch
 
-from common import crops, texture_training_images, write_training_folder
+from common import BASELINE_NOTE, crops, texture_training_images, write_training_folder
 
 from patchcore_dist.config import load_config
 from patchcore_dist.core.backbones import build_backbone
@@ -89,6 +89,7 @@ def main():
     res = {"images": a.images, "ours_s": t_ours, "original": ref, "ratio": ref["total_s"] / t_ours}
     note = (f" (coreset extrapolated from {ref['coreset_extrapolated_from_steps']} steps)"
             if ref["coreset_extrapolated_from_steps"] else "")
+    print(BASELINE_NOTE)
     print(f"fit of {a.images} images ({ref['patches']} patches, k={ref['k']}): ours (whole job, a process) "
           f"{t_ours:.1f} s; original in process {ref['total_s']:.1f} s (features {ref['features_s']:.1f}, coreset "
           f"{ref['coreset_s']:.1f}{note}, index {ref['index_s']:.2f}); original / ours x{res['ratio']:.2f}")

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from common import demo_data
+from common import BASELINE_NOTE, demo_data
 
 from patchcore_dist.config import load_config
 from patchcore_dist.core.backbones import build_backbone
@@ -166,6 +166,7 @@ def main():
                 "original images/s": round(float(np.median(orig_rate)), 2),
                 "marginal / original": round(float(np.median(ratios)), 3)})
     res["components ms per image (one image at its original size)"] = render_components(rows, cfg, vrange, a.repeat)
+    print(BASELINE_NOTE)
     print(f"score job marginal rate {res['marginal images/s']} images/s vs original with maps "
           f"{res['original images/s']} images/s: x{res['marginal / original']} (per round {np.round(ratios, 2)})")
     print(f"render stage {res['render ms/image']} ms/image on one core = {100 * res['render share']:.1f} % of the "

@@ -96,6 +96,8 @@ def main():
                 times[k].append(v)
     med = {k: float(np.median(v)) for k, v in times.items()}
     ratio = float(np.median(np.array(times["fit_ours"]) / np.array(times["fit_original"])))
+    from common import BASELINE_NOTE
+    print(BASELINE_NOTE)
     print(f"fit 40 images: ours {med['fit_ours']:.1f} s, original in process {med['fit_original']:.1f} s, "
           f"ours / original x{ratio:.2f} (median of {a.repeat} pairs); score 8 images: ours {med['score_ours']:.1f} s "
           f"(executor={a.executor}; every figure a whole process)")
