@@ -42,9 +42,9 @@ class Model:
 
     def __init__(self, loaded: LoadedModel, config: Config, storage_options: dict):
         self.loaded, self.config, self._opts = loaded, config, storage_options
-        from .pipeline.stages import _reader, weights_sha256  # the jobs' reader: regular files within limits
+        from .pipeline.stages import weights_reader, weights_sha256  # the jobs' reader: regular files within limits
         self._pc = PatchCore(config, loaded.bank, index=loaded.index,
-                             read_weights=_reader(storage_options, weights_sha256(loaded.manifest)))
+                             read_weights=weights_reader(storage_options, weights_sha256(loaded.manifest)))
 
     @classmethod
     def load(cls, uri: str, overrides: list[str] | None = None, storage_options: dict | None = None) -> "Model":

@@ -194,7 +194,7 @@ def _per_image_ms(t0: float, n: int) -> np.ndarray:
     return np.full(n, (time.perf_counter() - t0) * 1e3 / max(1, n), np.float32)
 
 
-def _reader(opts: dict, sha256: str | None = None):
+def weights_reader(opts: dict, sha256: str | None = None):
     """The backbone's weights reader: any storage URI (the algorithm itself reads local files only);
     with ``sha256`` (a model's recorded weights), other content is refused."""
     return functools.partial(read_weights, opts=opts, sha256=sha256)
@@ -244,7 +244,7 @@ class Extract:
         self.cfg = Config.model_validate(config)
         _threads(self.cfg)
         self.opts = self.cfg.storage.options()
-        self.embedder = Embedder(self.cfg, read_weights=_reader(self.opts))
+        self.embedder = Embedder(self.cfg, read_weights=weights_reader(self.opts))
         self.model_uri = model_uri
         self.node = node_id()
 
@@ -294,7 +294,7 @@ class Score:
         opts = self.cfg.storage.options()
         model = load_model(model_uri, opts)
         self.pc = PatchCore(self.cfg, model.bank, index=model.index,
-                            read_weights=_reader(opts, weights_sha256(model.manifest)))
+                            read_weights=weights_reader(opts, weights_sha256(model.manifest)))
         self.node = node_id()
 
     def __call__(self, batch: dict) -> dict:

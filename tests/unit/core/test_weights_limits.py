@@ -7,11 +7,11 @@ import pytest
 
 from patchcore_dist.core import backbones
 from patchcore_dist.errors import BackboneError
-from patchcore_dist.pipeline.stages import _reader
+from patchcore_dist.pipeline.stages import weights_reader
 
 
 def _readers():
-    return [backbones.read_local, _reader({})]
+    return [backbones.read_local, weights_reader({})]
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["read_local", "storage_reader"])
@@ -46,7 +46,7 @@ def test_objects_over_the_limit_are_refused(s3, bucket, monkeypatch):
     from patchcore_dist.artifacts import storage
     uri = f"s3://{bucket}/weights-limit/w.pt"
     storage.write_bytes(uri, b"y" * 101, endpoint_url=s3)
-    read = _reader({"endpoint_url": s3, "region": None})
+    read = weights_reader({"endpoint_url": s3, "region": None})
     monkeypatch.setattr(backbones, "MAX_WEIGHTS_BYTES", 101)
     assert read(uri) == b"y" * 101
     monkeypatch.setattr(backbones, "MAX_WEIGHTS_BYTES", 100)
