@@ -18,6 +18,9 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from helpers import SIZE  # noqa: E402  (tests/ is on the path: pytest puts conftest's folder there)
+from ray_head import use_own_token  # noqa: E402
+
+use_own_token()  # before any Ray starts: never the user's ~/.ray/auth_token
 
 
 @pytest.fixture(scope="session")

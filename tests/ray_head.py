@@ -1,5 +1,6 @@
 """A Ray head of the tests' own, for the tests that run `ray start`: its own temporary folder, free ports
-and HOME (so `ray get-auth-token --generate` writes <home>/.ray/auth_token, never the user's), and a stop
+and HOME (its auth token is written to <home>/.ray/auth_token and named by RAY_AUTH_TOKEN_PATH, never
+the user's ~/.ray/auth_token, which is neither read nor rewritten), and a stop
 that ends only the processes it started (found by the temporary folder in their command lines), never
 `ray stop`, which ends every Ray process on the machine."""
 from __future__ import annotations
@@ -129,19 +130,32 @@ class Head:
         return pids_with(self.temp_dir, environ=False)
 
 
+def _new_token(home: str) -> str:
+    """A fresh token (256 random bits in hex, as Ray generates them) in ``home``/.ray/auth_token, readable
+    by the owner only; its path. Written here rather than by `ray get-auth-token --generate`, which
+    writes whatever ~/.ray/auth_token its HOME names."""
+    import secrets
+    path = os.path.join(home, ".ray", "auth_token")
+    os.makedirs(os.path.dirname(path), mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
 def start_head(num_cpus: int = 1, token: bool = False, dashboard: bool = True, timeout: float = 180) -> Head:
     """`ray start --head` on loopback with its own temp dir (a short path: Ray's socket paths are limited
-    to about 107 bytes), ports and HOME; with token, RAY_AUTH_MODE=token and a token generated in HOME;
+    to about 107 bytes), ports and HOME; with token, RAY_AUTH_MODE=token and a token of its own in HOME;
     without dashboard, no dashboard (no job submission; starts faster)."""
     temp_dir = tempfile.mkdtemp(prefix="/tmp/pcr")
     home = os.path.join(temp_dir, "home")
     os.makedirs(home)
     env = dict(os.environ, HOME=home, RAY_TMPDIR=temp_dir)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)  # a token of the user's environment is not this head's
     if token:
         env["RAY_AUTH_MODE"] = "token"
-        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
-                       timeout=120)
+        env["RAY_AUTH_TOKEN_PATH"] = _new_token(home)
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     first = _port_range(WORKER_PORTS)
     head = Head(temp_dir, home, ports, env)
@@ -173,6 +187,22 @@ def stop_head(head: Head, timeout: float = 5.0) -> None:
 
 
 _LOCAL_TEMP: list[str] = []  # the session's local instance's temporary folder (made once)
+
+
+USER_TOKEN_AT_START: list[bool] = []  # whether ~/.ray/auth_token existed when the test session began
+
+
+def use_own_token() -> None:
+    """Point this test process (and the processes it starts) at an auth token of its own, in a temporary
+    HOME-like folder removed at exit, unless the environment already names one: a Ray instance that
+    starts in token mode without a token otherwise writes the user's shared ~/.ray/auth_token."""
+    import atexit
+    USER_TOKEN_AT_START.append(os.path.exists(os.path.expanduser("~/.ray/auth_token")))
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    home = tempfile.mkdtemp(prefix="/tmp/pct")
+    atexit.register(shutil.rmtree, home, True)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = _new_token(home)
 
 
 def init_local_ray():

@@ -4,7 +4,7 @@ the user's ~/.ray/auth_token untouched."""
 import os
 import subprocess
 
-from ray_head import RAY, alive, start_head, stop_head
+from ray_head import RAY, USER_TOKEN_AT_START, alive, start_head, stop_head
 
 
 def _answers(head) -> bool:
@@ -35,3 +35,15 @@ def test_a_bystander_ray_instance_survives_the_tests_heads(ray_local):
         stop_head(bystander)
     assert not bystander.pids()
     assert (os.path.getmtime(token) if os.path.exists(token) else None) == token_before  # the user's token
+
+
+def test_the_session_leaves_the_users_ray_token_alone(ray_local):
+    """The session's Ray instance (token mode by default) runs on a token of the session's own: a
+    ~/.ray/auth_token that did not exist when the session began still does not (Ray writes one there
+    when it starts without a token), and the token the session uses lies outside HOME."""
+    assert ray_local.is_initialized()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        assert os.path.isfile(path) and not path.startswith(os.path.expanduser("~") + os.sep)
+    if USER_TOKEN_AT_START == [False]:
+        assert not os.path.exists(os.path.expanduser("~/.ray/auth_token"))
