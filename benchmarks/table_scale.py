@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import peak_rss_mb  # noqa: E402  (benchmarks/, the script's folder, is on the path)
 from patchcore_dist.artifacts import delta, scores  # noqa: E402
 
 MODEL = "0123456789abcdef"
@@ -80,16 +80,6 @@ def files(out: str) -> tuple[int, int]:
     return len(paths), sum(os.path.getsize(p) for p in paths)
 
 
-def peak_rss_mb() -> int:
-    """This process's peak resident set (VmHWM): unlike ru_maxrss, not inherited from the parent that
-    forked it (the parent holds the built table), so it is the commit's own."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
 def child(op: str, out: str, table_rows: int, new: int, rescored: int) -> dict:
     before = files(out)
     t = time.perf_counter()
@@ -109,7 +99,7 @@ def child(op: str, out: str, table_rows: int, new: int, rescored: int) -> dict:
     keep = ("appended", "num_target_files_added", "num_target_files_removed", "num_target_rows_copied",
             "num_target_rows_updated", "num_target_rows_inserted", "numFilesRemoved", "numFilesAdded")
     return {"op": op, "deltalake": deltalake.__version__, "seconds": round(secs, 2),
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": round(peak_rss_mb()),
             "files_before": before[0], "mb_before": round(before[1] / 2**20), "files_after": after[0],
             **{k: m[k] for k in keep if k in m}}
 

@@ -10,7 +10,8 @@ the bank):
 
     python benchmarks/task_memory.py [--cases small,12mp,25mp,100mp]
 
-Images are real photographs (scikit-image's astronaut, mirrored to the size), saved as PNG.
+Images are a real photograph (scikit-image's astronaut) mirrored to the size (the synthetic
+mosaics of ``synthesize --photo``), saved as PNG.
 """
 from __future__ import annotations
 
@@ -21,25 +22,16 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import skimage.data
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from patchcore_dist.synthetic.photos import mosaic_variants  # noqa: E402
 PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
 CASES = {"small": (8, 256), "12mp": (8, 3464), "25mp": (2, 5000), "100mp": (1, 10000)}
 RUN = ["runtime.executor=local", "runtime.num_actors=1"]
-
-
-def photo(side: int) -> np.ndarray:
-    """A side x side RGB image: the astronaut photograph mirrored (no seams) to the size."""
-    p = skimage.data.astronaut()
-    reps = side // p.shape[0] + 2
-    tile = np.concatenate([p, p[::-1]], 0)
-    tile = np.concatenate([tile, tile[:, ::-1]], 1)
-    return np.tile(tile, (reps // 2 + 1, reps // 2 + 1, 1))[:side, :side]
 
 
 def model(base: str) -> str:
@@ -58,9 +50,8 @@ def case(base: str, name: str, m: str) -> tuple[float, float]:
     n, side = CASES[name]
     folder = os.path.join(base, name)
     os.makedirs(folder)
-    img = Image.fromarray(photo(side))
-    for i in range(n):
-        img.save(os.path.join(folder, f"{i}.png"), compress_level=1)
+    for i, arr in enumerate(mosaic_variants("astronaut", n, side, seed=0)):
+        Image.fromarray(arr).save(os.path.join(folder, f"{i}.png"), compress_level=1)
     cmd = [sys.executable, "-m", "patchcore_dist.cli", "score", "--model", m, "--images", folder,
            "--output", os.path.join(base, f"out-{name}")] + RUN
     t = time.perf_counter()

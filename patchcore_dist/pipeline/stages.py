@@ -218,9 +218,10 @@ def read_weights(uri: str, opts: dict, sha256: str | None = None) -> bytes:
     else:
         data = storage.read_bytes(uri, limit=MAX_WEIGHTS_BYTES + 1, **opts)
         data = checked_size(uri, data, len(data), MAX_WEIGHTS_BYTES)
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    got = hashlib.sha256(data).hexdigest() if sha256 is not None else None
+    if got != sha256:
         raise BackboneError(f"backbone weights {uri} are not the file this model was fitted with (sha256 "
-                            f"{hashlib.sha256(data).hexdigest()[:16]}..., the model recorded {sha256[:16]}...): "
+                            f"{got[:16]}..., the model recorded {sha256[:16]}...): "
                             "restore that file, or fit the model again with the new weights")
     return data
 
