@@ -89,14 +89,48 @@ def _wrap(uri: str, e: Exception) -> Exception:
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None, region: str | None = None,
-               limit: int | None = None) -> bytes:
-    """The object's bytes; with ``limit``, at most that many (the caller checks whether there were more)."""
+               limit: int | None = None, within: str | None = None) -> bytes:
+    """The object's bytes; with ``limit``, at most that many (the caller checks whether there were more).
+    ``within`` (local files): the folder the file was listed under; the file opened must be a regular
+    file whose real path lies inside it (:func:`_read_within`)."""
+    if within is not None and not is_s3(uri):
+        return _read_within(uri, within, limit)
     fs, path = resolve(uri, endpoint_url, region)
     try:
         with fs.open_input_stream(path) as f:
             return f.read() if limit is None else f.read(limit)
     except Exception as e:  # pyarrow raises OSError subclasses with the backend's message
         raise _wrap(uri, e) from None
+
+
+def listed_root(uri: str, rel: str | None) -> str | None:
+    """The folder a listed file was found under (its URI without the listed relative path), or None
+    where the URI does not end with it (a manifest entry's heatmap name)."""
+    if not rel or not uri.endswith("/" + rel):
+        return None
+    return uri[:-len(rel)]
+
+
+def _read_within(uri: str, root: str, limit: int | None) -> bytes:
+    """A listed local file, read only when what opens is a regular file whose real path (of the open
+    descriptor: no window between the check and the read) lies under ``root``'s real path. The listing
+    never follows a folder link out of the root, but a folder replaced by such a link after the
+    listing would otherwise be followed now."""
+    path = resolve(uri)[1]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there is not waited on
+    except OSError as e:
+        raise _wrap(uri, e) from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StorageError(f"{uri}: not a regular file (it changed since it was listed)")
+        proc = f"/proc/self/fd/{fd}"
+        real = os.readlink(proc) if os.path.exists(proc) else os.path.realpath(path)
+        real_root = os.path.realpath(resolve(root)[1])
+        if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise StorageError(f"{uri}: not read: the file now lies outside {root} ({real}); a folder was "
+                               "replaced by a link after the listing")
+        return f.read() if limit is None else f.read(limit)
 
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None, region: str | None = None,

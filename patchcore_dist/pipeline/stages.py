@@ -31,10 +31,12 @@ def _err(e: Exception) -> str:
     return msg if isinstance(e, (ImageError, FileNotFoundError)) else f"{type(e).__name__}: {msg}"
 
 
-def _read_image(uri: str, known: str | None, cfg: Config, opts: dict, known_digests: set, need: dict) -> dict:
+def _read_image(uri: str, known: str | None, cfg: Config, opts: dict, known_digests: set, need: dict,
+                within: str | None = None) -> dict:
     """One image file: its bytes, digest and whether it is unchanged (then not decoded), else the decoded
-    pixels (reduced in decoding as ``need`` allows, :func:`decode_sized`) and the original size."""
-    data = storage.read_bytes(str(uri), **opts, limit=cfg.image.max_bytes + 1)
+    pixels (reduced in decoding as ``need`` allows, :func:`decode_sized`) and the original size.
+    ``within``: the folder it was listed under (a local file read only if it still lies there)."""
+    data = storage.read_bytes(str(uri), **opts, limit=cfg.image.max_bytes + 1, within=within)
     if len(data) > cfg.image.max_bytes:  # grew since it was listed
         raise ImageError(f"file is over the limit image.max_bytes={cfg.image.max_bytes} (read no further)")
     out = {"data": data, "digest": hashlib.sha256(data).hexdigest(), "rgb": None, "size": (0, 0)}
@@ -45,6 +47,11 @@ def _read_image(uri: str, known: str | None, cfg: Config, opts: dict, known_dige
         except Exception as e:  # the row keeps the file's digest
             out["error"] = _err(e)
     return out
+
+
+def _listed_root(batch: dict, i: int) -> str | None:
+    """The folder row ``i``'s file was listed under (None: not known)."""
+    return storage.listed_root(str(batch["uri"][i]), batch["rel"][i]) if "rel" in batch else None
 
 
 def _decoded(batch: dict, config: dict, known_digests: set | None, faults: tuple, need: dict):
@@ -58,7 +65,7 @@ def _decoded(batch: dict, config: dict, known_digests: set | None, faults: tuple
         t0 = time.perf_counter()
         got, err = None, ""
         try:
-            got = _read_image(uri, known[i], cfg, opts, known_digests or set(), need)
+            got = _read_image(uri, known[i], cfg, opts, known_digests or set(), need, _listed_root(batch, i))
             err = got.get("error", "")
         except Exception as e:  # one bad file is one error row
             err = _err(e)
@@ -419,7 +426,8 @@ def _original(batch: dict, i: int, cfg: Config, opts: dict, size: tuple[int, int
         return orig
     data = batch["data"][i] if "data" in batch else b""
     if not len(data):  # not kept (keep_bytes off, or over the batch's keep_budget)
-        data = storage.read_bytes(str(batch["uri"][i]), **opts, limit=cfg.image.max_bytes + 1)
+        data = storage.read_bytes(str(batch["uri"][i]), **opts, limit=cfg.image.max_bytes + 1,
+                                  within=_listed_root(batch, i))
         if "digest" in batch and hashlib.sha256(data).hexdigest() != batch["digest"][i]:
             raise ImageError("the file changed since it was scored")
     return decode_sized(bytes(data), cfg.image.max_pixels, cfg.image.min_side, shorter_side=min(size))[0]

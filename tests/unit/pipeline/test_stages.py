@@ -124,3 +124,30 @@ def test_the_cpu_actor_renders_from_a_batch_within_its_budget(tmp_path, monkeypa
     assert seen[0][0] == (1200 * 900 * 3, 0) and all(p == 0 for p, _ in seen[0][1:])  # one image's pixels fit
     assert sum(map(sum, seen[0])) <= 5_000_000
     assert all(os.path.exists(str(tmp_path / "heat" / f"{i}.png_overlay.jpg")) for i in range(4))
+
+
+def test_a_folder_replaced_by_a_link_after_the_listing_is_not_followed(tmp_path):
+    """The listing never follows a folder link out of the input root; a folder swapped for such a link
+    between the listing and the decode gets an error row naming the file outside, nothing read from
+    there; the same folder back in place is read again."""
+    from patchcore_dist.artifacts import storage
+    root, outside = tmp_path / "images", tmp_path / "outside"
+    (root / "line").mkdir(parents=True)
+    outside.mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(root / "line" / "a.png")
+    Image.fromarray(skimage.data.coffee()).save(outside / "a.png")  # what must not be read
+    listed = storage.list_table(str(root), (".png",))
+    batch = {k: np.array(listed.column(k).to_pylist(), object) for k in ("uri", "rel")}
+    assert list(batch["rel"]) == ["line/a.png"]
+    cfg = load_config().to_dict()
+    assert list(decode_batch(batch, cfg)["error"]) == [""]
+    os.rename(root / "line", tmp_path / "moved")
+    os.symlink(outside, root / "line")  # the swap, after the listing
+    err = decode_batch(batch, cfg)["error"][0]
+    assert "now lies outside" in err and str(outside / "a.png") in err
+    os.remove(root / "line")
+    os.symlink(tmp_path / "moved", root / "line")  # a link, but to a folder outside the root as well
+    assert "now lies outside" in decode_batch(batch, cfg)["error"][0]
+    os.remove(root / "line")
+    os.rename(tmp_path / "moved", root / "line")
+    assert list(decode_batch(batch, cfg)["error"]) == [""]
