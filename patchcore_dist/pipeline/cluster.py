@@ -69,8 +69,8 @@ def use_ray(config: Config, images: int) -> bool:
 
     runtime.executor decides; ``auto`` chooses by what each costs. Ray when a cluster is there
     (RAY_ADDRESS, or this process already connected to Ray: a running instance costs nothing to
-    reuse), when the machine has more than one GPU (one process drives one), when fault injection is
-    asked for (an injected fault exits the worker process: in process, that would be the job's own),
+    reuse), when the machine has more than one GPU (one process drives one), when an injected fault
+    exits its process (in process, that would be the job's own: faults that raise or stop run here),
     or when the job is over runtime.local_max_images (if set). Otherwise in process: on one machine
     Ray adds its start-up (about 13 s on 2 cores) and moves every batch through its object store,
     and the in-process executor was as fast or faster at every job size measured (the curve in
@@ -79,16 +79,16 @@ def use_ray(config: Config, images: int) -> bool:
     kill) ends the job, where Ray restarts the worker and retries the batch; committed rows are kept
     and the next run scores the rest.
     """
-    from .faults import FAULT_ENV
+    from . import faults
     rt = config.runtime
+    exiting = faults.exits(faults.from_env())
     if rt.executor != "auto":
-        if rt.executor == "local" and os.environ.get(FAULT_ENV):
-            raise JobError(f"{FAULT_ENV} (fault injection) needs runtime.executor=ray or auto: an injected fault "
-                           "exits the worker process, which would be this job's own process")
+        if rt.executor == "local" and exiting:
+            raise JobError(f"{faults.FAULT_ENV} (fault injection) needs runtime.executor=ray or auto: an injected "
+                           "fault exits the worker process, which would be this job's own process")
         return rt.executor == "ray"
     over = rt.local_max_images is not None and images > rt.local_max_images
-    return bool(os.environ.get("RAY_ADDRESS") or ray_running() or os.environ.get(FAULT_ENV) or over
-                or _gpus(rt.device) > 1)
+    return bool(os.environ.get("RAY_ADDRESS") or ray_running() or exiting or over or _gpus(rt.device) > 1)
 
 
 def _gpus(device: str) -> int:

@@ -118,15 +118,16 @@ def _local_batches(plan: ScorePlan, todo: pa.Table):
     keep_bytes = config.output.heatmaps and config.output.overlay
     render = _render_kwargs(plan, cfg) if config.output.heatmaps else None
     columns = {name: todo.column(name).to_numpy(zero_copy_only=False) for name in todo.column_names}
+    injected = faults.from_env()  # those that raise or stop (use_ray)
     with driver_threads_kept():
         bs = config.runtime.batch_for(pick_device(config.runtime.device).type)
         if config.tiling.enabled:  # tiles of one image at a time, scored in batches of bs tiles as on Ray
-            scorer = Score(plan.model_uri, cfg)
+            scorer = Score(plan.model_uri, cfg, injected)
             scorer.node = "local"  # in this process, not on a Ray worker
-            tiles = (decode_tiles(b, cfg) for b in in_batches(columns, 1))
+            tiles = (decode_tiles(b, cfg, faults=injected) for b in in_batches(columns, 1))
             yield from map_ordered(scorer, rebatched(tiles, bs), config)
             return
-        scorer = DecodeScoreRender(plan.model_uri, cfg, keep_bytes=keep_bytes, render=render)  # as a CPU actor
+        scorer = DecodeScoreRender(plan.model_uri, cfg, injected, keep_bytes, render)  # as a CPU actor
         scorer.node = "local"
         yield from map_ordered(scorer, in_batches(columns, bs), config)
 
@@ -176,7 +177,7 @@ def scored_batches(plan: ScorePlan, ds):
     on_ray = hasattr(ds, "iter_batches")
     images = (b for b in map(assembler.add, output_batches(ds)) if b is not None)
     if plan.config.output.heatmaps:
-        kwargs = {**_render_kwargs(plan, plan.config.to_dict()), "faults": faults.from_env() if on_ray else ()}
+        kwargs = {**_render_kwargs(plan, plan.config.to_dict()), "faults": faults.from_env()}
         images = map_in_tasks(images, render_batch, kwargs, num_cpus=0.5) if on_ray else \
             (render_batch(b, **kwargs) for b in images)
     yield from iterate_with_progress(images, total, "scoring")

@@ -19,6 +19,7 @@ from patchcore_dist.artifacts.model import load_model
 from patchcore_dist.artifacts.scores import read_scores
 from patchcore_dist.pipeline.score import run_score
 
+from patchcore_dist.pipeline.faults import FAULT_ENV
 from helpers import ROOT, SMALL
 
 
@@ -169,16 +170,20 @@ def test_interrupted_job_rerun_completes_without_duplicates(model, category, tmp
     n = sum(len(f) for _, _, f in os.walk(imgs))
     out = str(tmp_path / "out")
     args = [sys.executable, "jobs/score.py", "--model", model, "--images", str(imgs), "--output", out] + SMALL
-    p = subprocess.Popen(args + ["runtime.batch_size=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.isdir(os.path.join(out, "heatmaps"))
-                                          and sum(len(f) for _, _, f in os.walk(os.path.join(out, "heatmaps"))) >= 2):
-        time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)  # the driver and its local Ray instance
-    p.wait()
+    marker = tmp_path / "stopped"  # the driver stops itself at its 3rd heatmap batch: killed mid-run, never late
+    env = {**os.environ, FAULT_ENV: f"render:3:{marker}:stop"}
+    p = subprocess.Popen(args + ["runtime.batch_size=1", "runtime.executor=local"], cwd=ROOT,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not marker.exists() and p.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists(), f"the job ended ({p.poll()}) before its 3rd heatmap batch"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
     visible = [f for d, _, fs in os.walk(out) for f in fs if not f.startswith(".") and "_delta_log" not in d]
-    assert all(f.endswith((".png", ".jpg", ".parquet")) for f in visible)
+    assert visible and all(f.endswith((".png", ".jpg", ".parquet")) for f in visible)  # no run record: not ended
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_scores(out).to_pylist()
