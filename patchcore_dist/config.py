@@ -213,8 +213,11 @@ class RuntimeConfig(_Section):
         "fold each inference BatchNorm into its convolution and run TF-same-padded convolutions without padded "
         "copies (verified against the original backbone at start-up, else skipped; ~40 % faster Lite0 on CPU; "
         "the same features: not part of the feature identity)"))
-    search_precision: Literal["fp32", "tf32"] = Field("fp32", description=(
-        "GPU nearest-neighbour matmul: fp32, or tf32 (its candidates re-measured in float32)"))
+    search_precision: Literal["auto", "fp32", "tf32", "bf16"] = Field("auto", description=(
+        "the exact nearest-neighbour search's matmul: fp32; tf32 (GPU: its candidates re-measured in float32); "
+        "bf16 (CPU: candidates nominated by a bfloat16 matmul, measured in float32, and proven to hold the "
+        "float32 search's neighbours, else searched in float32); auto: bf16 on a CPU with native bfloat16 dot "
+        "products (AVX512-BF16, AMX), else fp32. The same neighbours either way"))
     torch_threads: Optional[Int] = Field(None, gt=0, description="torch threads per actor; null: runtime.actor_cpus")
     ray_num_cpus: Optional[Int] = Field(None, gt=0, description=(
         "logical CPUs of a local Ray instance; null: the cores + 1"))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .devices import fp32_arithmetic
+from .exact_search import Bf16BruteForce, measured, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,11 @@ class PrunedFlatSearch:
     """
 
     def __init__(self, bank: np.ndarray, flat_index, bound_dims: int = 256, candidates: int = 16,
-                 sample: int = 16384, seed: int = 0, margin: float = 1e-4, adaptive: bool = False):
+                 sample: int = 16384, seed: int = 0, margin: float = 1e-4, adaptive: bool = False,
+                 brute: Bf16BruteForce | None = None):
         faiss = _faiss()
         self.adaptive = adaptive
+        self.brute = brute  # the brute force of the queries the bound leaves (else faiss float32)
         # adaptive search's decisions (counters, for tests and benchmarks): blocks pruned / brute-forced
         self.pruned_blocks = 0
         self.brute_blocks = 0
@@ -252,13 +255,13 @@ class PrunedFlatSearch:
         if prune.all():
             return self._search_pruned(q, k)
         if not prune.any():
-            d2, idx = self.flat.search(q, k)
+            d2, idx = self._brute_force(q, k)
             return d2, idx, len(q)
         rows = np.repeat(prune, BLOCK_ROWS)[:len(q)]
         d2 = np.empty((len(q), k), dtype=np.float32)
         idx = np.empty((len(q), k), dtype=np.int64)
         d2[rows], idx[rows], unproven = self._search_pruned(np.ascontiguousarray(q[rows]), k)
-        d2[~rows], idx[~rows] = self.flat.search(np.ascontiguousarray(q[~rows]), k)
+        d2[~rows], idx[~rows] = self._brute_force(np.ascontiguousarray(q[~rows]), k)
         return d2, idx, unproven + int((~rows).sum())
 
     def _blocks_to_prune(self, q: np.ndarray, k: int) -> np.ndarray:
@@ -314,17 +317,7 @@ class PrunedFlatSearch:
         return d, idx
 
     def _measured(self, q: np.ndarray, labels: np.ndarray, largest_bound: np.ndarray, slack: np.ndarray, k: int):
-        """Exact squared distances to the candidate rows ``labels``: the k smallest, and whether each
-        query's k-th is proven (no larger than every bound outside the candidates)."""
-        faiss = _faiss()
-        labels = np.ascontiguousarray(labels)
-        exact = np.empty(labels.shape, dtype=np.float32)
-        q = np.ascontiguousarray(q)
-        self.flat.compute_distance_subset(len(q), faiss.swig_ptr(q), labels.shape[1], faiss.swig_ptr(exact),
-                                          faiss.swig_ptr(labels))
-        order = np.argsort(exact, axis=1, kind="stable")[:, :k]
-        d2 = np.take_along_axis(exact, order, 1)
-        return d2, np.take_along_axis(labels, order, 1), d2[:, -1] <= largest_bound - slack
+        return measured(self.flat, q, labels, largest_bound, slack, k)
 
     def _search_pruned(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The pruned search of every query: bound, candidates, a wider second chance, brute force for the rest."""
@@ -338,8 +331,11 @@ class PrunedFlatSearch:
                                                                    k, wider)
             unproven = unproven[~proven]
         if len(unproven):
-            d2[unproven], idx[unproven] = self.flat.search(np.ascontiguousarray(q[unproven]), k)
+            d2[unproven], idx[unproven] = self._brute_force(np.ascontiguousarray(q[unproven]), k)
         return d2, idx, len(unproven)
+
+    def _brute_force(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.brute.search(q, k)[:2] if self.brute is not None else self.flat.search(q, k)
 
 
 class MemoryBank:
@@ -354,8 +350,9 @@ class MemoryBank:
         self._index = None
         self._bank_t = None
         self._pruned = None
+        self._bf16 = None
         self.unproven = 0  # queries the pruned search had to search in full (counter, for benchmarks)
-        # GPU torch search only: "fp32" exact, "tf32" tensor-core matmul (see benchmarks/).
+        # "tf32": GPU tensor-core candidates; "bf16" (or "auto" on a CPU that has it): CPU bfloat16 candidates
         self.precision = precision
         faiss = _faiss()
         flat = isinstance(index, faiss.IndexFlatL2) and index.ntotal == len(self.bank)
@@ -376,13 +373,21 @@ class MemoryBank:
                 self._res = res
                 self.backend = "faiss-gpu"
             else:
-                self.backend = "faiss-cpu"
-                if exact_search == "pruned" or (exact_search == "auto" and len(self.bank) >= PRUNE_MIN_ROWS
-                                                and self.bank.shape[1] >= 2 * bound_dims):
-                    self._pruned = PrunedFlatSearch(self.bank, index, bound_dims, candidates,
-                                                    adaptive=exact_search == "auto")
-                    self.backend = "faiss-cpu-pruned"
+                self._cpu_exact(index, exact_search, bound_dims, candidates)
             self._index = index
+
+    def _cpu_exact(self, index, exact_search: str, bound_dims: int, candidates: int) -> None:
+        """The CPU's exact search: faiss float32 brute force, with bfloat16 candidates (runtime.search_precision)
+        and the pruning bound (index.exact_search) in front of it where they apply."""
+        self.backend = "faiss-cpu"
+        if self.precision == "bf16" or (self.precision == "auto" and native_bf16()):
+            self._bf16 = Bf16BruteForce(self.bank, index)
+            self.backend = "faiss-cpu-bf16"
+        if exact_search == "pruned" or (exact_search == "auto" and len(self.bank) >= PRUNE_MIN_ROWS
+                                        and self.bank.shape[1] >= 2 * bound_dims):
+            self._pruned = PrunedFlatSearch(self.bank, index, bound_dims, candidates,
+                                            adaptive=exact_search == "auto", brute=self._bf16)
+            self.backend += "-pruned"
 
     @classmethod
     def from_config(cls, bank: np.ndarray, config, device: str = "cpu", index=None) -> "MemoryBank":
@@ -408,6 +413,8 @@ class MemoryBank:
         if self._pruned is not None and len(q):
             d2, idx, unproven = self._pruned.search(q, k)
             self.unproven += unproven
+        elif self._bf16 is not None and len(q):
+            d2, idx, _ = self._bf16.search(q, k)
         else:
             d2, idx = self._index.search(q, k)
         return torch.from_numpy(np.sqrt(np.maximum(d2, 0))), torch.from_numpy(idx)

@@ -148,6 +148,46 @@ def test_auto_search_prunes_near_blocks_and_brute_forces_far_ones(real_features,
         assert (pruned, brute_forced) == {"pruned": (blocks, 0), "brute": (0, blocks), "both": (2, 2)}[mode], name
 
 
+def test_bf16_dot_products_stay_within_their_proven_error(real_features, far_queries):
+    """The bound the bfloat16 search rests on: |g - q.b| <= eps ||q|| ||b|| for centred real features,
+    near the bank and far from it; and it is not vacuous (the observed error reaches a fair share)."""
+    from patchcore_dist.core.exact_search import bf16_error
+    bank, near = real_features
+    mean = bank.mean(0, dtype=np.float64).astype(np.float32)
+    b = torch.from_numpy(bank - mean)
+    for q in (near, far_queries):
+        qc = q[:2000] - torch.from_numpy(mean)
+        exact = (qc.double() @ b.double().T)
+        approx = torch.mm(qc.bfloat16(), b.bfloat16().T).double()
+        scale = qc.norm(dim=1).double()[:, None] * b.norm(dim=1).double()[None, :]
+        ratio = ((approx - exact).abs() / scale).max().item()
+        assert ratio <= bf16_error(bank.shape[1])
+        assert ratio > 0.01 * bf16_error(bank.shape[1])
+
+
+@pytest.mark.parametrize("candidates", [8, 1])
+def test_bf16_search_returns_the_float32_neighbours(real_features, far_queries, candidates):
+    """bfloat16 candidates, measured in float32 and proven (else searched in float32): brute force's
+    neighbours near the bank and far from it, alone and behind the pruning bound; most proven."""
+    from patchcore_dist.core.exact_search import Bf16BruteForce, native_bf16
+    bank, near = real_features
+    fp32 = MemoryBank(bank, exact_search="brute")
+    bf16 = MemoryBank(bank, precision="bf16", exact_search="brute")
+    both = MemoryBank(bank, precision="bf16")
+    assert (bf16.backend, both.backend) == ("faiss-cpu-bf16", "faiss-cpu-bf16-pruned")
+    assert MemoryBank(bank, precision="auto").backend.startswith("faiss-cpu-bf16" if native_bf16() else "faiss-cpu-p")
+    bf16._bf16 = Bf16BruteForce(bank, bf16._index, candidates=candidates)
+    for name, q in (("near", near), ("far", far_queries)):
+        for k in (1, 3):
+            d0, i0 = fp32.search(q, k)
+            for bank_search in (bf16, both):
+                d, i = bank_search.search(q, k)
+                assert (i[:, 0] == i0[:, 0]).float().mean() > 0.999, name
+                assert torch.allclose(d, d0, rtol=1e-4, atol=1e-3), (name, (d - d0).abs().max())
+        unproven = bf16._bf16.search(np.ascontiguousarray(q.numpy()), 1)[2] / len(q)
+        assert unproven < (0.1 if candidates == 8 else 0.9), (name, unproven)
+
+
 def test_training_image_scores_near_zero_with_full_bank(category):
     train, test, _ = _split(category)
     x = crops(train[:4])
