@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +73,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
                  "--rescore all forces it)", plan.entries.num_rows, plan.digest, scores_uri(output))
         counts = _counts()
     else:
-        counts = write_rows(plan, score_dataset(plan), commit_rows)
+        counts = write_rows(plan, score_dataset(plan), commit_rows, run_id)
         compact_if_due(output, plan.digest, plan.config.storage.options())
     summary = _summary(plan, counts, t_start)
     record = score_record(plan, summary, counts, run_id, started, job)
@@ -186,13 +185,12 @@ def scored_batches(plan: ScorePlan, ds):
                        "are kept, run the job again to complete it")
 
 
-def write_rows(plan: ScorePlan, ds, commit_rows: int) -> dict:
+def write_rows(plan: ScorePlan, ds, commit_rows: int, run: str) -> dict:
     """One row per image from the dataset's batches (a retried task's repeated rows are dropped),
-    as Arrow tables, committed to the score table every ``commit_rows`` rows. Returns the counts of
-    rows, errors, unchanged images and commits."""
+    as Arrow tables, committed to the score table every ``commit_rows`` rows, each row's ``run`` the
+    run record's id. Returns the counts of rows, errors, unchanged images and commits."""
     opts = plan.config.storage.options()
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    run = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     seen = np.zeros(plan.todo.num_rows, bool)
     pending: list[tuple[pa.Table, pa.Table | None]] = []
     counts = _counts()

@@ -80,6 +80,7 @@ def test_a_manifest_run_scores_its_uris_and_refuses_its_bad_entries(model, categ
     assert rows["/elsewhere/x.png"]["error"] == f"outside --images-root {tmp_path}/imgs"
     record = read_runs(out, {})[-1]
     assert record["inputs"] == str(manifest) and record["manifest_uris"] == 5
+    assert set(rows[i]["run"] for i in rows) == {record["run_id"]}  # a row joins its run record by `run`
     assert _operations(out)[-1] == "WRITE"  # every image new: appended, no MERGE
     again = run_score(model, str(manifest), out, overrides=LOCAL, images_root=str(tmp_path / "imgs"))
     assert (again["scored"], again["skipped"], again["errors"]) == (0, 2, 3)  # the refused ones retried
