@@ -173,8 +173,9 @@ def test_bf16_search_returns_the_float32_neighbours(real_features, far_queries, 
     bank, near = real_features
     fp32 = MemoryBank(bank, exact_search="brute")
     bf16 = MemoryBank(bank, precision="bf16", exact_search="brute")
-    both = MemoryBank(bank, precision="bf16")
+    both = MemoryBank(bank, precision="bf16", exact_search="pruned")
     assert (bf16.backend, both.backend) == ("faiss-cpu-bf16", "faiss-cpu-bf16-pruned")
+    assert MemoryBank(bank, precision="bf16").backend == "faiss-cpu-bf16"  # auto: pruned from 4800 rows only
     assert MemoryBank(bank, precision="auto").backend.startswith("faiss-cpu-bf16" if native_bf16() else "faiss-cpu-p")
     bf16._bf16 = Bf16BruteForce(bank, bf16._index, candidates=candidates)
     for name, q in (("near", near), ("far", far_queries)):
