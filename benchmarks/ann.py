@@ -17,7 +17,8 @@ from PIL import Image
 from common import crops, image_files
 
 from patchcore_dist.config import load_config
-from patchcore_dist.core.memory_bank import MemoryBank, build_index
+from patchcore_dist.core.index import build_index
+from patchcore_dist.core.memory_bank import MemoryBank
 from patchcore_dist.core.metrics import image_auroc, pixel_auroc
 from patchcore_dist.core.patchcore import PatchCore
 

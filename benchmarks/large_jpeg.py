@@ -80,7 +80,7 @@ def render_sizes(data: bytes, cfg, pc, tmp: str) -> dict:
 
 def _write_model(pc, cfg, uri: str) -> None:
     from patchcore_dist.artifacts.model import ModelWriter, config_yaml, npy_bytes
-    from patchcore_dist.core.memory_bank import build_index, serialize_index
+    from patchcore_dist.core.index import build_index, serialize_index
     bank = np.ascontiguousarray(pc.bank.bank)
     w = ModelWriter(uri)
     w.put("memory_bank.npy", npy_bytes(bank))

@@ -289,7 +289,7 @@ def parse_bank(where: str, data: bytes, rows: int, dim: int) -> np.ndarray:
 
 def parse_index(where: str, data: bytes, bank: np.ndarray):
     """index.faiss's bytes -> the faiss index, checked to hold this bank."""
-    from ..core.memory_bank import deserialize_index, index_holds
+    from ..core.index import deserialize_index, index_holds
     try:
         index = deserialize_index(data)
     except (RuntimeError, MemoryError) as e:

@@ -16,7 +16,8 @@ from .backbones import WeightsReader, build_backbone, read_local
 from .devices import fp32_arithmetic, pick_device
 from .embedding import patch_features
 from .inference import optimize_for_inference
-from .memory_bank import MemoryBank, set_search_params
+from .index import set_search_params
+from .memory_bank import MemoryBank
 from .preprocessing import normalize
 from .scoring import anomaly_maps, image_scores, patch_scores, reweighted_image_scores
 

@@ -25,7 +25,7 @@ from ..artifacts.model import MANIFEST, ModelWriter, config_yaml, npy_bytes, rem
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..config import Config
 from ..core import calibration
-from ..core.memory_bank import build_index, serialize_index
+from ..core.index import build_index, serialize_index
 from ..errors import JobError
 from . import faults
 from .cluster import (actor_pool, check_cluster_paths, init_ray, iterate_with_progress, output_batches,
@@ -408,7 +408,7 @@ def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str
     least :data:`MIN_TILED_SAMPLE` images): an image of many tiles costs as much search as many untiled
     images."""
     from ..core import tiling
-    from ..core.memory_bank import excluding_search
+    from ..core.exact_search import excluding_search
     from ..core.scoring import gaussian_blur
     from ..core.tiling import tiling_layout
     offsets = {uri.rsplit("/", 1)[-1]: (int(o), per) for (uri, _, per), o in
@@ -526,7 +526,8 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
     """Image scores and anomaly maps of the first :data:`NORMAL_SAMPLE` training images, each searched
     against the bank without the rows that came from its own patches (a training image scored against
     its own patches would look far more normal than an unseen one); re-weighted as configured."""
-    from ..core.memory_bank import MemoryBank, excluding_search
+    from ..core.exact_search import excluding_search
+    from ..core.memory_bank import MemoryBank
     from ..core.scoring import anomaly_maps, reweighted_image_scores
     s = config.scoring
     memory = MemoryBank(bank, exact_search="brute") if s.reweight else None

@@ -8,7 +8,8 @@ from patchcore_dist.config import load_config
 from patchcore_dist.core.coreset import covering_radius, greedy_coreset, project, projection_matrix, two_round_coreset
 from patchcore_dist.core.embedding import patch_features
 from patchcore_dist.pipeline.fit import run_fit
-from patchcore_dist.core.memory_bank import MemoryBank, build_index
+from patchcore_dist.core.index import build_index
+from patchcore_dist.core.memory_bank import MemoryBank
 from patchcore_dist.artifacts.model import load_model
 from patchcore_dist.core.preprocessing import normalize
 from patchcore_dist.artifacts.scores import read_scores

@@ -6,7 +6,7 @@ import numpy as np
 
 from patchcore_dist.artifacts.model import ModelWriter, config_yaml, load_model, npy_bytes
 from patchcore_dist.config import load_config
-from patchcore_dist.core.memory_bank import build_index, serialize_index
+from patchcore_dist.core.index import build_index, serialize_index
 
 # Values of the embedded default config (configs/default.yaml); a change to the config schema, its
 # defaults or the digest functions moves them. The feature digest is as computed before the package

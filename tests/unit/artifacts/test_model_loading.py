@@ -11,7 +11,7 @@ import pytest
 
 from patchcore_dist.artifacts.model import (ModelWriter, config_yaml, load_model, model_digest, npy_bytes, sha256)
 from patchcore_dist.config import load_config
-from patchcore_dist.core.memory_bank import build_index, serialize_index
+from patchcore_dist.core.index import build_index, serialize_index
 from patchcore_dist.errors import JobError, ModelError
 
 DIM = 64

@@ -98,7 +98,7 @@ def test_pruned_search_returns_the_brute_force_neighbours(real_features, candida
 def test_pruned_search_excluding_equals_the_masked_brute_force(real_features, candidates):
     """A training image scored without its own bank rows (the fit's held-out scores): the bound's
     search gives the masked GEMM's neighbours, never an excluded row, proven or fallen back."""
-    from patchcore_dist.core.memory_bank import excluding_search, search_excluding
+    from patchcore_dist.core.exact_search import excluding_search, search_excluding
     bank, _ = real_features
     per_image = 784
     search = excluding_search(bank, bound_dims=128, candidates=candidates)
@@ -127,7 +127,7 @@ def far_queries(objects_category):
 def test_auto_search_prunes_near_blocks_and_brute_forces_far_ones(real_features, far_queries):
     """exact_search=auto decides per block of queries (by a probe of the bound): in-distribution blocks
     are pruned, far ones brute-forced, a batch holding both splits; every answer is brute force's."""
-    from patchcore_dist.core.memory_bank import BLOCK_ROWS
+    from patchcore_dist.core.exact_search import BLOCK_ROWS
     bank, near = real_features
     assert len(near) >= BLOCK_ROWS and len(far_queries) >= BLOCK_ROWS
     brute = MemoryBank(bank, exact_search="brute")
