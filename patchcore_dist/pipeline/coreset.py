@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -83,10 +84,14 @@ def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opt
     t0 = time.time()
     matrix = greedy.projection_matrix(config.embedding.target_dim, c.projection_dim, config.seed)
     n = int(sum(counts))
-    projected, layout, outliers = None, None, None
+    projected, layout, outliers, pending = None, None, None, None
     if not config.tiling.enabled:
         projected, layout = project_shards(shard_uris, matrix, opts)
-        outliers = outlier_scores(projected, layout, config)
+        if config.denoise.enabled:  # the coreset needs the patches it keeps
+            outliers = outlier_scores(projected, layout, config)
+        else:  # only train_outliers.parquet needs them: computed beside the coreset
+            pending = _beside(outlier_scores, projected, layout, config)
+            outliers = {"keep": None}
     elif config.denoise.enabled:
         log.warning("denoise.enabled is ignored with tiling (a tile's cells are not aligned from image to image): "
                     "every patch may enter the coreset; train_outliers.parquet holds no scores")
@@ -97,8 +102,6 @@ def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opt
     if k >= n_kept:
         method = "all"
     info = {"patches": n, "method": method, "k": k}
-    if outliers:
-        info.update(denoise_seconds=outliers["seconds"], denoised=n - n_kept)
     if method == "two_round":
         del projected
         selected, layout = _two_rounds(shard_uris, counts, matrix, k, config, opts, info, keep)
@@ -112,8 +115,27 @@ def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opt
         selected = greedy.select(pool, k, config.seed, c.num_starting_points, c.device).numpy()
         selected = selected if rows is None else rows[selected]
         del projected, pool
+    if pending is not None:
+        outliers = pending.result()
+    if outliers:
+        info.update(denoise_seconds=outliers["seconds"], denoised=n - n_kept)
     info["coreset_seconds"] = round(time.time() - t0, 3)
     return selected, layout, info, outliers
+
+
+def _beside(fn, *args) -> Future:
+    """``fn(*args)`` on a thread of its own, beside the caller's work (its result from ``.result()``).
+
+    The training-outlier scores with denoise off (the default) decide nothing in the model, so they
+    run while the greedy coreset does: the pruned traversal holds one core (one BLAS thread, many
+    small numpy calls), the outlier GEMMs (torch, the GIL released) take the other. Both only read
+    the projected rows. fit 200 on 2 cores: the ~13 s of outlier scores no longer add to the fit
+    (docs/design.md, "What a fit costs")."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-outliers")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _first_round_task(shard_uris: list[str], matrix, k_part: int, seed: int, num_starting_points: int,
