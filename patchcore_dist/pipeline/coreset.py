@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, opts: dict
-                      ) -> tuple[np.ndarray, dict, np.ndarray, list, dict | None]:
+                      ) -> tuple[np.ndarray, dict, np.ndarray, list, dict | None, MemoryBank]:
     """Shards -> coreset (streamed, projected) -> full-dimension memory bank + training patch-score
     statistics; also the selected global patch indices (bank row i is patch ``selected[i]``), the
     shard layout (uri, images, patches per image) that maps them back to images, and the training
-    images' outlier scores (:func:`outlier_scores`; None with tiling)."""
+    images' outlier scores (:func:`outlier_scores`; None with tiling), and the MemoryBank that scored
+    the sample (its pruned search serves the calibration: built once)."""
     selected, layout, info, outliers = select_coreset(shard_uris, counts, config, opts)
     n = info["patches"]
     # A sample of training patches, scored against the bank, fixes the model's score scale (the kept
@@ -44,12 +45,13 @@ def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, 
     else:
         sample = rng.choice(n, size=min(n, calibration.SCALE_SAMPLE), replace=False)
     bank, sample_feats = gather_rows(selected, layout, opts, extra=sample)
-    d, _ = MemoryBank.from_config(bank, config).search(sample_feats, 1)
+    memory = MemoryBank.from_config(bank, config)
+    d, _ = memory.search(sample_feats, 1)
     q = calibration.patch_score_quantiles(d[:, 0].numpy())
     stats = {"patches": int(n), "coreset": {k: v for k, v in info.items() if k != "patches"}, "train_patch_score": q}
     log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.4g p99 %.4g",
              info["method"], info["coreset_seconds"], len(selected), n, q["p50"], q["p99"])
-    return bank, stats, selected, layout, outliers
+    return bank, stats, selected, layout, outliers, memory
 
 
 def outlier_scores(projected: torch.Tensor, layout: list, config: Config) -> dict:
