@@ -131,8 +131,8 @@ def _beside(fn, *args) -> Future:
     The training-outlier scores with denoise off (the default) decide nothing in the model, so they
     run while the greedy coreset does: the pruned traversal holds one core (one BLAS thread, many
     small numpy calls), the outlier GEMMs (torch, the GIL released) take the other. Both only read
-    the projected rows. fit 200 on 2 cores: the ~13 s of outlier scores no longer add to the fit
-    (docs/design.md, "What a fit costs")."""
+    the projected rows. They were ~13 s of a quiet 200-image fit on 2 cores; the whole-process gain
+    is still to be measured on a quiet machine (benchmarks/README.md, docs/design.md)."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-outliers")
     try:
         return pool.submit(fn, *args)
