@@ -155,13 +155,21 @@ def search_excluding(bank: np.ndarray, queries: np.ndarray, exclude: np.ndarray,
     return torch.cat(out_d).clamp_min_(0).sqrt_().numpy(), torch.cat(out_i).numpy()
 
 
-def excluding_search(bank: np.ndarray, bound_dims: int = 256, candidates: int = 16):
+def excluding_search(bank: np.ndarray, bound_dims: int = 256, candidates: int = 16, built=None):
     """``search(queries, exclude, k) -> (distances, indices)``: :func:`search_excluding` over ``bank``,
     through :meth:`PrunedFlatSearch.search_excluding` when the bank is large enough for the bound to
-    pay (the same rule as index.exact_search=auto), else by brute force. Same neighbours either way."""
+    pay (the same rule as index.exact_search=auto), else by brute force. Same neighbours either way.
+
+    ``built``: a MemoryBank over the same array whose pruned search has the same settings; its bound
+    (principal axes, lifted rows) is used instead of being computed again: the same arithmetic on the
+    same inputs, so the same results (the fit's calibration after its training patch-score sample)."""
     bank = np.ascontiguousarray(bank, dtype=np.float32)
     if len(bank) < PRUNE_MIN_ROWS or bank.shape[1] < 2 * bound_dims:
         return lambda q, exclude, k: search_excluding(bank, q, exclude, k)
+    pruned = getattr(built, "_pruned", None)
+    if pruned is not None and pruned.rows is bank and pruned.candidates == candidates \
+            and pruned.axes.shape[1] == min(bound_dims, bank.shape[1]) - 1:
+        return pruned.search_excluding
     flat = faiss_module().IndexFlatL2(bank.shape[1])
     flat.add(bank)
     return PrunedFlatSearch(bank, flat, bound_dims, candidates).search_excluding

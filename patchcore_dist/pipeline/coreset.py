@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,11 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, opts: dict
-                      ) -> tuple[np.ndarray, dict, np.ndarray, list, dict | None]:
+                      ) -> tuple[np.ndarray, dict, np.ndarray, list, dict | None, MemoryBank]:
     """Shards -> coreset (streamed, projected) -> full-dimension memory bank + training patch-score
     statistics; also the selected global patch indices (bank row i is patch ``selected[i]``), the
     shard layout (uri, images, patches per image) that maps them back to images, and the training
-    images' outlier scores (:func:`outlier_scores`; None with tiling)."""
+    images' outlier scores (:func:`outlier_scores`; None with tiling), and the MemoryBank that scored
+    the sample (its pruned search serves the calibration: built once)."""
     selected, layout, info, outliers = select_coreset(shard_uris, counts, config, opts)
     n = info["patches"]
     # A sample of training patches, scored against the bank, fixes the model's score scale (the kept
@@ -43,12 +45,13 @@ def build_memory_bank(shard_uris: list[str], counts: list[int], config: Config, 
     else:
         sample = rng.choice(n, size=min(n, calibration.SCALE_SAMPLE), replace=False)
     bank, sample_feats = gather_rows(selected, layout, opts, extra=sample)
-    d, _ = MemoryBank.from_config(bank, config).search(sample_feats, 1)
+    memory = MemoryBank.from_config(bank, config)
+    d, _ = memory.search(sample_feats, 1)
     q = calibration.patch_score_quantiles(d[:, 0].numpy())
     stats = {"patches": int(n), "coreset": {k: v for k, v in info.items() if k != "patches"}, "train_patch_score": q}
     log.info("coreset (%s) done in %.1f s: %d of %d patches; training patch scores p50 %.4g p99 %.4g",
              info["method"], info["coreset_seconds"], len(selected), n, q["p50"], q["p99"])
-    return bank, stats, selected, layout, outliers
+    return bank, stats, selected, layout, outliers, memory
 
 
 def outlier_scores(projected: torch.Tensor, layout: list, config: Config) -> dict:
@@ -83,10 +86,14 @@ def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opt
     t0 = time.time()
     matrix = greedy.projection_matrix(config.embedding.target_dim, c.projection_dim, config.seed)
     n = int(sum(counts))
-    projected, layout, outliers = None, None, None
+    projected, layout, outliers, pending = None, None, None, None
     if not config.tiling.enabled:
         projected, layout = project_shards(shard_uris, matrix, opts)
-        outliers = outlier_scores(projected, layout, config)
+        if config.denoise.enabled:  # the coreset needs the patches it keeps
+            outliers = outlier_scores(projected, layout, config)
+        else:  # only train_outliers.parquet needs them: computed beside the coreset
+            pending = _beside(outlier_scores, projected, layout, config)
+            outliers = {"keep": None}
     elif config.denoise.enabled:
         log.warning("denoise.enabled is ignored with tiling (a tile's cells are not aligned from image to image): "
                     "every patch may enter the coreset; train_outliers.parquet holds no scores")
@@ -97,8 +104,6 @@ def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opt
     if k >= n_kept:
         method = "all"
     info = {"patches": n, "method": method, "k": k}
-    if outliers:
-        info.update(denoise_seconds=outliers["seconds"], denoised=n - n_kept)
     if method == "two_round":
         del projected
         selected, layout = _two_rounds(shard_uris, counts, matrix, k, config, opts, info, keep)
@@ -112,8 +117,27 @@ def select_coreset(shard_uris: list[str], counts: list[int], config: Config, opt
         selected = greedy.select(pool, k, config.seed, c.num_starting_points, c.device).numpy()
         selected = selected if rows is None else rows[selected]
         del projected, pool
+    if pending is not None:
+        outliers = pending.result()
+    if outliers:
+        info.update(denoise_seconds=outliers["seconds"], denoised=n - n_kept)
     info["coreset_seconds"] = round(time.time() - t0, 3)
     return selected, layout, info, outliers
+
+
+def _beside(fn, *args) -> Future:
+    """``fn(*args)`` on a thread of its own, beside the caller's work (its result from ``.result()``).
+
+    The training-outlier scores with denoise off (the default) decide nothing in the model, so they
+    run while the greedy coreset does: the pruned traversal holds one core (one BLAS thread, many
+    small numpy calls), the outlier GEMMs (torch, the GIL released) take the other. Both only read
+    the projected rows. They were ~13 s of a quiet 200-image fit on 2 cores; the whole-process gain
+    is still to be measured on a quiet machine (benchmarks/README.md, docs/design.md)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-outliers")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _first_round_task(shard_uris: list[str], matrix, k_part: int, seed: int, num_starting_points: int,

@@ -300,7 +300,7 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
     remove_orphan_shards(plan.model, set(writer.files), opts)
     shards, counts = _training_shards(rows, train_ok)
     train_uris = [storage.join(plan.model, "features", s) for s in shards]
-    bank, stats, selected, layout, outliers = build_memory_bank(train_uris, counts, config, opts)
+    bank, stats, selected, layout, outliers, memory = build_memory_bank(train_uris, counts, config, opts)
     stats["train_outliers"] = write_outliers(writer, rows, [t and f for t, f in zip(train_ok, first)], layout,
                                              outliers)
     val_shards = sorted({n for n, o, s in zip(rows["shard"], ok, rows["split"]) if o and s == "validation"})
@@ -309,7 +309,7 @@ def commit_model(plan: FitPlan, rows: dict[str, list], config: Config) -> dict:
                                      calibration_source(plan)))
     else:
         stats.update(calibrate([storage.join(plan.model, "validation", s) for s in val_shards], bank, selected,
-                               layout, config, opts, calibration_source(plan)))
+                               layout, config, opts, calibration_source(plan), memory))
     _write_model_files(writer, bank, rows, [o or not f for o, f in zip(ok, first)], config, stats)
     used = [t and f for t, f in zip(train_ok, first)]
     digest = hashlib.sha256("\n".join(sorted(d for d, t in zip(rows["digest"], used) if t)).encode()).hexdigest()
@@ -452,13 +452,13 @@ def _tile_features(rows: dict[str, list], i: int, model: str, cache: dict, opts:
 
 
 def calibrate(validation_uris: list[str], bank: np.ndarray, selected: np.ndarray, layout: list, config: Config,
-              opts: dict, source: str) -> dict:
+              opts: dict, source: str, memory=None) -> dict:
     """The model's decision threshold and heatmap scale from normal images: the validation images
     (``source`` says which) when there are any (:func:`pooled` with training images when they are
     few), else a sample of the training images, each scored without its own patches in the bank (as
-    if unseen)."""
+    if unseen; ``memory``: the fit's MemoryBank over ``bank``, whose pruned search is reused)."""
     def held_out():
-        return score_held_out(layout, selected, bank, config, opts)
+        return score_held_out(layout, selected, bank, config, opts, memory)
     if not validation_uris:
         return decision_and_scale(*held_out(), HELD_OUT_TRAINING, config)
     scores, maps = score_normal(validation_uris, bank, config, opts)
@@ -521,8 +521,8 @@ def score_normal(shard_uris: list[str], bank: np.ndarray, config: Config, opts: 
     return np.asarray(scores), maps
 
 
-def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config: Config, opts: dict
-                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config: Config, opts: dict,
+                   built=None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Image scores and anomaly maps of the first :data:`NORMAL_SAMPLE` training images, each searched
     against the bank without the rows that came from its own patches (a training image scored against
     its own patches would look far more normal than an unseen one); re-weighted as configured."""
@@ -531,7 +531,7 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
     from ..core.scoring import anomaly_maps, reweighted_image_scores
     s = config.scoring
     memory = MemoryBank(bank, exact_search="brute") if s.reweight else None
-    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates)
+    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates, built)
     scores, maps, offset = [], [], 0
     for uri, n_img, per_image in layout:
         if len(scores) >= NORMAL_SAMPLE:

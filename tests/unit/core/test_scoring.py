@@ -117,6 +117,28 @@ def test_pruned_search_excluding_equals_the_masked_brute_force(real_features, ca
     assert getattr(small, "__self__", None) is None  # brute force below 2048 rows
 
 
+def test_excluding_search_reuses_the_memory_banks_bound_with_the_same_results(real_features):
+    """The fit's calibration reuses the pruned search its MemoryBank built for the training
+    patch-score sample (one principal-axes build, not two): bit-equal to a search built anew; a bank of
+    other settings or another array is not reused."""
+    from patchcore_dist.core.exact_search import excluding_search
+    bank, _ = real_features
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    memory = MemoryBank(bank, exact_search="auto", bound_dims=128, candidates=16)
+    reused = excluding_search(bank, bound_dims=128, candidates=16, built=memory)
+    assert reused.__self__ is memory._pruned
+    fresh = excluding_search(bank, bound_dims=128, candidates=16)
+    assert fresh.__self__ is not memory._pruned
+    for image in (0, 2):
+        own = np.arange(image * 784, (image + 1) * 784)
+        for k in (1, 3):
+            (d, i), (d0, i0) = reused(bank[own], own, k), fresh(bank[own], own, k)
+            assert np.array_equal(d, d0) and np.array_equal(i, i0)
+    assert excluding_search(bank, bound_dims=64, candidates=16, built=memory).__self__ is not memory._pruned
+    assert excluding_search(bank, bound_dims=128, candidates=8, built=memory).__self__ is not memory._pruned
+    assert excluding_search(bank.copy(), bound_dims=128, candidates=16, built=memory).__self__ is not memory._pruned
+
+
 @pytest.fixture(scope="module")
 def far_queries(objects_category):
     """Patch features of another product (coffee photographs) than the brick bank: far from it."""
