@@ -73,6 +73,7 @@ class Bf16BruteForce:
 
     def __init__(self, bank: np.ndarray, flat, candidates: int = 8, margin: float = 1e-4):
         self.flat, self.candidates, self.margin = flat, candidates, margin
+        self.rows = bank  # for search_excluding's float32 fallback (a reference)
         self.mean = bank.mean(0, dtype=np.float64).astype(np.float32)
         centred = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32) - self.mean)
         self.rows_t = centred.bfloat16().T.contiguous()  # [D, K]
@@ -87,27 +88,53 @@ class Bf16BruteForce:
         if c <= k or len(q) == 0:
             d2, idx = self.flat.search(q, k)
             return d2, idx, len(q)
-        d2 = np.empty((len(q), k), np.float32)
-        idx = np.empty((len(q), k), np.int64)
-        proven = np.empty(len(q), bool)
-        for s in range(0, len(q), self.chunk):
-            part = q[s:s + self.chunk]
-            d2[s:s + len(part)], idx[s:s + len(part)], proven[s:s + len(part)] = self._candidates(part, k, c)
+        d2, idx, proven = self._proven(q, k, c, None)
         todo = np.flatnonzero(~proven)
         if len(todo):
             d2[todo], idx[todo] = self.flat.search(np.ascontiguousarray(q[todo]), k)
         return d2, idx, len(todo)
 
-    def _candidates(self, q: np.ndarray, k: int, c: int):
-        """The c rows of smallest approximate distance, measured exactly; the k best and their proof."""
+    def search_excluding(self, q: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`search_excluding` (distances, not squared): the rows ``exclude`` never nominated, the
+        queries without a proof searched by its float32 masked GEMM."""
+        exclude = np.asarray(exclude, np.int64)
+        if len(exclude) >= self.flat.ntotal:
+            exclude = exclude[:0]
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        c = min(k + self.candidates, self.flat.ntotal - len(exclude))
+        if c <= k or len(q) == 0:
+            return search_excluding(self.rows, q, exclude, k)
+        d2, idx, proven = self._proven(q, k, c, exclude)
+        d = np.sqrt(np.maximum(d2, 0))
+        todo = np.flatnonzero(~proven)
+        if len(todo):
+            d[todo], idx[todo] = search_excluding(self.rows, q[todo], exclude, k)
+        return d, idx
+
+    def _proven(self, q: np.ndarray, k: int, c: int, exclude: np.ndarray | None):
+        """:meth:`_candidates` over chunks of the queries: squared distances, indices, proven."""
+        d2 = np.empty((len(q), k), np.float32)
+        idx = np.empty((len(q), k), np.int64)
+        proven = np.empty(len(q), bool)
+        for s in range(0, len(q), self.chunk):
+            part = slice(s, s + self.chunk)
+            d2[part], idx[part], proven[part] = self._candidates(q[part], k, c, exclude)
+        return d2, idx, proven
+
+    def _candidates(self, q: np.ndarray, k: int, c: int, exclude: np.ndarray | None = None):
+        """The c rows of smallest approximate distance (never an excluded one), measured exactly; the k
+        best and their proof."""
         centred = torch.from_numpy(q - self.mean)
         q_sq = (centred * centred).sum(1)
         approx = torch.add(self.sq[None, :], torch.mm(centred.bfloat16(), self.rows_t).float(), alpha=-2.0)
+        if exclude is not None and len(exclude):
+            approx[:, torch.from_numpy(exclude)] = float("inf")
         bounds, labels = torch.topk(approx, c, dim=1, largest=False)
         norms = q_sq.sqrt().numpy()
         lower = bounds[:, -1].numpy() + q_sq.numpy() - 2.0 * self.eps * norms * self.max_norm
         slack = self.margin * (norms + self.max_norm) ** 2
         return measured(self.flat, q, labels.numpy(), lower, slack, k)
+
 
 # exact_search=auto prunes banks from this many rows (below, brute force is already fast); with the
 # bfloat16 brute force, from BF16_PRUNE_MIN_ROWS (one core, 1024-d Lite0 patches near the bank: bfloat16
@@ -155,16 +182,28 @@ def search_excluding(bank: np.ndarray, queries: np.ndarray, exclude: np.ndarray,
     return torch.cat(out_d).clamp_min_(0).sqrt_().numpy(), torch.cat(out_i).numpy()
 
 
-def excluding_search(bank: np.ndarray, bound_dims: int = 256, candidates: int = 16, built=None):
+def excluding_search(bank: np.ndarray, bound_dims: int = 256, candidates: int = 16, built=None,
+                     precision: str = "fp32"):
     """``search(queries, exclude, k) -> (distances, indices)``: :func:`search_excluding` over ``bank``,
     through :meth:`PrunedFlatSearch.search_excluding` when the bank is large enough for the bound to
     pay (the same rule as index.exact_search=auto), else by brute force. Same neighbours either way.
 
     ``built``: a MemoryBank over the same array whose pruned search has the same settings; its bound
     (principal axes, lifted rows) is used instead of being computed again: the same arithmetic on the
-    same inputs, so the same results (the fit's calibration after its training patch-score sample)."""
+    same inputs, so the same results (the fit's calibration after its training patch-score sample).
+    ``precision`` (runtime.search_precision): with bfloat16 candidates (:class:`Bf16BruteForce`), banks
+    under :data:`BF16_PRUNE_MIN_ROWS` are searched by them instead of the masked float32 GEMM or the bound."""
     bank = np.ascontiguousarray(bank, dtype=np.float32)
-    if len(bank) < PRUNE_MIN_ROWS or bank.shape[1] < 2 * bound_dims:
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
+    small = len(bank) < (BF16_PRUNE_MIN_ROWS if bf16 else PRUNE_MIN_ROWS) or bank.shape[1] < 2 * bound_dims
+    if small and bf16:
+        brute = getattr(built, "_bf16", None)
+        if brute is None or brute.rows is not bank:
+            flat = faiss_module().IndexFlatL2(bank.shape[1])
+            flat.add(bank)
+            brute = Bf16BruteForce(bank, flat)
+        return brute.search_excluding
+    if small:
         return lambda q, exclude, k: search_excluding(bank, q, exclude, k)
     pruned = getattr(built, "_pruned", None)
     if pruned is not None and pruned.rows is bank and pruned.candidates == candidates \

@@ -417,7 +417,8 @@ def tiled_normal_scores(rows: dict[str, list], candidates: list[int], model: str
     for i in candidates:
         images.setdefault(rows["uri"][i], []).append(i)
     scores, maps, cache, tiles = [], [], {}, 0
-    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates)
+    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates,
+                              precision=config.runtime.search_precision)
     for idx in images.values():
         if selected is not None and tiles >= NORMAL_SAMPLE and len(scores) >= MIN_TILED_SAMPLE:
             break
@@ -531,7 +532,8 @@ def score_held_out(layout: list, selected: np.ndarray, bank: np.ndarray, config:
     from ..core.scoring import anomaly_maps, reweighted_image_scores
     s = config.scoring
     memory = MemoryBank(bank, exact_search="brute") if s.reweight else None
-    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates, built)
+    search = excluding_search(bank, config.index.bound_dims, config.index.bound_candidates, built,
+                              config.runtime.search_precision)
     scores, maps, offset = [], [], 0
     for uri, n_img, per_image in layout:
         if len(scores) >= NORMAL_SAMPLE:

@@ -211,6 +211,25 @@ def test_bf16_search_returns_the_float32_neighbours(real_features, far_queries, 
         assert unproven < (0.1 if candidates == 8 else 0.9), (name, unproven)
 
 
+@pytest.mark.parametrize("candidates", [8, 1])
+def test_bf16_search_excluding_equals_the_masked_brute_force(real_features, candidates):
+    """The fit's calibration with bfloat16 candidates: a training image searched without its own rows
+    gets the masked float32 GEMM's neighbours, never an excluded row, proven or fallen back."""
+    from patchcore_dist.core.exact_search import Bf16BruteForce, excluding_search, search_excluding
+    bank, _ = real_features
+    search = excluding_search(bank, precision="bf16")
+    assert isinstance(search.__self__, Bf16BruteForce)  # under 4,800 rows: the bfloat16 brute force
+    search.__self__.candidates = candidates
+    for image in (0, 3):
+        own = np.arange(image * 784, (image + 1) * 784)
+        for k in (1, 3):
+            d, i = search(bank[own], own, k)
+            d0, i0 = search_excluding(bank, bank[own], own, k)
+            assert not np.isin(i, own).any() and d.min() > 0
+            assert np.allclose(d, d0, rtol=1e-4, atol=1e-3), np.abs(d - d0).max()
+            assert (i[:, 0] == i0[:, 0]).mean() > 0.999
+
+
 def test_training_image_scores_near_zero_with_full_bank(category):
     train, test, _ = _split(category)
     x = crops(train[:4])
