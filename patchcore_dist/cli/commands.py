@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from .printing import g4, maintain_lines, table
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train", required=True, help="folder of normal images, or an MVTec AD category root")
-    p.add_argument("--model", required=True, help="new model directory (local path, file:// or s3://)")
+    p.add_argument("--train", help="folder of normal images, or an MVTec AD category root")
+    p.add_argument("--model", help="new model directory (local path, file:// or s3://)")
+    p.add_argument("--products", help="instead of --train: a folder of product folders (each one as --train takes); "
+                                      "one model per product, fitted in one job (needs --models)")
+    p.add_argument("--models", help="with --products: the catalogue folder; each product's new version goes to "
+                                    "MODELS/<product>/<version>/ and MODELS/catalog.json names the current ones")
+    p.add_argument("--only", metavar="A,B", help="with --products: fit only these products")
+    p.add_argument("--promote", choices=["better", "always"], default="better",
+                   help="with --products and --validation VROOT (VROOT/<product>/ in MVTec layout): better (default) "
+                        "makes a new version current only if its image AUROC is not below the current one's; always: "
+                        "whatever it is")
     p.add_argument("--reuse", help="an earlier model: reuse its features of unchanged images")
     p.add_argument("--validation", help="normal images to calibrate the decision threshold on "
                                         "(else fit.holdout_fraction of the training images, if set)")
@@ -20,10 +30,59 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def fit(a: argparse.Namespace) -> None:
+    if a.products or a.models:
+        return fit_products(a)
+    if not (a.train and a.model):
+        raise ConfigError("fit needs --train and --model (one model), or --products and --models (a catalogue)")
     from ..config import load_config
     from ..pipeline.fit import run_fit
     run_fit(a.train, a.model, load_config(a.config, a.overrides), reuse=a.reuse, validation=a.validation,
             exclude=a.exclude)
+
+
+def fit_products(a: argparse.Namespace) -> None:
+    """``fit --products ROOT --models OUT``: one model per product, the catalogue updated."""
+    from ..pipeline.products import run_fit_products
+    if not (a.products and a.models) or a.train or a.model or a.reuse or a.exclude:
+        raise ConfigError("fit --products needs --models and takes neither --train, --model, --reuse nor --exclude")
+    done = run_fit_products(a.products, a.models, a.config, a.overrides, only=a.only, validation=a.validation,
+                            promote=a.promote)
+    print(format_catalog(done["catalog"]))
+
+
+def format_catalog(cat: dict) -> str:
+    """The catalogue as a table: one row per product, its current version and the last refused one."""
+    rows = []
+    for name, e in sorted(cat["products"].items()):
+        p, r = e.get("promotion") or {}, e.get("refused") or {}
+        note = f"refused {r['version']} (AUROC {r['promotion']['new_auroc']:.3f} < {r['promotion']['current_auroc']:.3f})" \
+            if r.get("promotion") else ""
+        rows.append([name, e["version"], e["digest"][:12], e["fitted"], e["images"], g4(e.get("threshold")),
+                     "" if not p else f"{p['new_auroc']:.3f}", len(e.get("previous", [])), note])
+    return table(["product", "version", "digest", "fitted", "images", "threshold", "AUROC", "previous", "note"], rows,
+                 [False, False, False, False, True, True, True, True, False]) if rows else "the catalogue is empty"
+
+
+def add_catalog_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "rollback"], help="list: print the catalogue; rollback PRODUCT: make "
+                                                                 "the product's previous version current again")
+    p.add_argument("product", nargs="?", help="rollback: the product")
+    p.add_argument("--models", required=True, help="the catalogue folder written by fit --products")
+
+
+def catalog(a: argparse.Namespace) -> None:
+    from ..artifacts import catalog as cat
+    from ..config import load_config
+    opts = load_config(a.config, a.overrides).storage.options()
+    if a.action == "rollback":
+        if not a.product:
+            raise ConfigError("catalog rollback needs the product: patchcore catalog rollback PRODUCT --models OUT")
+        new = cat.update_catalog(a.models, cat.rollback(a.product), opts)
+        e = new["products"][a.product]
+        print(f"{a.product}: version {e['version']} is current again ({e['model']}); "
+              f"{e['rolled_back_from']['version']} rolled back")
+        return
+    print(format_catalog(cat.read_catalog(a.models, opts)))
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
@@ -208,5 +267,7 @@ COMMANDS = {
     "synthesize": (add_synthesize_arguments, synthesize,
                    "turn normal images into an MVTec-layout validation category with synthetic defects"),
     "demo": (add_demo_arguments, demo, "build the demo benchmark from real photographs, fit, score and evaluate it"),
+    "catalog": (add_catalog_arguments, catalog, "list a model catalogue, or roll a product back to its previous "
+                                                "version"),
     "runs": (add_runs_arguments, runs, "list the latest fit / score runs recorded under an output"),
 }
