@@ -1,0 +1,96 @@
+"""Many products in one job (issue 28): fit --products writes one model per product and catalog.json,
+a failing product is reported without stopping the others, --only refits some, a worse refit is not
+promoted under --validation, and catalog rollback restores the previous version."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+from patchcore_dist import cli
+from patchcore_dist.artifacts.catalog import read_catalog
+from patchcore_dist.artifacts.model import read_manifest
+from patchcore_dist.synthetic.categories import make_demo_benchmark
+
+from helpers import SIZE, SMALL
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory):
+    """brick and gravel (MVTec layout: fitted on train/good), an empty folder and one of broken files."""
+    root = tmp_path_factory.mktemp("products")
+    make_demo_benchmark(str(root), categories=("brick", "gravel"), n_images=12, size=SIZE, seed=0)
+    (root / "empty").mkdir()
+    (root / "broken").mkdir()
+    (root / "broken" / "a.png").write_bytes(b"not a png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def fitted(products, tmp_path_factory):
+    """One fit --products job over all four folders: its exit code, output and catalogue."""
+    models = str(tmp_path_factory.mktemp("catalog") / "models")
+    rc = cli.main(["fit", "--products", products, "--models", models, *SMALL])
+    return {"rc": rc, "models": models, "catalog": read_catalog(models, {})}
+
+
+def test_one_job_fits_every_product_and_reports_the_failed(fitted, products, capsys):
+    assert fitted["rc"] == 2  # some products failed
+    cat = fitted["catalog"]
+    assert cat["format_version"] == 1 and sorted(cat["products"]) == ["brick", "gravel"]
+    for name, e in cat["products"].items():
+        assert e["model"] == os.path.join(fitted["models"], name, e["version"])
+        m = read_manifest(e["model"])
+        assert m["model_digest"] == e["digest"] and e["images"] == m["training"]["used"] > 0
+        assert m["training"]["uri"] == os.path.join(products, name, "train", "good")
+        assert e["previous"] == []
+
+
+def test_only_refits_some_products_and_keeps_the_previous_version(fitted, products, capsys):
+    before = read_catalog(fitted["models"], {})["products"]
+    assert cli.main(["fit", "--products", products, "--models", fitted["models"], "--only", "gravel", *SMALL]) == 0
+    after = read_catalog(fitted["models"], {})["products"]
+    assert after["brick"] == before["brick"]
+    assert after["gravel"]["version"] != before["gravel"]["version"]
+    assert after["gravel"]["previous"][0]["version"] == before["gravel"]["version"]
+    assert os.path.exists(os.path.join(before["gravel"]["model"], "manifest.json"))  # the old version stays
+    assert "gravel" in capsys.readouterr().out
+
+
+def test_a_worse_refit_is_not_promoted_and_rollback_restores_the_previous(fitted, products, tmp_path, capsys):
+    """brick refitted on its own defective test images (their defects become normal patches) scores
+    worse on brick's test set: the current version stays and the refusal records both AUROCs."""
+    bad = tmp_path / "bad" / "brick"
+    bad.mkdir(parents=True)
+    for p in glob.glob(f"{products}/brick/test/*/*.png"):
+        if "/good/" not in p:
+            shutil.copy(p, bad / f"{os.path.basename(os.path.dirname(p))}_{os.path.basename(p)}")
+    current = read_catalog(fitted["models"], {})["products"]["brick"]
+    rc = cli.main(["fit", "--products", str(tmp_path / "bad"), "--models", fitted["models"], "--validation", products,
+                   *SMALL])
+    assert rc == 0
+    e = read_catalog(fitted["models"], {})["products"]["brick"]
+    assert e["version"] == current["version"]
+    p = e["refused"]["promotion"]
+    assert p["promoted"] is False and p["new_auroc"] < p["current_auroc"]
+    assert os.path.exists(os.path.join(e["refused"]["model"], "manifest.json"))
+    # a promotion with --promote always takes it anyway; rollback brings the earlier one back
+    assert cli.main(["fit", "--products", str(tmp_path / "bad"), "--models", fitted["models"], "--validation",
+                     products, "--promote", "always", *SMALL]) == 0
+    e = read_catalog(fitted["models"], {})["products"]["brick"]
+    assert e["version"] != current["version"] and e["promotion"]["promoted"] is True
+    capsys.readouterr()
+    assert cli.main(["catalog", "rollback", "brick", "--models", fitted["models"]]) == 0
+    assert current["version"] in capsys.readouterr().out
+    assert read_catalog(fitted["models"], {})["products"]["brick"]["version"] == current["version"]
+    assert cli.main(["catalog", "list", "--models", fitted["models"]]) == 0
+    listed = capsys.readouterr().out
+    assert "brick" in listed and "gravel" in listed and current["version"] in listed
+
+
+def test_catalog_json_is_one_json_object(fitted):
+    with open(os.path.join(fitted["models"], "catalog.json")) as f:
+        assert set(json.load(f)) == {"format_version", "products"}
