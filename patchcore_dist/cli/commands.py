@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError
+from ..errors import ConfigError, JobError
 from .printing import g4, maintain_lines, table
 
 
@@ -86,7 +86,9 @@ def catalog(a: argparse.Namespace) -> None:
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory written by fit")
+    p.add_argument("--model", help="model directory written by fit")
+    p.add_argument("--models", help="instead of --model: a catalogue folder written by fit --products; the images "
+                                    "under IMAGES/<product>/ are scored with that product's current model")
     p.add_argument("--images", required=True,
                    help="folder of images to score, or a manifest: a .parquet / .csv file with an 'image' column of "
                         "URIs (optional size, mtime, etag: used as the files' statistics)")
@@ -101,6 +103,10 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def score(a: argparse.Namespace) -> None:
+    if bool(a.model) == bool(a.models):
+        raise ConfigError("score needs --model (one model) or --models (a catalogue), not both")
+    if a.models:
+        return score_products(a)
     from ..pipeline.score import run_score
     s = run_score(a.model, a.images, a.output, a.config, a.overrides, rescore=a.rescore,
                   images_root=a.images_root, dry_run=a.dry_run)
@@ -110,6 +116,27 @@ def score(a: argparse.Namespace) -> None:
     print(f"review page: {s['review']}" + ("" if s["flagged"] else " (no image flagged)"))
     for r in s["flagged"][:5]:
         print(f"  flagged  score {r['score']:.3f}  {r['image']}")
+
+
+def score_products(a: argparse.Namespace) -> None:
+    """``score --models OUT --images AROOT``: each product folder with its current model."""
+    from ..pipeline.routing import run_score_products
+    if a.dry_run or a.images_root:
+        raise ConfigError("score --models takes neither --dry-run nor --images-root (yet)")
+    r = run_score_products(a.models, a.images, a.output, a.config, a.overrides, rescore=a.rescore)
+    print(format_product_counts(r["products"]))
+    print(f"review page: {r['review']}")
+    missing = sorted(n for n, p in r["products"].items() if p["model"] is None)
+    if missing:
+        raise JobError(f"no model in the catalogue {a.models} for the product folders {', '.join(missing)}: their "
+                       "images are error rows; fit them with fit --products ... --only NAME")
+
+
+def format_product_counts(products: dict) -> str:
+    """A run's per-product counts as a table."""
+    return table(["product", "model", "images", "scored", "skipped", "errors"],
+                 [[n, (p["model"] or "NONE IN THE CATALOGUE")[:12], p["images_listed"], p["scored"], p["skipped"],
+                   p["errors"]] for n, p in sorted(products.items())], [False, False, True, True, True, True])
 
 
 def dry_run_line(s: dict) -> str:
@@ -248,6 +275,10 @@ def _run_cells(r: dict) -> list:
         notes.insert(0, f"DRIFT: {100 * r['drift']['share_above']:.1f}% above normal p99")
     if r.get("error"):
         notes.insert(0, r["error"])
+    if isinstance(r.get("products"), dict):
+        notes.insert(0, "products: " + ", ".join(f"{n} {p.get('scored')}/{p.get('skipped')}/{p.get('errors')}"
+                                                 for n, p in sorted(r["products"].items()) if isinstance(p, dict))
+                     + " (scored/skipped/errors)")
     return [r.get("started"), r.get("job"), r.get("model"), r.get("images_listed"), r.get("scored"),
             r.get("skipped"), r.get("errors"), None if rate is None else f"{r.get('anomalies')} ({100 * rate:.1f}%)",
             g4(q["p99"]) if q.get("p99") is not None else None, r.get("images_per_s"), "; ".join(notes)]

@@ -94,3 +94,73 @@ def test_a_worse_refit_is_not_promoted_and_rollback_restores_the_previous(fitted
 def test_catalog_json_is_one_json_object(fitted):
     with open(os.path.join(fitted["models"], "catalog.json")) as f:
         assert set(json.load(f)) == {"format_version", "products"}
+
+
+@pytest.fixture(scope="module")
+def archive(products, tmp_path_factory):
+    """AROOT/<product>/...: brick's and gravel's test images, and a folder of a product with no model."""
+    root = tmp_path_factory.mktemp("archive")
+    for name in ("brick", "gravel"):
+        shutil.copytree(f"{products}/{name}/test", root / name)
+    (root / "pebbles").mkdir()
+    for p in sorted(glob.glob(f"{products}/gravel/train/good/*.png"))[:2]:
+        shutil.copy(p, root / "pebbles")
+    return str(root)
+
+
+def _table(output):
+    from patchcore_dist.artifacts.scores import read_scores
+    return read_scores(output, {}).to_pylist()
+
+
+def test_score_routes_images_to_their_products_models_incrementally(fitted, products, archive, tmp_path,
+                                                                    monkeypatch, capsys):
+    import pyarrow as pa
+
+    from patchcore_dist.artifacts import scores
+    out = str(tmp_path / "out")
+    cat = read_catalog(fitted["models"], {})["products"]
+    # a table written before the product column existed: a single-model score with the old schema
+    old = pa.schema([f for f in scores.SCORE_SCHEMA if f.name != "product"])
+    with monkeypatch.context() as m:
+        m.setattr(scores, "SCORE_SCHEMA", old)
+        assert cli.main(["score", "--model", cat["gravel"]["model"], "--images", f"{products}/gravel/train/good",
+                         "--output", out, *SMALL]) == 0
+    single = {r["image"] for r in _table(out)}
+    assert cli.main(["score", "--models", fitted["models"], "--images", archive, "--output", out, *SMALL]) == 2
+    assert "pebbles" in capsys.readouterr().err
+    rows = _table(out)
+    by_image = {(r["image"], r["model"]): r for r in rows}
+    assert len(by_image) == len(rows)  # one row per image and model
+    for name in ("brick", "gravel"):
+        mine = [r for r in rows if r["image"].startswith(f"{archive}/{name}/")]
+        assert len(mine) == len(glob.glob(f"{archive}/{name}/*/*.png")) > 0
+        assert all(r["product"] == name and r["model"] == cat[name]["digest"] and r["error"] is None for r in mine)
+    unknown = [r for r in rows if r["image"].startswith(f"{archive}/pebbles/")]
+    assert len(unknown) == 2 and all(r["product"] == "pebbles" and "no model in the catalogue" in r["error"]
+                                     for r in unknown)
+    assert all(r["product"] is None for r in rows if r["image"] in single)  # the old rows: no product
+    from patchcore_dist.artifacts.runs import read_runs
+    record = read_runs(out, {})[-1]
+    assert record["products"]["brick"]["scored"] == len(glob.glob(f"{archive}/brick/*/*.png"))
+    assert record["products"]["pebbles"]["errors"] == 2
+    review = open(os.path.join(out, "review.html")).read()
+    assert "Product brick" in review and "Product gravel" in review and "pebbles" in review
+    # a second run adds nothing
+    cli.main(["score", "--models", fitted["models"], "--images", archive, "--output", out, *SMALL])
+    again = read_runs(out, {})[-1]["products"]
+    assert again["brick"]["scored"] == again["gravel"]["scored"] == 0 and len(_table(out)) == len(rows)
+    assert cli.main(["runs", "--output", out]) == 0
+    assert "products: brick 0/" in capsys.readouterr().out
+    # gravel refitted on fewer images (a new model digest: a refit on the same images and settings gives the
+    # same digest, and nothing to score again): its images are scored again with the new model, brick's are not
+    fewer = tmp_path / "fewer" / "gravel"
+    fewer.mkdir(parents=True)
+    for p in sorted(glob.glob(f"{products}/gravel/train/good/*.png"))[:5]:
+        shutil.copy(p, fewer)
+    assert cli.main(["fit", "--products", str(fewer.parent), "--models", fitted["models"], *SMALL]) == 0
+    cli.main(["score", "--models", fitted["models"], "--images", archive, "--output", out, *SMALL])
+    third = read_runs(out, {})[-1]["products"]
+    assert third["brick"]["scored"] == 0
+    assert third["gravel"]["scored"] == len(glob.glob(f"{archive}/gravel/*/*.png"))
+    assert third["gravel"]["model"] == read_catalog(fitted["models"], {})["products"]["gravel"]["digest"]
