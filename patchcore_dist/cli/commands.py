@@ -147,16 +147,37 @@ def dry_run_line(s: dict) -> str:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory written by fit")
+    p.add_argument("--model", help="model directory written by fit")
+    p.add_argument("--models", help="instead of --model: a catalogue folder (fit --products); each product's current "
+                                    "model is evaluated on DATASET/<product>/ into OUTPUT/<product>/, and "
+                                    "OUTPUT/index.html lists them")
     p.add_argument("--dataset", required=True, help="MVTec AD category root (train/, test/, ground_truth/)")
     p.add_argument("--output", required=True, help="where metrics.json, report.html, scores and heatmaps go")
 
 
 def evaluate(a: argparse.Namespace) -> None:
+    if bool(a.model) == bool(a.models):
+        raise ConfigError("evaluate needs --model (one model) or --models (a catalogue), not both")
+    if a.models:
+        return evaluate_products(a)
     from ..pipeline.evaluate import run_evaluate
     m = run_evaluate(a.model, a.dataset, a.output, a.config, a.overrides)
     print(f"image AUROC {m['image_auroc']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  PRO {m['pro']:.3f}  "
           f"threshold {g4(m['threshold'])}  ->  {a.output}/metrics.json, {a.output}/report.html")
+
+
+def evaluate_products(a: argparse.Namespace) -> None:
+    """``evaluate --models OUT --dataset VROOT``: every catalogued product on its folder."""
+    from ..pipeline.routing import run_evaluate_products
+    results = run_evaluate_products(a.models, a.dataset, a.output, a.config, a.overrides)
+    rows = [[n, None, None, None, m["error"]] if "error" in m else
+            [n, g4(m["image_auroc"]), g4(m["pixel_auroc"]), g4(m["pro"]), f"{a.output}/{n}/report.html"]
+            for n, m in sorted(results.items())]
+    print(table(["product", "image AUROC", "pixel AUROC", "PRO", "report"], rows, [False, True, True, True, False]))
+    print(f"index: {a.output}/index.html")
+    failed = sorted(n for n, m in results.items() if "error" in m)
+    if failed:
+        raise JobError(f"{len(failed)} of {len(results)} products not evaluated: {', '.join(failed)} (above)")
 
 
 def add_maintain_arguments(p: argparse.ArgumentParser) -> None:

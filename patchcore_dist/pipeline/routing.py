@@ -107,3 +107,32 @@ def unknown_product(name: str, folder: str, output: str, models: str, opts: dict
         commit(output, NO_MODEL, rows, opts, run=run)
     return {"model": None, "version": None, "images_listed": len(listed), "scored": 0, "skipped": 0,
             "errors": len(listed)}
+
+
+def run_evaluate_products(models: str, dataset: str, output: str, config_file: str | None = None,
+                          overrides: list[str] | None = None) -> dict:
+    """``evaluate --models OUT --dataset VROOT --output E``: each catalogued product with a folder
+    ``VROOT/<product>/`` (MVTec layout) evaluated with its current model into ``E/<product>/``
+    (metrics.json, report.html), and ``E/index.html`` with one row per product. Returns product ->
+    metrics, or {"error": why} for a product whose evaluation failed or that has no folder."""
+    from ..render.report import write_product_index
+    from .evaluate import run_evaluate
+    models, dataset, output = (storage.absolute(u) for u in (models, dataset, output))
+    opts = load_config(config_file, overrides).storage.options()
+    current = catalog.current_models(models, opts)
+    if not current:
+        raise JobError(f"no catalogue with products at {storage.join(models, catalog.CATALOG)}")
+    folders = set(product_folders(dataset, opts))
+    results = {}
+    for name in sorted(current):
+        if name not in folders:
+            results[name] = {"error": f"no folder {storage.join(dataset, name)}"}
+            continue
+        try:
+            results[name] = run_evaluate(current[name]["model"], storage.join(dataset, name),
+                                         storage.join(output, name), config_file, overrides)
+        except JobError as e:
+            log.error("product %s: not evaluated: %s", name, e)
+            results[name] = {"error": str(e)}
+    write_product_index(output, results, current, opts)
+    return results

@@ -164,3 +164,17 @@ def test_score_routes_images_to_their_products_models_incrementally(fitted, prod
     assert third["brick"]["scored"] == 0
     assert third["gravel"]["scored"] == len(glob.glob(f"{archive}/gravel/*/*.png"))
     assert third["gravel"]["model"] == read_catalog(fitted["models"], {})["products"]["gravel"]["digest"]
+
+
+def test_evaluate_models_writes_metrics_and_a_report_per_product_and_an_index(fitted, products, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    assert cli.main(["evaluate", "--models", fitted["models"], "--dataset", products, "--output", out, *SMALL]) == 0
+    cat = read_catalog(fitted["models"], {})["products"]
+    for name in ("brick", "gravel"):
+        with open(os.path.join(out, name, "metrics.json")) as f:
+            m = json.load(f)
+        assert m["model"] == cat[name]["digest"] and 0 <= m["image_auroc"] <= 1
+        assert os.path.exists(os.path.join(out, name, "report.html"))
+    index = open(os.path.join(out, "index.html")).read()
+    assert "brick/report.html" in index and "gravel/report.html" in index
+    assert "brick" in capsys.readouterr().out
