@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import time
 import uuid
 
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..artifacts import catalog, storage
-from ..artifacts.inputs import list_images
+from ..artifacts.inputs import IMAGE_EXTENSIONS, list_images
 from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
 from ..artifacts.scores import commit, open_tables
 from ..config import load_config
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NO_MODEL = "no-model"  # the model column (partition) of rows of images no catalogued product's model scores
 COUNTS = ("images_listed", "scored", "skipped", "errors")
+LOOSE = "(no product folder)"  # the run record's entry of images directly under AROOT
 
 
 def run_score_products(models: str, images: str, output: str, config_file: str | None = None,
@@ -60,6 +62,10 @@ def run_score_products(models: str, images: str, output: str, config_file: str |
             done.append((name, s))
         else:
             per[name] = unknown_product(name, storage.join(images, name), output, models, opts)
+    loose = loose_images(images)
+    if loose:
+        per[LOOSE] = error_rows(loose, None, f"an image directly under {images} belongs to no "
+                                                "product: put it under a product's folder", output, opts)
     record = {"run_id": run_id, "job": "score", "started": started, "ended": now_iso(), "model": "catalogue",
               "model_uri": models, "inputs": images, "output": output, "products": per,
               **{k: sum(p[k] for p in per.values()) for k in COUNTS},
@@ -77,9 +83,11 @@ def _reasons(done: list, per: dict) -> dict:
     for _, s in done:
         for r, n in s["record"]["errors_by_reason"].items():
             out[r] = out.get(r, 0) + n
-    unknown = sum(p["errors"] for n, p in per.items() if p["model"] is None)
+    unknown = sum(p["errors"] for n, p in per.items() if p["model"] is None and n != LOOSE)
     if unknown:
         out["no model in the catalogue for the product"] = unknown
+    if per.get(LOOSE):
+        out["in no product folder"] = per[LOOSE]["errors"]
     return out
 
 
@@ -92,13 +100,32 @@ def unknown_product(name: str, folder: str, output: str, models: str, opts: dict
     message = (f"no model in the catalogue {storage.join(models, catalog.CATALOG)} for product {name!r} "
                f"(the folder {folder}): fit it with fit --products ... --only {name}")
     log.error("%d images under %s: %s", len(listed), folder, message)
+    return error_rows(listed, name, message, output, opts)
+
+
+def loose_images(images: str) -> list[dict]:
+    """Image files directly under a local AROOT (in no product folder), as listing entries. On S3 they
+    are not looked for (that would list the whole archive once more)."""
+    if storage.is_s3(images):
+        return []
+    out = []
+    for e in sorted(os.scandir(images), key=lambda e: e.name):
+        if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS):
+            st = e.stat()
+            out.append({"uri": storage.join(images, e.name), "size": st.st_size, "mtime": st.st_mtime,
+                        "ctime": st.st_ctime, "etag": None})
+    return out
+
+
+def error_rows(listed: list[dict], product: str | None, message: str, output: str, opts: dict) -> dict:
+    """One error row per listed image (model ``no-model``), committed; the counts for the run record."""
     if listed:
         open_tables(output, opts)
         now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
         run = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         n = len(listed)
         rows = pa.table({"image": [e["uri"] for e in listed], "error": [message] * n, "model": [NO_MODEL] * n,
-                         "product": [name] * n, "height": pa.array([0] * n, pa.int32()),
+                         "product": pa.array([product] * n, pa.string()), "height": pa.array([0] * n, pa.int32()),
                          "width": pa.array([0] * n, pa.int32()), "size": [e["size"] for e in listed],
                          "mtime": [e["mtime"] for e in listed], "ctime": [e["ctime"] for e in listed],
                          "etag": pa.array([e["etag"] for e in listed], pa.string()),

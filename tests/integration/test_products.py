@@ -3,7 +3,9 @@ a failing product is reported without stopping the others, --only refits some, a
 promoted under --validation, and catalog rollback restores the previous version."""
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -33,12 +35,16 @@ def products(tmp_path_factory):
 def fitted(products, tmp_path_factory):
     """One fit --products job over all four folders: its exit code, output and catalogue."""
     models = str(tmp_path_factory.mktemp("catalog") / "models")
-    rc = cli.main(["fit", "--products", products, "--models", models, *SMALL])
-    return {"rc": rc, "models": models, "catalog": read_catalog(models, {})}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["fit", "--products", products, "--models", models, *SMALL])
+    return {"rc": rc, "models": models, "catalog": read_catalog(models, {}), "stderr": err.getvalue()}
 
 
 def test_one_job_fits_every_product_and_reports_the_failed(fitted, products, capsys):
     assert fitted["rc"] == 2  # some products failed
+    assert "2 of 4 products failed (broken, empty)" in fitted["stderr"]
+    assert "empty: no images under" in fitted["stderr"]
     cat = fitted["catalog"]
     assert cat["format_version"] == 1 and sorted(cat["products"]) == ["brick", "gravel"]
     for name, e in cat["products"].items():
@@ -102,6 +108,7 @@ def archive(products, tmp_path_factory):
     root = tmp_path_factory.mktemp("archive")
     for name in ("brick", "gravel"):
         shutil.copytree(f"{products}/{name}/test", root / name)
+    shutil.copy(sorted(glob.glob(f"{products}/brick/test/good/*.png"))[0], root / "loose.png")
     (root / "pebbles").mkdir()
     for p in sorted(glob.glob(f"{products}/gravel/train/good/*.png"))[:2]:
         shutil.copy(p, root / "pebbles")
@@ -140,6 +147,8 @@ def test_score_routes_images_to_their_products_models_incrementally(fitted, prod
     assert len(unknown) == 2 and all(r["product"] == "pebbles" and "no model in the catalogue" in r["error"]
                                      for r in unknown)
     assert all(r["product"] is None for r in rows if r["image"] in single)  # the old rows: no product
+    loose = [r for r in rows if r["image"] == f"{archive}/loose.png"]
+    assert len(loose) == 1 and "belongs to no product" in loose[0]["error"] and loose[0]["product"] is None
     from patchcore_dist.artifacts.runs import read_runs
     record = read_runs(out, {})[-1]
     assert record["products"]["brick"]["scored"] == len(glob.glob(f"{archive}/brick/*/*.png"))
@@ -151,7 +160,8 @@ def test_score_routes_images_to_their_products_models_incrementally(fitted, prod
     again = read_runs(out, {})[-1]["products"]
     assert again["brick"]["scored"] == again["gravel"]["scored"] == 0 and len(_table(out)) == len(rows)
     assert cli.main(["runs", "--output", out]) == 0
-    assert "products: brick 0/" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "brick 0/9/0, gravel 0/9/0, pebbles 0/0/2" in listed and "1 x in no product folder" in listed
     # gravel refitted on fewer images (a new model digest: a refit on the same images and settings gives the
     # same digest, and nothing to score again): its images are scored again with the new model, brick's are not
     fewer = tmp_path / "fewer" / "gravel"
