@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import random
 import re
+import time
 import uuid
 from typing import Callable
 
@@ -34,7 +36,7 @@ from . import storage
 CATALOG = "catalog.json"
 FORMAT_VERSION = 1
 KEEP_PREVIOUS = 10   # older versions an entry keeps for rollback
-_TRIES = 64          # compare-and-swap attempts before giving up (each one lost means another writer won)
+_TRIES = 64          # compare-and-swap attempts before giving up (about a minute of backing off)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -82,7 +84,9 @@ def update_catalog(models: str, change: Callable[[dict], dict], opts: dict) -> d
     """Apply ``change`` (catalogue -> new catalogue; called again on a fresh copy after a lost race, so
     it must only depend on its argument) by compare-and-swap; returns the catalogue written."""
     uri = storage.join(models, CATALOG)
-    for _ in range(_TRIES):
+    for attempt in range(_TRIES):
+        if attempt:
+            _back_off(attempt)
         try:
             data, tag = storage.read_tagged(uri, **opts)
             current = parse(uri, data)
@@ -100,6 +104,12 @@ def update_catalog(models: str, change: Callable[[dict], dict], opts: dict) -> d
             return new
     raise JobError(f"{uri} kept changing under this job ({_TRIES} tries): other jobs are updating it; run again "
                    f"(a leftover .{CATALOG}.cas-* claim next to it, of a killed job, blocks updates: delete it)")
+
+
+def _back_off(attempt: int) -> None:
+    """Wait before another try: a lost swap means another writer is between its claim and its replace
+    (an fsync); retrying at once only finds its claim again. Growing, jittered, at most ~1 s a try."""
+    time.sleep(min(0.01 * 1.5 ** attempt, 1.0) * random.uniform(0.5, 1.5))
 
 
 def entry(model_uri: str, version: str, manifest: dict) -> dict:
