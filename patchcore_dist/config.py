@@ -462,6 +462,7 @@ COMMAND_KEYS = {
     "evaluate": _SCORE,
     "maintain": ("storage",),
     "runs": ("storage",),
+    "catalog": ("storage",),
     "synthesize": ("seed", "storage", "image.max_pixels"),
     "demo": tuple(Config.model_fields),
 }

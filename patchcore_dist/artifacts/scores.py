@@ -54,6 +54,8 @@ SCORE_SCHEMA = pa.schema([
     ("score_ms", pa.float32()),
     ("scored_at", pa.timestamp("s", tz="UTC")),
     ("run", pa.string()),            # the run that scored the row (its patch-score grid's key)
+    ("product", pa.string()),        # score --models: the catalogue's product the image was routed to (null
+                                     # for single-model runs and rows of tables written before it existed)
 ])
 GRID_FIELDS = [("grid_h", pa.int32()), ("grid_w", pa.int32()), ("patch_scores", pa.list_(pa.float32()))]
 GRID_SCHEMA = pa.schema([("image", pa.string()), ("model", pa.string()), ("run", pa.string()),

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError, JobError
 from .printing import g4, maintain_lines, table
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train", required=True, help="folder of normal images, or an MVTec AD category root")
-    p.add_argument("--model", required=True, help="new model directory (local path, file:// or s3://)")
+    p.add_argument("--train", help="folder of normal images, or an MVTec AD category root")
+    p.add_argument("--model", help="new model directory (local path, file:// or s3://)")
+    p.add_argument("--products", help="instead of --train: a folder of product folders (each one as --train takes); "
+                                      "one model per product, fitted in one job (needs --models)")
+    p.add_argument("--models", help="with --products: the catalogue folder; each product's new version goes to "
+                                    "MODELS/<product>/<version>/ and MODELS/catalog.json names the current ones")
+    p.add_argument("--only", metavar="A,B", help="with --products: fit only these products")
+    p.add_argument("--promote", choices=["better", "always"], default="better",
+                   help="with --products and --validation VROOT (VROOT/<product>/ in MVTec layout): better (default) "
+                        "makes a new version current only if its image AUROC is not below the current one's; always: "
+                        "whatever it is")
     p.add_argument("--reuse", help="an earlier model: reuse its features of unchanged images")
     p.add_argument("--validation", help="normal images to calibrate the decision threshold on "
                                         "(else fit.holdout_fraction of the training images, if set)")
@@ -20,14 +30,65 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def fit(a: argparse.Namespace) -> None:
+    if a.products or a.models:
+        return fit_products(a)
+    if not (a.train and a.model):
+        raise ConfigError("fit needs --train and --model (one model), or --products and --models (a catalogue)")
     from ..config import load_config
     from ..pipeline.fit import run_fit
     run_fit(a.train, a.model, load_config(a.config, a.overrides), reuse=a.reuse, validation=a.validation,
             exclude=a.exclude)
 
 
+def fit_products(a: argparse.Namespace) -> None:
+    """``fit --products ROOT --models OUT``: one model per product, the catalogue updated."""
+    from ..pipeline.products import run_fit_products
+    if not (a.products and a.models) or a.train or a.model or a.reuse or a.exclude:
+        raise ConfigError("fit --products needs --models and takes neither --train, --model, --reuse nor --exclude")
+    done = run_fit_products(a.products, a.models, a.config, a.overrides, only=a.only, validation=a.validation,
+                            promote=a.promote)
+    print(format_catalog(done["catalog"]))
+
+
+def format_catalog(cat: dict) -> str:
+    """The catalogue as a table: one row per product, its current version and the last refused one."""
+    rows = []
+    for name, e in sorted(cat["products"].items()):
+        p, r = e.get("promotion") or {}, e.get("refused") or {}
+        note = f"refused {r['version']} (AUROC {r['promotion']['new_auroc']:.3f} < {r['promotion']['current_auroc']:.3f})" \
+            if r.get("promotion") else ""
+        rows.append([name, e["version"], e["digest"][:12], e["fitted"], e["images"], g4(e.get("threshold")),
+                     "" if not p else f"{p['new_auroc']:.3f}", len(e.get("previous", [])), note])
+    return table(["product", "version", "digest", "fitted", "images", "threshold", "AUROC", "previous", "note"], rows,
+                 [False, False, False, False, True, True, True, True, False]) if rows else "the catalogue is empty"
+
+
+def add_catalog_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "rollback"], help="list: print the catalogue; rollback PRODUCT: make "
+                                                                 "the product's previous version current again")
+    p.add_argument("product", nargs="?", help="rollback: the product")
+    p.add_argument("--models", required=True, help="the catalogue folder written by fit --products")
+
+
+def catalog(a: argparse.Namespace) -> None:
+    from ..artifacts import catalog as cat
+    from ..config import load_config
+    opts = load_config(a.config, a.overrides).storage.options()
+    if a.action == "rollback":
+        if not a.product:
+            raise ConfigError("catalog rollback needs the product: patchcore catalog rollback PRODUCT --models OUT")
+        new = cat.update_catalog(a.models, cat.rollback(a.product), opts)
+        e = new["products"][a.product]
+        print(f"{a.product}: version {e['version']} is current again ({e['model']}); "
+              f"{e['rolled_back_from']['version']} rolled back")
+        return
+    print(format_catalog(cat.read_catalog(a.models, opts)))
+
+
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory written by fit")
+    p.add_argument("--model", help="model directory written by fit")
+    p.add_argument("--models", help="instead of --model: a catalogue folder written by fit --products; the images "
+                                    "under IMAGES/<product>/ are scored with that product's current model")
     p.add_argument("--images", required=True,
                    help="folder of images to score, or a manifest: a .parquet / .csv file with an 'image' column of "
                         "URIs (optional size, mtime, etag: used as the files' statistics)")
@@ -42,6 +103,10 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def score(a: argparse.Namespace) -> None:
+    if bool(a.model) == bool(a.models):
+        raise ConfigError("score needs --model (one model) or --models (a catalogue), not both")
+    if a.models:
+        return score_products(a)
     from ..pipeline.score import run_score
     s = run_score(a.model, a.images, a.output, a.config, a.overrides, rescore=a.rescore,
                   images_root=a.images_root, dry_run=a.dry_run)
@@ -53,6 +118,27 @@ def score(a: argparse.Namespace) -> None:
         print(f"  flagged  score {r['score']:.3f}  {r['image']}")
 
 
+def score_products(a: argparse.Namespace) -> None:
+    """``score --models OUT --images AROOT``: each product folder with its current model."""
+    from ..pipeline.routing import run_score_products
+    if a.dry_run or a.images_root:
+        raise ConfigError("score --models takes neither --dry-run nor --images-root (yet)")
+    r = run_score_products(a.models, a.images, a.output, a.config, a.overrides, rescore=a.rescore)
+    print(format_product_counts(r["products"]))
+    print(f"review page: {r['review']}")
+    missing = sorted(n for n, p in r["products"].items() if p["model"] is None)
+    if missing:
+        raise JobError(f"no model in the catalogue {a.models} for the product folders {', '.join(missing)}: their "
+                       "images are error rows; fit them with fit --products ... --only NAME")
+
+
+def format_product_counts(products: dict) -> str:
+    """A run's per-product counts as a table."""
+    return table(["product", "model", "images", "scored", "skipped", "errors"],
+                 [[n, (p["model"] or "NONE IN THE CATALOGUE")[:12], p["images_listed"], p["scored"], p["skipped"],
+                   p["errors"]] for n, p in sorted(products.items())], [False, False, True, True, True, True])
+
+
 def dry_run_line(s: dict) -> str:
     """What `score --dry-run` prints: the plan's counts, in one line."""
     given = f" (the manifest gave {s['given']} URIs)" if s.get("given") is not None else ""
@@ -61,16 +147,37 @@ def dry_run_line(s: dict) -> str:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory written by fit")
+    p.add_argument("--model", help="model directory written by fit")
+    p.add_argument("--models", help="instead of --model: a catalogue folder (fit --products); each product's current "
+                                    "model is evaluated on DATASET/<product>/ into OUTPUT/<product>/, and "
+                                    "OUTPUT/index.html lists them")
     p.add_argument("--dataset", required=True, help="MVTec AD category root (train/, test/, ground_truth/)")
     p.add_argument("--output", required=True, help="where metrics.json, report.html, scores and heatmaps go")
 
 
 def evaluate(a: argparse.Namespace) -> None:
+    if bool(a.model) == bool(a.models):
+        raise ConfigError("evaluate needs --model (one model) or --models (a catalogue), not both")
+    if a.models:
+        return evaluate_products(a)
     from ..pipeline.evaluate import run_evaluate
     m = run_evaluate(a.model, a.dataset, a.output, a.config, a.overrides)
     print(f"image AUROC {m['image_auroc']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  PRO {m['pro']:.3f}  "
           f"threshold {g4(m['threshold'])}  ->  {a.output}/metrics.json, {a.output}/report.html")
+
+
+def evaluate_products(a: argparse.Namespace) -> None:
+    """``evaluate --models OUT --dataset VROOT``: every catalogued product on its folder."""
+    from ..pipeline.routing import run_evaluate_products
+    results = run_evaluate_products(a.models, a.dataset, a.output, a.config, a.overrides)
+    rows = [[n, None, None, None, m["error"]] if "error" in m else
+            [n, g4(m["image_auroc"]), g4(m["pixel_auroc"]), g4(m["pro"]), f"{a.output}/{n}/report.html"]
+            for n, m in sorted(results.items())]
+    print(table(["product", "image AUROC", "pixel AUROC", "PRO", "report"], rows, [False, True, True, True, False]))
+    print(f"index: {a.output}/index.html")
+    failed = sorted(n for n, m in results.items() if "error" in m)
+    if failed:
+        raise JobError(f"{len(failed)} of {len(results)} products not evaluated: {', '.join(failed)} (above)")
 
 
 def add_maintain_arguments(p: argparse.ArgumentParser) -> None:
@@ -189,6 +296,10 @@ def _run_cells(r: dict) -> list:
         notes.insert(0, f"DRIFT: {100 * r['drift']['share_above']:.1f}% above normal p99")
     if r.get("error"):
         notes.insert(0, r["error"])
+    if isinstance(r.get("products"), dict):
+        notes.insert(0, "products: " + ", ".join(f"{n} {p.get('scored')}/{p.get('skipped')}/{p.get('errors')}"
+                                                 for n, p in sorted(r["products"].items()) if isinstance(p, dict))
+                     + " (scored/skipped/errors)")
     return [r.get("started"), r.get("job"), r.get("model"), r.get("images_listed"), r.get("scored"),
             r.get("skipped"), r.get("errors"), None if rate is None else f"{r.get('anomalies')} ({100 * rate:.1f}%)",
             g4(q["p99"]) if q.get("p99") is not None else None, r.get("images_per_s"), "; ".join(notes)]
@@ -208,5 +319,7 @@ COMMANDS = {
     "synthesize": (add_synthesize_arguments, synthesize,
                    "turn normal images into an MVTec-layout validation category with synthetic defects"),
     "demo": (add_demo_arguments, demo, "build the demo benchmark from real photographs, fit, score and evaluate it"),
+    "catalog": (add_catalog_arguments, catalog, "list a model catalogue, or roll a product back to its previous "
+                                                "version"),
     "runs": (add_runs_arguments, runs, "list the latest fit / score runs recorded under an output"),
 }

@@ -17,9 +17,10 @@ from ..errors import ConfigError
 # Path arguments of the commands (argparse destination -> option).
 PATH_ARGUMENTS = {"train": "--train", "model": "--model", "reuse": "--reuse", "validation": "--validation",
                   "images": "--images", "output": "--output", "dataset": "--dataset", "normal": "--normal",
-                  "images_root": "--images-root", "exclude": "--exclude"}
+                  "images_root": "--images-root", "exclude": "--exclude",
+                  "products": "--products", "models": "--models"}
 # What must outlive the job: written, or a model (read by later jobs, never inside an uploaded package).
-KEPT = ("model", "reuse", "output")
+KEPT = ("model", "reuse", "output", "models")
 PATH_KEYS = ("backbone.weights",)   # config keys that hold a path (besides their keywords)
 KEYWORDS = ("default", "random")
 

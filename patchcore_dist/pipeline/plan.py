@@ -35,6 +35,7 @@ class ScorePlan:
     given: int | None = None    # how many URIs the manifest gave (None: a folder was listed)
     first_time: np.ndarray | None = None  # per todo row: no row of this model at all at ``version`` (appended)
     version: int | None = None  # the score table's version the plan read
+    product: str | None = None  # score --models: the product these images were routed to
 
     @property
     def peak_normalise(self) -> bool:

@@ -44,7 +44,8 @@ LISTING_SCHEMA = storage.LISTING_SCHEMA
 
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
               overrides: list[str] | None = None, rescore: str = "changed", commit_rows: int = 50000,
-              job: str = "score", images_root: str | None = None, dry_run: bool = False) -> dict:
+              job: str = "score", images_root: str | None = None, dry_run: bool = False,
+              product: str | None = None) -> dict:
     """Score every image under ``images`` (a folder, or a Parquet / CSV manifest of image URIs);
     incremental unless ``rescore == "all"``.
 
@@ -54,7 +55,9 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     committed in MERGE commits of up to ``commit_rows`` rows (one for most scheduled runs). ``job``
     names the run in its record (``evaluate`` scores a labelled test set: no drift warning there).
     ``images_root``: every image must lie under it (else an error row). ``dry_run``: list and plan
-    only, write nothing (:func:`dry_run_summary`).
+    only, write nothing (:func:`dry_run_summary`). ``product``: the rows' product (score --models, which
+    writes the job's one run record and review page itself: none is written here, the record is
+    returned as ``record``).
     """
     model_uri, images, output = (storage.absolute(u) for u in (model_uri, images, output))
     images_root = storage.absolute(images_root) if images_root else None
@@ -63,6 +66,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     t_start = time.time()
     run_id, started = new_run_id()
     plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore, images_root, dry_run)
+    plan.product = product
     if dry_run:
         return dry_run_summary(plan, t_start)
     if plan.config.output.heatmaps == "anomalies" and plan.threshold is None:
@@ -77,6 +81,8 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
         compact_if_due(output, plan.digest, plan.config.storage.options())
     summary = _summary(plan, counts, t_start)
     record = score_record(plan, summary, counts, run_id, started, job)
+    if product:
+        return {**summary, "record": record, "stats": plan.model.manifest["stats"]}
     summary["run"] = write_run(output, record, plan.config.storage.options())
     if job != "evaluate":  # evaluate writes its own report
         summary.update(write_review(output, record, plan.model.manifest["stats"], plan.config))
@@ -301,7 +307,7 @@ def batch_tables(batch: dict, keep: np.ndarray, plan: ScorePlan, run: str, now) 
         "ctime": pa.array(b["ctime"], pa.float64(), from_pandas=True), "etag": _strings(b["etag"]),
         "decode_ms": pa.array(b["decode_ms"], pa.float32()), "score_ms": pa.array(b["score_ms"], pa.float32()),
         "scored_at": pa.array(np.full(n, now), pa.timestamp("s", tz="UTC")), "run": pa.array([run] * n, pa.string()),
-        "unchanged": pa.array(unchanged, pa.bool_())})
+        "product": pa.array([plan.product] * n, pa.string()), "unchanged": pa.array(unchanged, pa.bool_())})
     grids = None
     if plan.config.output.patch_scores:
         sel = np.flatnonzero(ok & ~unchanged & (b["grid_h"] > 0))

@@ -188,3 +188,27 @@ def render_report(metrics: dict, rows: list[dict], dataset: str, config, opts: d
 {'<h2>Warnings</h2><ul>' + warns + '</ul>' if warns else ''}
 <script>{SORT_SCRIPT}</script>
 </body></html>"""
+
+
+def write_product_index(output: str, results: dict, current: dict, opts: dict) -> str:
+    """``<output>/index.html`` of ``evaluate --models``: one row per product (its current version, image
+    and pixel AUROC, PRO, threshold, link to its report), or why it was not evaluated."""
+    from ..artifacts import storage
+    rows = []
+    for name, m in sorted(results.items()):
+        e = current[name]
+        if "error" in m:
+            cells = f"<td colspan='5'>not evaluated: {html.escape(m['error'])}</td>"
+        else:
+            cells = "".join(f"<td class='num'>{_fmt(m.get(k))}</td>" for k in ("image_auroc", "pixel_auroc", "pro",
+                                                                                 "threshold"))
+            cells += f"<td>{link(storage.join(output, name, 'report.html'), output, 'report')}</td>"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(e['version'])}</code></td>{cells}</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("product", "version", "image AUROC", "pixel AUROC", "PRO", "threshold",
+                                             "report"))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>patchcore-dist catalogue evaluation</title>
+<style>{STYLE}</style></head><body><h1>PatchCore evaluation: {len(results)} products</h1>
+<table><tr>{head}</tr>{''.join(rows)}</table><script>{SORT_SCRIPT}</script></body></html>"""
+    uri = storage.join(output, "index.html")
+    storage.write_bytes(uri, page.encode(), **opts)
+    return uri

@@ -179,3 +179,33 @@ def render_review(record: dict, source: str, rows: dict, config, opts: dict, bas
 {_error_table(rows, record)}
 <script>{SORT_SCRIPT}</script>
 </body></html>"""
+
+
+def write_product_review(output: str, record: dict, sections: list[tuple], opts: dict) -> str:
+    """``<output>/review.html`` of a ``score --models`` run (``record``: the job's run record): a table of
+    the products' counts, then one section per scored product (``sections``: (product, its run record,
+    its model's stats, its config)) as a single-model page shows it. Returns the page's URI."""
+    head = "".join(f"<th>{h}</th>" for h in ("product", "model", "images", "scored", "skipped", "errors"))
+    body = "".join(f"<tr><td>{html.escape(n)}</td><td><code>{html.escape(str(p['model'] or 'none in the catalogue'))}"
+                   f"</code></td>" + "".join(f"<td class='num'>{p[k]}</td>" for k in
+                                            ("images_listed", "scored", "skipped", "errors")) + "</tr>"
+                   for n, p in sorted(record["products"].items()))
+    parts = []
+    for name, rec, stats, config in sections:
+        rows = review_rows(output, rec["model"], opts)
+        parts.append(f"<h2 id='{html.escape(name)}'>Product {html.escape(name)}</h2>"
+                     + _run_section(rec, threshold_source(stats, rec.get("threshold")))
+                     + _top_section(rows, rec, config, opts, output)
+                     + _flagged_table(rows, rec, output, config.output.overlay) + _error_table(rows, rec))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>patchcore-dist score review</title>
+<style>{STYLE}</style></head><body>
+<h1>PatchCore score run: {len(record['products'])} products</h1>
+<p>catalogue <code>{html.escape(record['model_uri'])}</code>, images <code>{html.escape(record['inputs'])}</code>,
+run <code>{html.escape(record['run_id'])}</code></p>
+<table><tr>{head}</tr>{body}</table>
+{''.join(parts)}
+<script>{SORT_SCRIPT}</script>
+</body></html>"""
+    uri = storage.join(output, "review.html")
+    storage.write_bytes(uri, page.encode(), **opts)
+    return uri
