@@ -17,14 +17,13 @@ import datetime as _dt
 import logging
 import os
 import time
-import uuid
 
 import pyarrow as pa
 
 from .. import __version__
 from ..artifacts import catalog, storage
 from ..artifacts.inputs import IMAGE_EXTENSIONS, list_images
-from ..artifacts.runs import error_reasons, new_run_id, now_iso, write_run
+from ..artifacts.runs import new_run_id, now_iso, write_run
 from ..artifacts.scores import commit, open_tables
 from ..config import load_config
 from ..errors import JobError
@@ -56,16 +55,16 @@ def run_score_products(models: str, images: str, output: str, config_file: str |
     for name in folders:
         if name in current:
             s = run_score(current[name]["model"], storage.join(images, name), output, config_file, overrides,
-                          rescore=rescore, product=name)
+                          rescore=rescore, product=name, run_id=run_id)
             per[name] = {"model": s["model"], "version": current[name]["version"],
                          **{k: s["record"][k] for k in COUNTS}}
             done.append((name, s))
         else:
-            per[name] = unknown_product(name, storage.join(images, name), output, models, opts)
+            per[name] = unknown_product(name, storage.join(images, name), output, models, opts, run_id)
     loose = loose_images(images)
     if loose:
         per[LOOSE] = error_rows(loose, None, f"an image directly under {images} belongs to no "
-                                                "product: put it under a product's folder", output, opts)
+                                                "product: put it under a product's folder", output, opts, run_id)
     record = {"run_id": run_id, "job": "score", "started": started, "ended": now_iso(), "model": "catalogue",
               "model_uri": models, "inputs": images, "output": output, "products": per,
               **{k: sum(p[k] for p in per.values()) for k in COUNTS},
@@ -91,7 +90,7 @@ def _reasons(done: list, per: dict) -> dict:
     return out
 
 
-def unknown_product(name: str, folder: str, output: str, models: str, opts: dict) -> dict:
+def unknown_product(name: str, folder: str, output: str, models: str, opts: dict, run: str) -> dict:
     """Error rows for every image under a folder no catalogued product has; its counts."""
     try:
         listed = list_images(folder, opts, f"images of {name}")
@@ -100,7 +99,7 @@ def unknown_product(name: str, folder: str, output: str, models: str, opts: dict
     message = (f"no model in the catalogue {storage.join(models, catalog.CATALOG)} for product {name!r} "
                f"(the folder {folder}): fit it with fit --products ... --only {name}")
     log.error("%d images under %s: %s", len(listed), folder, message)
-    return error_rows(listed, name, message, output, opts)
+    return error_rows(listed, name, message, output, opts, run)
 
 
 def loose_images(images: str) -> list[dict]:
@@ -117,12 +116,11 @@ def loose_images(images: str) -> list[dict]:
     return out
 
 
-def error_rows(listed: list[dict], product: str | None, message: str, output: str, opts: dict) -> dict:
+def error_rows(listed: list[dict], product: str | None, message: str, output: str, opts: dict, run: str) -> dict:
     """One error row per listed image (model ``no-model``), committed; the counts for the run record."""
     if listed:
         open_tables(output, opts)
         now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-        run = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         n = len(listed)
         rows = pa.table({"image": [e["uri"] for e in listed], "error": [message] * n, "model": [NO_MODEL] * n,
                          "product": pa.array([product] * n, pa.string()), "height": pa.array([0] * n, pa.int32()),

@@ -45,7 +45,7 @@ LISTING_SCHEMA = storage.LISTING_SCHEMA
 def run_score(model_uri: str, images: str, output: str, config_file: str | None = None,
               overrides: list[str] | None = None, rescore: str = "changed", commit_rows: int = 50000,
               job: str = "score", images_root: str | None = None, dry_run: bool = False,
-              product: str | None = None) -> dict:
+              product: str | None = None, run_id: str | None = None) -> dict:
     """Score every image under ``images`` (a folder, or a Parquet / CSV manifest of image URIs);
     incremental unless ``rescore == "all"``.
 
@@ -57,14 +57,15 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     ``images_root``: every image must lie under it (else an error row). ``dry_run``: list and plan
     only, write nothing (:func:`dry_run_summary`). ``product``: the rows' product (score --models, which
     writes the job's one run record and review page itself: none is written here, the record is
-    returned as ``record``).
+    returned as ``record``); ``run_id``: the job's run id, the rows' ``run`` (else this run's own).
     """
     model_uri, images, output = (storage.absolute(u) for u in (model_uri, images, output))
     images_root = storage.absolute(images_root) if images_root else None
     if rescore not in ("changed", "all"):
         raise JobError(f"--rescore must be 'changed' or 'all', got {rescore!r}")
     t_start = time.time()
-    run_id, started = new_run_id()
+    own_id, started = new_run_id()
+    run_id = run_id or own_id  # score --models: the job's run id, on every product's rows
     plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore, images_root, dry_run)
     plan.product = product
     if dry_run:

@@ -153,6 +153,7 @@ def test_score_routes_images_to_their_products_models_incrementally(fitted, prod
     record = read_runs(out, {})[-1]
     assert record["products"]["brick"]["scored"] == len(glob.glob(f"{archive}/brick/*/*.png"))
     assert record["products"]["pebbles"]["errors"] == 2
+    assert {r["run"] for r in rows if r["image"] not in single} == {record["run_id"]}  # the job's one run id
     review = open(os.path.join(out, "review.html")).read()
     assert "Product brick" in review and "Product gravel" in review and "pebbles" in review
     # a second run adds nothing
