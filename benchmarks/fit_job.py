@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import faiss
-import numpy as np
 import torch
 
 from common import BASELINE_NOTE, crops, texture_training_images, write_training_folder

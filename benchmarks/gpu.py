@@ -60,7 +60,7 @@ def bench_extraction(bs=BS):
     out = {}
     for prec in ("fp32", "tf32", "bf16", "fp16"):
         emb = Embedder(wrn_config(prec, bs=bs))
-        t = timed(lambda: emb(x), 5)
+        t = timed(lambda emb=emb: emb(x), 5)
         out[prec] = bs / t
         print(f"extraction WRN50 {prec}: {bs / t:,.0f} images/s (batch {bs})", flush=True)
     # Patch-feature step alone vs the literal formulation on the same backbone outputs.
@@ -89,8 +89,8 @@ def bench_scoring(bs=BS):
         row = {}
         for search in ("fp32", "tf32"):
             pc = PatchCore(wrn_config("fp16", search, bs), bank, embedder=emb)
-            t_search = timed(lambda: pc.predict_features(feats, grid, bs, maps=False), 3)
-            t_e2e = timed(lambda: pc.predict(x, maps=False), 3)
+            t_search = timed(lambda pc=pc: pc.predict_features(feats, grid, bs, maps=False), 3)
+            t_e2e = timed(lambda pc=pc: pc.predict(x, maps=False), 3)
             row[search] = {"search_only_images_per_s": bs / t_search, "images_per_s": bs / t_e2e}
             print(f"scoring bank {m}: search {search}: {bs / t_e2e:,.0f} images/s end to end from tensors, "
                   f"search alone {bs / t_search:,.0f} images/s", flush=True)

@@ -63,10 +63,10 @@ def main():
         flat = faiss.IndexFlatL2(bank.shape[1])
         flat.add(bank)
 
-        def run_ours(imgs=x):
+        def run_ours(imgs=x, ours=ours):
             return ours.predict(imgs, maps=False).image_scores
 
-        def base_patch_scores(imgs):
+        def base_patch_scores(imgs, flat=flat):
             """The original: unmodified backbone, literal patch features, faiss flat: [B, h, w]."""
             with torch.inference_mode():
                 levels = plain(normalize(torch.as_tensor(imgs)))
@@ -80,7 +80,7 @@ def main():
         def from_files(fn):
             return lambda: fn(crops(files))
 
-        def maps_ours(imgs=x):
+        def maps_ours(imgs=x, ours=ours):
             return ours.predict(imgs, maps=True).anomaly_maps
 
         def maps_base(imgs=x):
@@ -111,7 +111,8 @@ def main():
         print(f"bank {m:>7}: from tensors ours {n / t_ours:6.2f} img/s, original {n / t_base:6.2f} img/s, "
               f"x{r:.2f} | from files ours {n / f_ours:6.2f}, original {n / f_base:6.2f}, "
               f"x{f_r:.2f} | with maps ours {n / t['m_ours']:6.2f}, original {n / t['m_base']:6.2f}, "
-              f"x{m_r:.2f} (max diff {map_diff:.1e}) | rank corr {rho:.4f} | {ours.bank.backend}, searched in full {unproven:.1%} | "
+              f"x{m_r:.2f} (max diff {map_diff:.1e}) | rank corr {rho:.4f} | {ours.bank.backend}, "
+              f"searched in full {unproven:.1%} | "
               f"peak RSS {mem_start:.0f} MB -> {mem_ours:.0f} after ours -> {mem_base:.0f} after original", flush=True)
     print(json.dumps(results))
 

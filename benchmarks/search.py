@@ -83,7 +83,7 @@ def main():
             mb.unproven = 0
         auto = modes["auto"]._pruned
         auto.pruned_blocks = auto.brute_blocks = 0  # auto in float32 (auto-bf16 prunes from 4,800 rows)
-        t = side_by_side({m: (lambda mb=mb: [mb.search(q, 1) for q in qs]) for m, mb in modes.items()}, a.repeat, clock)
+        t = side_by_side({m: (lambda mb=mb, qs=qs: [mb.search(q, 1) for q in qs]) for m, mb in modes.items()}, a.repeat, clock)
         rounds = a.repeat + 1
         row = {m: round(1e3 * t[m] / images, 2) for m in modes}
         row.update({f"{m}/brute": round(t.ratio(m, "brute"), 3) for m in modes if m != "brute"})

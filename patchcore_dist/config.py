@@ -183,7 +183,8 @@ class IndexConfig(_Section):
     exact_search: Literal["auto", "brute", "pruned"] = Field("auto", description=(
         "how flat (exact) search runs on the CPU: brute (faiss IndexFlatL2); pruned (PCA lower bounds, exact "
         "re-rank, a proof per query, brute force where unproven: the same neighbours); auto: from 2048 bank "
-        "rows (4800 with runtime.search_precision's bfloat16 brute force), per block of 1,024 queries, pruned when a probe of the bound (one query in 32) proves most of the "
+        "rows (4800 with runtime.search_precision's bfloat16 brute force), per block of 1,024 queries, pruned "
+        "when a probe of the bound (one query in 32) proves most of the "
         "block, else brute force (never slower than brute force by more than the probes)"))
     bound_dims: Int = Field(256, gt=1, le=65536, description=(
         "pruned search: dimensions of the lower bound (its index adds bound_dims / D of the bank's memory)"))

@@ -93,7 +93,7 @@ def gather_rows(indices: np.ndarray, layout: list[tuple[str, int, int]], storage
     want = np.asarray(indices, dtype=np.int64)
     extra = np.asarray(extra if extra is not None else [], dtype=np.int64)
     out = out_extra = None
-    for s, (uri, n_img, l) in enumerate(layout):
+    for s, (uri, _, _) in enumerate(layout):
         lo, hi = offsets[s], offsets[s + 1]
         sel = np.nonzero((want >= lo) & (want < hi))[0]
         sel_x = np.nonzero((extra >= lo) & (extra < hi))[0]

@@ -5,7 +5,8 @@ of the job exits hard, once.
 environment (stages: ``decode``, ``extract``, ``score``, ``render``). The driver reads it when it
 builds the pipeline and hands it to the stages as an argument, so workers that were started before
 the variable was set see it too. The process running the job's N-th batch of that stage (counted
-across processes in ``<marker>.count``) creates the marker file with create-if-absent semantics (``O_EXCL``) and, if it was the one to create it, calls
+across processes in ``<marker>.count``) creates the marker file with create-if-absent semantics
+(``O_EXCL``) and, if it was the one to create it, calls
 ``os._exit`` like a killed process (no cleanup, no exception for Ray to catch). The marker makes the
 fault happen once per job even though Ray restarts the actor or retries the task in a fresh process,
 and tells the test that the fault did happen. With ``:raise`` the batch raises :class:`InjectedFault`

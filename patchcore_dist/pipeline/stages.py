@@ -332,7 +332,8 @@ class Score:
 
 class DecodeScoreRender(Score):
     """Score's actor on CPU nodes (and the in-process executor's scorer): each batch decoded, scored
-    and (with ``render``: render_batch's keyword arguments) rendered in the actor. On CPUs the three stages compete for the same cores
+    and (with ``render``: render_batch's keyword arguments) rendered in the actor. On CPUs the three
+    stages compete for the same cores
     anyway; as separate Ray stages the decoded images (with the originals' bytes, for overlays) and
     the score grids cross the object store, and Ray Data schedules decode and render tasks between
     the actors' batches. Measured on 2 cores (benchmarks/score_job.py, 480 mixed images, heatmaps

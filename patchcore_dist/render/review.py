@@ -147,7 +147,8 @@ def _flagged_table(rows: dict, record: dict, base: str, overlay: bool) -> str:
     for r in t.to_pylist():
         ns = f'<td class="num" data-v="{_v(r["normalized_score"])}">{_num(r["normalized_score"])}</td>' if norm else ""
         body.append(f'<tr><td>{html.escape(_name(r["image"], record.get("inputs", "")))}</td>'
-                    f'<td class="num" data-v="{r["score"]:.6f}">{r["score"]:.3f}</td>{ns}<td>{_links(r, base, overlay)}</td></tr>')
+                    f'<td class="num" data-v="{r["score"]:.6f}">{r["score"]:.3f}</td>{ns}'
+                    f'<td>{_links(r, base, overlay)}</td></tr>')
     head = "<th>image</th><th>score</th>" + ("<th>normalized score</th>" if norm else "") + "<th>files</th>"
     more = f"<p>{n - t.num_rows} more flagged images are not listed (the {t.num_rows} highest-scored are).</p>" \
         if n > t.num_rows else ""

@@ -58,7 +58,7 @@ def test_score_gives_every_file_its_row_and_reads_nothing_else(small_model, cate
 def test_fit_lists_refused_training_files_as_errors(ray_local, category, tmp_path):
     train = tmp_path / "train"
     train.mkdir()
-    for k, name in enumerate(sorted(os.listdir(f"{category}/train/good"))[:4]):
+    for name in sorted(os.listdir(f"{category}/train/good"))[:4]:
         shutil.copy(f"{category}/train/good/{name}", train / name)
     shutil.copy(f"{category}/train/good/{name}", os.fsencode(train) + b"/caf\xe9.png")
     with open(train / "huge.png", "wb") as f:

@@ -129,3 +129,14 @@ def test_test_modules_have_unique_names():
     tests = pathlib.Path(__file__).resolve().parents[1]
     names = [p.name for p in tests.rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
+
+
+def test_ruff_finds_nothing():
+    """pyflakes, pycodestyle and bugbear (the rules in pyproject.toml) over the package, the tests, the
+    benchmarks and the jobs: an unused import or a closure over a loop variable fails here."""
+    import subprocess
+
+    from ruff.__main__ import find_ruff_bin
+    root = PACKAGE.parent
+    r = subprocess.run([find_ruff_bin(), "check", "--no-cache", str(root)], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]

@@ -196,7 +196,7 @@ def test_a_conditional_delete_leaves_a_lease_changed_after_it_was_read(where):
 def test_exactly_one_of_concurrent_creators_wins(tmp_path, s3, bucket):
     opts = {"endpoint_url": s3}
     for uri in (str(tmp_path / "x" / "marker"), f"s3://{bucket}/lease-race/marker"):
-        def create(i):
+        def create(i, uri=uri):
             try:
                 storage.create_exclusive(uri, str(i).encode(), **opts)
                 return i

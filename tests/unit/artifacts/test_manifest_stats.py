@@ -65,7 +65,7 @@ def test_non_finite_statistics_are_refused(model):
     for key in ("heatmap_min", "heatmap_max", "threshold", "heatmap_threshold", "fpr_resolution"):
         for bad in (math.nan, math.inf):
             original = json.loads((model / "manifest.json").read_text())
-            _edit_stats(model, lambda s: s.update({key: bad}))
+            _edit_stats(model, lambda s, key=key, bad=bad: s.update({key: bad}))
             with pytest.raises(ModelError, match="manifest.json: 'stats"):
                 load_model(str(model))
             (model / "manifest.json").write_text(json.dumps(original))
@@ -75,7 +75,7 @@ def test_optional_statistics_may_be_absent(model):
     """A model without calibration statistics, heatmap centre or normal reference (older fits) loads."""
     for keys in (("heatmap_threshold", "heatmap_threshold_source"),
                  ("target_fpr", "calibration_fpr", "fpr_resolution", "threshold_images"), ("normal_image_score",)):
-        _edit_stats(model, lambda s: [s.pop(k) for k in keys])
+        _edit_stats(model, lambda s, keys=keys: [s.pop(k) for k in keys])
         load_model(str(model))
     _edit_stats(model, lambda s: s.update(normal_image_score={"cold": 0.5, "p99": None}))
     load_model(str(model))

@@ -56,7 +56,8 @@ def test_run_settings_never_enter_the_model_identity():
     from patchcore_dist.config import RUN_SECTIONS_AS_RECORDED, Config
     base = load_config()
     overrides = {
-        "runtime.num_actors=3", "runtime.torch_threads=2", "runtime.local_max_images=5", "runtime.ray_num_cpus=4", "runtime.executor=local",
+        "runtime.num_actors=3", "runtime.torch_threads=2", "runtime.local_max_images=5", "runtime.ray_num_cpus=4",
+        "runtime.executor=local",
         "output.heatmap_min=0.5", "output.heatmap_max=9", "storage.endpoint_url=http://127.0.0.1:9000",
         "storage.region=eu-west-1", "runtime.device=cpu", "runtime.precision=fp16", "runtime.search_precision=tf32"}
     for section in RUN_SECTIONS_AS_RECORDED:

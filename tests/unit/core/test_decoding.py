@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from helpers import ROOT
-from PIL import Image, ImageChops
+from PIL import Image
 
 from patchcore_dist.core.preprocessing import (ALLOWED_FORMATS, decode_image, decode_sized, geometry, resize_crop,
                                                to_original)
