@@ -126,15 +126,24 @@ def is_manifest(uri: str, opts: dict) -> bool:
 
 
 def image_table(uri: str, opts: dict, what: str, exclude: str | None = None, max_bytes: int | None = None,
-                root: str | None = None) -> tuple[pa.Table, int | None]:
+                root: str | None = None, product: str | None = None) -> tuple[pa.Table, int | None]:
     """The images a job reads: a folder's listing (:func:`listing_table`) or a manifest's entries
-    (:func:`manifest_table`), and how many URIs the manifest gave (None for a folder). ``root``
-    (``--images-root``): every image must lie under it."""
+    (:func:`manifest_table`; with ``product``, its rows of that product), and how many URIs the
+    manifest gave (None for a folder). ``root`` (``--images-root``): every image must lie under it."""
     if is_manifest(uri, opts):
-        return manifest_table(uri, opts, what, exclude, max_bytes, root)
+        return manifest_table(uri, opts, what, exclude, max_bytes, root, product)
     if root is not None and storage.relative_to(uri, root) is None:
         raise JobError(f"{what} {uri} lies outside --images-root {root}")
     return listing_table(uri, opts, what, exclude, max_bytes), None
+
+
+def manifest_products(uri: str, opts: dict) -> list[str | None]:
+    """The distinct values of a manifest's ``product`` column, sorted ("" for rows without one); a
+    JobError for a manifest without the column."""
+    m = read_manifest(uri, opts)
+    if "product" not in m.column_names:
+        raise JobError(f"the manifest {uri} has no 'product' column: score --models routes each image by it")
+    return sorted(set(pc.fill_null(m.column("product"), "").unique().to_pylist()))
 
 
 def read_manifest(uri: str, opts: dict) -> pa.Table:
@@ -177,13 +186,19 @@ def read_manifest(uri: str, opts: dict) -> pa.Table:
 
 
 def manifest_table(uri: str, opts: dict, what: str, exclude: str | None = None, max_bytes: int | None = None,
-                   root: str | None = None) -> tuple[pa.Table, int]:
+                   root: str | None = None, product: str | None = None) -> tuple[pa.Table, int]:
     """A manifest's images as a MANIFEST_SCHEMA table sorted by uri (the listing's columns and
     ``verify``: read the file and compare digests even where the statistics match, for S3 entries
     without an ETag), and how many URIs it gave. Validated as a listing is: each entry that cannot be
     read safely is an error row (:func:`_check_entry`); statistics the manifest gives are used as
-    they are, a local file without them is stat'ed. Duplicates are collapsed with a warning."""
+    they are, a local file without them is stat'ed. Duplicates are collapsed with a warning.
+    ``product``: only the rows whose ``product`` column holds it ("" the rows without one; score
+    --models routes by it)."""
     m = read_manifest(uri, opts)
+    if product is not None and "product" in m.column_names:
+        m = m.filter(pc.fill_null(pc.equal(pc.fill_null(m.column("product"), ""), product), False))
+    elif product is not None:
+        m = m.slice(0, 0)
     if not m.num_rows:
         raise JobError(f"the manifest {uri} lists no images")
     img = m.column("image")
@@ -192,8 +207,8 @@ def manifest_table(uri: str, opts: dict, what: str, exclude: str | None = None, 
         rows = ", ".join(str(i + 1) for i in np.flatnonzero(missing)[:5])
         raise JobError(f"the manifest {uri}: {int(missing.sum())} rows have no image URI (rows {rows}"
                        f"{', ...' if missing.sum() > 5 else ''}; the first data row is 1): give every row an image")
-    if "product" in m.column_names:
-        log.info("the manifest's product column is accepted and not stored in the score rows")
+    if "product" in m.column_names and product is None:
+        log.info("the manifest's product column is not used by a single-model run (score --models routes by it)")
     ctx, given = _ManifestContext(uri, exclude, root, max_bytes), m.num_rows
     batches = [_manifest_batch(m.slice(off, MANIFEST_BATCH), ctx) for off in range(0, given, MANIFEST_BATCH)]
     del m, img  # the manifest's own columns, before the sort copies the table

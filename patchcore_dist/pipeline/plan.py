@@ -105,7 +105,8 @@ def dry_run_summary(plan: ScorePlan, t_start: float) -> dict:
 
 
 def plan_score(model_uri: str, images: str, output: str, config_file: str | None, overrides: list[str],
-               rescore: str, images_root: str | None = None, dry_run: bool = False) -> ScorePlan:
+               rescore: str, images_root: str | None = None, dry_run: bool = False,
+               product: str | None = None) -> ScorePlan:
     """Config and model checked, images listed (a folder) or read (a manifest), the score table opened
     (an earlier version's Parquet parts converted; not in a ``dry_run``, which writes nothing): which
     images this run must read."""
@@ -120,7 +121,7 @@ def plan_score(model_uri: str, images: str, output: str, config_file: str | None
     check_cluster_paths(config, {"--model": model_uri, "--images": images, "--output": output,
                                  "backbone.weights (of the model)": weights})
     entries, given = image_table(images, opts, "images", exclude=output, max_bytes=config.image.max_bytes,
-                                 root=images_root)
+                                 root=images_root, product=product)
     verify = None
     if "verify" in entries.column_names:  # manifest entries without the statistics that would prove them unchanged
         verify = entries.column("verify").to_numpy(zero_copy_only=False)

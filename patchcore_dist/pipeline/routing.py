@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..artifacts import catalog, storage
-from ..artifacts.inputs import IMAGE_EXTENSIONS, list_images
+from ..artifacts.inputs import IMAGE_EXTENSIONS, is_manifest, list_images, manifest_products, manifest_table
 from ..artifacts.runs import new_run_id, now_iso, write_run
 from ..artifacts.scores import commit, open_tables
 from ..config import load_config
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 NO_MODEL = "no-model"  # the model column (partition) of rows of images no catalogued product's model scores
 COUNTS = ("images_listed", "scored", "skipped", "errors")
-LOOSE = "(no product folder)"  # the run record's entry of images directly under AROOT
+LOOSE = "(no product)"  # the run record's entry of images in no product folder (or manifest rows without one)
 
 
 def run_score_products(models: str, images: str, output: str, config_file: str | None = None,
@@ -47,24 +47,27 @@ def run_score_products(models: str, images: str, output: str, config_file: str |
     if not current:
         raise JobError(f"no catalogue with products at {storage.join(models, catalog.CATALOG)}: fit one with "
                        "fit --products ROOT --models OUT")
-    folders = product_folders(images, opts)
-    if not folders:
+    manifest = is_manifest(images, opts)
+    names = manifest_products(images, opts) if manifest else product_folders(images, opts)
+    if not names:
         raise JobError(f"--images {images} holds no product folders (AROOT/<product>/...)")
     t0, (run_id, started) = time.time(), new_run_id()
     per, done = {}, []
-    for name in folders:
+    for name in names:
+        source = images if manifest else storage.join(images, name)
         if name in current:
-            s = run_score(current[name]["model"], storage.join(images, name), output, config_file, overrides,
-                          rescore=rescore, product=name, run_id=run_id)
+            s = run_score(current[name]["model"], source, output, config_file, overrides, rescore=rescore,
+                          product=name, run_id=run_id)
             per[name] = {"model": s["model"], "version": current[name]["version"],
                          **{k: s["record"][k] for k in COUNTS}}
             done.append((name, s))
-        else:
-            per[name] = unknown_product(name, storage.join(images, name), output, models, opts, run_id)
-    loose = loose_images(images)
+        elif name:
+            per[name] = unknown_product(name, source, output, models, opts, run_id)
+    loose = _manifest_entries(images, "", output, opts) if manifest else loose_images(images)
     if loose:
-        per[LOOSE] = error_rows(loose, None, f"an image directly under {images} belongs to no "
-                                                "product: put it under a product's folder", output, opts, run_id)
+        where = f"a row of the manifest {images} without a product" if manifest else \
+            f"an image directly under {images}"
+        per[LOOSE] = error_rows(loose, None, f"{where} belongs to no product: give it one", output, opts, run_id)
     record = {"run_id": run_id, "job": "score", "started": started, "ended": now_iso(), "model": "catalogue",
               "model_uri": models, "inputs": images, "output": output, "products": per,
               **{k: sum(p[k] for p in per.values()) for k in COUNTS},
@@ -93,13 +96,22 @@ def _reasons(done: list, per: dict) -> dict:
 def unknown_product(name: str, folder: str, output: str, models: str, opts: dict, run: str) -> dict:
     """Error rows for every image under a folder no catalogued product has; its counts."""
     try:
-        listed = list_images(folder, opts, f"images of {name}")
+        listed = _manifest_entries(folder, name, output, opts) if is_manifest(folder, opts) else \
+            list_images(folder, opts, f"images of {name}")
     except JobError:
         listed = []
     message = (f"no model in the catalogue {storage.join(models, catalog.CATALOG)} for product {name!r} "
                f"(the folder {folder}): fit it with fit --products ... --only {name}")
     log.error("%d images under %s: %s", len(listed), folder, message)
     return error_rows(listed, name, message, output, opts, run)
+
+
+def _manifest_entries(manifest: str, product: str, output: str, opts: dict) -> list[dict]:
+    """A manifest's rows of ``product`` ("" the rows without one), resolved and checked as a score run
+    reads them."""
+    if not product and "" not in manifest_products(manifest, opts):
+        return []
+    return manifest_table(manifest, opts, "images", exclude=output, product=product)[0].to_pylist()
 
 
 def loose_images(images: str) -> list[dict]:

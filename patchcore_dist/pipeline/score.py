@@ -66,7 +66,7 @@ def run_score(model_uri: str, images: str, output: str, config_file: str | None 
     t_start = time.time()
     own_id, started = new_run_id()
     run_id = run_id or own_id  # score --models: the job's run id, on every product's rows
-    plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore, images_root, dry_run)
+    plan = plan_score(model_uri, images, output, config_file, overrides or [], rescore, images_root, dry_run, product)
     plan.product = product
     if dry_run:
         return dry_run_summary(plan, t_start)

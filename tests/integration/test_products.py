@@ -189,3 +189,35 @@ def test_evaluate_models_writes_metrics_and_a_report_per_product_and_an_index(fi
     index = open(os.path.join(out, "index.html")).read()
     assert "brick/report.html" in index and "gravel/report.html" in index
     assert "brick" in capsys.readouterr().out
+
+
+def test_score_routes_a_manifest_by_its_product_column(fitted, products, archive, tmp_path, capsys):
+    """A manifest (image, product) routes as folders do: each row with its product's current model, a
+    product with no model and a row without a product get error rows, a second run adds nothing."""
+    from patchcore_dist.artifacts.runs import read_runs
+    cat = read_catalog(fitted["models"], {})["products"]
+    lines = ["image,product"]
+    for name in ("brick", "gravel"):
+        lines += [f"{p},{name}" for p in sorted(glob.glob(f"{archive}/{name}/*/*.png"))[:3]]
+    pebbles = sorted(glob.glob(f"{archive}/pebbles/*.png"))
+    lines += [f"{pebbles[0]},pebbles", f"{archive}/loose.png,"]
+    manifest = tmp_path / "today.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    assert cli.main(["score", "--models", fitted["models"], "--images", str(manifest), "--output", out, *SMALL]) == 2
+    rows = {r["image"]: r for r in _table(out)}
+    assert len(rows) == 8
+    for name in ("brick", "gravel"):
+        mine = [r for r in rows.values() if r["product"] == name]
+        assert len(mine) == 3 and all(r["model"] == cat[name]["digest"] and r["error"] is None for r in mine)
+    assert "no model in the catalogue" in rows[pebbles[0]]["error"] and rows[pebbles[0]]["product"] == "pebbles"
+    assert "without a product" in rows[f"{archive}/loose.png"]["error"]
+    record = read_runs(out, {})[-1]
+    assert {r["run"] for r in rows.values()} == {record["run_id"]}
+    assert cli.main(["score", "--models", fitted["models"], "--images", str(manifest), "--output", out, *SMALL]) == 2
+    again = read_runs(out, {})[-1]["products"]
+    assert again["brick"]["scored"] == again["gravel"]["scored"] == 0 and again["brick"]["skipped"] == 3
+    manifest.write_text("image\n" + pebbles[0] + "\n")  # no product column: refused with one line
+    capsys.readouterr()
+    assert cli.main(["score", "--models", fitted["models"], "--images", str(manifest), "--output", out, *SMALL]) == 2
+    assert "no 'product' column" in capsys.readouterr().err
