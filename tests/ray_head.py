@@ -132,8 +132,8 @@ class Head:
 
 def _new_token(home: str) -> str:
     """A fresh token (256 random bits in hex, as Ray generates them) in ``home``/.ray/auth_token, readable
-    by the owner only; its path. Written here rather than by `ray get-auth-token --generate`, which
-    writes whatever ~/.ray/auth_token its HOME names."""
+    by the owner only; its path. Written here, never by Ray's own token generator, which writes the token
+    file of whatever HOME it runs under."""
     import secrets
     path = os.path.join(home, ".ray", "auth_token")
     os.makedirs(os.path.dirname(path), mode=0o700)

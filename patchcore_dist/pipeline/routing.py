@@ -63,7 +63,7 @@ def run_score_products(models: str, images: str, output: str, config_file: str |
             done.append((name, s))
         elif name:
             per[name] = unknown_product(name, source, output, models, opts, run_id)
-    loose = _manifest_entries(images, "", output, opts) if manifest else loose_images(images)
+    loose = (_manifest_entries(images, "", output, opts) if "" in names else []) if manifest else loose_images(images)
     if loose:
         where = f"a row of the manifest {images} without a product" if manifest else \
             f"an image directly under {images}"
@@ -109,8 +109,6 @@ def unknown_product(name: str, folder: str, output: str, models: str, opts: dict
 def _manifest_entries(manifest: str, product: str, output: str, opts: dict) -> list[dict]:
     """A manifest's rows of ``product`` ("" the rows without one), resolved and checked as a score run
     reads them."""
-    if not product and "" not in manifest_products(manifest, opts):
-        return []
     return manifest_table(manifest, opts, "images", exclude=output, product=product)[0].to_pylist()
 
 
